@@ -1,0 +1,156 @@
+"""Sampling a round's cohort and packing it into static shapes.
+
+A jit-compiled round needs the same shapes every round, while real clients
+hold anything from one example to thousands. `pack` turns the sampled clients
+into arrays of shape `[K, S, B, ...]` (clients, local steps, batch) with an
+example mask `[K, S, B]` and a per-client weight `[K]`:
+
+* a client with more than `S * B` examples trains on a random subset of
+  `S * B` of them, drawn afresh each round (`policy_large='subsample'`), or
+  the run fails (`policy_large='error'`);
+* a client with fewer examples fills its first steps with real examples and
+  pads the rest with zeros and mask 0 (`policy_small='pad'`); with
+  `policy_small='repeat'` it instead cycles through its examples (epochs)
+  until the `S * B` slots are full.
+
+With `weighting='num_examples'` a client's weight is the number of distinct
+real examples it trained on, `min(n, S * B)`; with `'uniform'` every
+non-empty client weighs 1.
+
+Every random choice derives from `(seed, round, client index)`, so packing is
+reproducible and a resumed run sees exactly the cohorts an unbroken run saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+from fedjax_eff.data.federated import FederatedData
+
+POLICIES_LARGE = ('subsample', 'error')
+POLICIES_SMALL = ('pad', 'repeat')
+WEIGHTINGS = ('num_examples', 'uniform')
+
+
+class Cohort(NamedTuple):
+  """One round's clients in static shapes.
+
+  Attributes:
+    batches: feature name -> `[K, S, B, ...]` arrays.
+    mask: `[K, S, B]` float32, 1 for a real example, 0 for padding.
+    weight: `[K]` float32 aggregation weight (0 for an empty/padded slot).
+    ctx: per-client context arrays `[K, ...]` for technique plans (e.g.
+      `client_index`, device tier, task id).
+  """
+  batches: Mapping[str, np.ndarray]
+  mask: np.ndarray
+  weight: np.ndarray
+  ctx: Mapping[str, np.ndarray]
+
+  @property
+  def num_clients(self) -> int:
+    return self.mask.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortSampler:
+  """Draws `clients_per_round` distinct clients per round from (seed, round).
+
+  Stateless: the cohort of round r is a pure function of the seed and r, so
+  resuming needs nothing but the round number.
+  """
+  num_clients: int
+  clients_per_round: int
+  seed: int
+
+  def __post_init__(self):
+    if self.clients_per_round < 1:
+      raise ValueError('clients_per_round must be >= 1, got '
+                       f'{self.clients_per_round}.')
+    if self.clients_per_round > self.num_clients:
+      raise ValueError(
+          f'clients_per_round={self.clients_per_round} is more than the '
+          f'{self.num_clients} training clients available.')
+
+  def sample(self, round_num: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, 0x5A3D, round_num])
+    return np.sort(rng.choice(self.num_clients, self.clients_per_round,
+                              replace=False)).astype(np.int64)
+
+
+def _client_rng(seed: int, round_num: int, client_index: int):
+  return np.random.default_rng([seed, 0xC0DE, round_num, client_index])
+
+
+def pack(data: FederatedData, client_indices: np.ndarray, *, steps: int,
+         batch_size: int, seed: int, round_num: int,
+         policy_large: str = 'subsample', policy_small: str = 'pad',
+         weighting: str = 'num_examples', shuffle: bool = True,
+         ctx: Mapping[str, np.ndarray] | None = None) -> Cohort:
+  """Packs clients into a `Cohort` of shape `[K, steps, batch_size, ...]`.
+
+  Args:
+    data: the federated training data.
+    client_indices: `[K]` client indices into `data.client_ids`.
+    steps: local steps S per client.
+    batch_size: examples per step B.
+    seed, round_num: derive the per-client example order and subsets.
+    policy_large, policy_small, weighting: see the module docstring.
+    shuffle: shuffle each client's examples (per round) before packing.
+    ctx: extra per-client context, `[K, ...]` arrays.
+
+  Returns:
+    A `Cohort` of numpy arrays.
+  """
+  if policy_large not in POLICIES_LARGE:
+    raise ValueError(f'policy_large must be one of {POLICIES_LARGE}, got '
+                     f'{policy_large!r}.')
+  if policy_small not in POLICIES_SMALL:
+    raise ValueError(f'policy_small must be one of {POLICIES_SMALL}, got '
+                     f'{policy_small!r}.')
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f'weighting must be one of {WEIGHTINGS}, got '
+                     f'{weighting!r}.')
+  if steps < 1 or batch_size < 1:
+    raise ValueError(f'steps and batch_size must be >= 1, got steps={steps}, '
+                     f'batch_size={batch_size}.')
+  capacity = steps * batch_size
+  k = len(client_indices)
+  first = data.client(int(client_indices[0]))
+  batches = {f: np.zeros((k, capacity) + a.shape[1:], a.dtype)
+             for f, a in first.items()}
+  mask = np.zeros((k, capacity), np.float32)
+  weight = np.zeros((k,), np.float32)
+  for slot, ci in enumerate(client_indices):
+    ci = int(ci)
+    client = data.client(ci)
+    n = len(next(iter(client.values())))
+    rng = _client_rng(seed, round_num, ci)
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    if n > capacity:
+      if policy_large == 'error':
+        raise ValueError(
+            f'Client {data.client_ids[ci]!r} has {n} examples, more than '
+            f'steps*batch_size={capacity}; set policy_large="subsample".')
+      order = order[:capacity]
+    elif n < capacity and policy_small == 'repeat' and n > 0:
+      reps = -(-capacity // n)
+      order = np.concatenate(
+          [order] + [rng.permutation(n) if shuffle else np.arange(n)
+                     for _ in range(reps - 1)])[:capacity]
+    used = len(order)
+    for f, a in client.items():
+      batches[f][slot, :used] = a[order]
+    mask[slot, :used] = 1.0
+    weight[slot] = (min(n, capacity) if weighting == 'num_examples'
+                    else float(n > 0))
+  shape = (k, steps, batch_size)
+  batches = {f: a.reshape(shape + a.shape[2:]) for f, a in batches.items()}
+  full_ctx: dict[str, Any] = {'client_index': np.asarray(client_indices,
+                                                         np.int32)}
+  if ctx:
+    full_ctx.update({c: np.asarray(v) for c, v in ctx.items()})
+  return Cohort(batches, mask.reshape(shape), weight, full_ctx)

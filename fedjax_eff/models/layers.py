@@ -1,0 +1,47 @@
+"""Layers that stay fast inside `lax.scan` on XLA:CPU.
+
+XLA:CPU computes convolution weight-gradients inside `scan`/`while` loops
+very slowly (measured, see DESIGN.md). `Im2ColConv` expresses a convolution
+as shifted slices concatenated along channels followed by one matmul, whose
+gradients are slices, pads and matmuls: fast on every backend. Its kernel has
+`nn.Conv`'s shape `(kh, kw, in, out)` and the same result, so checkpoints are
+interchangeable and `use_im2col=False` switches back to `nn.Conv`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class Im2ColConv(nn.Module):
+  """2-D convolution (NHWC), stride 1, 'VALID' or 'SAME' padding."""
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  padding: str = 'VALID'
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    kh, kw = self.kernel_size
+    cin = x.shape[-1]
+    kernel = self.param('kernel', self.kernel_init,
+                        (kh, kw, cin, self.features))
+    if self.padding == 'SAME':
+      ph, pw = kh - 1, kw - 1
+      x = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2),
+                      (pw // 2, pw - pw // 2), (0, 0)))
+    elif self.padding != 'VALID':
+      raise ValueError(f"padding must be 'VALID' or 'SAME', got "
+                       f'{self.padding!r}.')
+    h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    patches = jnp.concatenate(
+        [x[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)],
+        axis=-1)
+    y = patches @ kernel.reshape(kh * kw * cin, self.features)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,))
+    return y

@@ -1,0 +1,48 @@
+"""Tiny federated problems for the tests."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+
+from fedjax_eff import core
+from fedjax_eff.data import FederatedData, pack
+from fedjax_eff.models import get_model
+
+
+def ragged_clients(sizes=(3, 7, 20, 40, 1, 12, 9), shape=(6, 6, 1),
+                   classes=5, seed=0) -> FederatedData:
+  rng = np.random.default_rng(seed)
+  return FederatedData({
+      f'c{i:02d}': {'x': rng.normal(size=(n,) + shape).astype(np.float32),
+                    'y': rng.integers(0, classes, n).astype(np.int32)}
+      for i, n in enumerate(sizes)})
+
+
+def tiny_setup(model='cnn', server='fedavg', server_lr=1.0, client_lr=0.1,
+               classes=5, technique=None, prox_mu=0.0, model_kwargs=None,
+               server_kwargs=None):
+  """Returns (round kwargs, init params) for a tiny model."""
+  kwargs = dict(features=(4, 8), hidden=16) if model == 'cnn' else {}
+  kwargs.update(model_kwargs or {})
+  m = get_model(model, classes, **kwargs)
+  params = m.init(jax.random.key(0), np.zeros((1, 6, 6, 1), np.float32))
+  return dict(model=m, task=core.classification(),
+              technique=technique or core.identity(),
+              client_optimizer=optax.sgd(client_lr),
+              server_optimizer=core.make_optimizer(server, server_lr,
+                                                   **(server_kwargs or {})),
+              prox_mu=prox_mu), params['params']
+
+
+def tiny_cohort(data=None, steps=3, batch=4, round_num=0, **kw):
+  data = data or ragged_clients()
+  return pack(data, np.arange(data.num_clients), steps=steps,
+              batch_size=batch, seed=0, round_num=round_num, **kw)
+
+
+def max_abs_diff(a, b) -> float:
+  return max((float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
+             default=0.0)

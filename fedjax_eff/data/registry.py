@@ -1,0 +1,170 @@
+"""One entry point from a data config to training, held-out and test data.
+
+The experiment loop only calls `load(cfg.data)`; which source and partition
+produced the clients is a config choice. Held-out clients are cut from the
+same population as the training clients but never trained on, so they
+measure how well the model serves clients it has not seen (personalisation
+and generalisation gaps), while `test` is the usual central test set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+from fedjax_eff.data import partitions, sources
+from fedjax_eff.data.federated import FederatedData
+
+SOURCES = ('digits', 'tfds', 'synthetic')
+PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
+
+
+class DataBundle(NamedTuple):
+  """What the experiment loop trains and evaluates on.
+
+  Attributes:
+    train: the training clients.
+    heldout: clients for evaluation only, never trained on (None if
+      `heldout_clients=0`).
+    test: central test set `{'x', 'y'}` (None if there is none).
+    num_classes: label count for the model head.
+    input_shape: one example's `x` shape.
+  """
+  train: FederatedData
+  heldout: FederatedData | None
+  test: dict[str, np.ndarray] | None
+  num_classes: int
+  input_shape: tuple
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The data config contract with its defaults (`cfg.data` of experiments)."""
+  return ml_collections.ConfigDict(dict(
+      source='digits',        # 'digits' | 'tfds' | 'synthetic'
+      name='',                # tfds name: 'mnist', 'emnist/byclass', ...
+      data_dir=None,          # tfds data_dir (None: TFDS default)
+      cache_dir=None,         # .npz cache of converted tfds arrays
+      partition='dirichlet',  # 'iid' | 'dirichlet' | 'shards' | 'natural'
+      num_clients=100,        # training clients
+      heldout_clients=10,     # extra clients held out for evaluation
+      dirichlet_alpha=0.5,
+      shards_per_client=2,
+      test_fraction=0.2,      # digits: central test split; synthetic: per
+                              # client test portion
+      synthetic_alpha=1.0,
+      synthetic_beta=1.0,
+      synthetic_dim=60,
+      synthetic_classes=10,
+      seed=0,
+  ))
+
+
+_DEFAULTS = default_config().to_dict()
+
+
+def _get(cfg: Any, key: str):
+  return getattr(cfg, key, _DEFAULTS[key])
+
+
+def _partition(cfg: Any, labels: np.ndarray, total: int, seed: int
+               ) -> dict[str, np.ndarray]:
+  kind = _get(cfg, 'partition')
+  if kind == 'iid':
+    return partitions.iid(len(labels), total, seed)
+  if kind == 'dirichlet':
+    return partitions.dirichlet(labels, total, _get(cfg, 'dirichlet_alpha'),
+                                seed)
+  if kind == 'shards':
+    return partitions.shards(labels, total, _get(cfg, 'shards_per_client'),
+                             seed)
+  if kind == 'natural':
+    raise ValueError(f'data.partition={kind!r} needs a source with its own '
+                     f'clients (data.source=\'synthetic\'), not '
+                     f'data.source={_get(cfg, "source")!r}.')
+  raise ValueError(f'Unknown data.partition={kind!r}; expected one of '
+                   f'{PARTITIONS}.')
+
+
+def _split_heldout(data: FederatedData, num_heldout: int
+                   ) -> tuple[FederatedData, FederatedData | None]:
+  ids = data.client_ids
+  if num_heldout == 0:
+    return data, None
+  return data.subset(ids[:-num_heldout]), data.subset(ids[-num_heldout:])
+
+
+def load(cfg: Any) -> DataBundle:
+  """Builds the `DataBundle` that `cfg` (see `default_config`) describes.
+
+  * digits: a stratified central test split of `test_fraction`; the rest is
+    partitioned over `num_clients + heldout_clients` clients.
+  * tfds: the 'train' split is partitioned likewise; the 'test' split is
+    the central test set.
+  * synthetic: `num_clients + heldout_clients` synthetic(alpha, beta)
+    clients (`partition='natural'`) or Synthetic-IID clients
+    (`partition='iid'`). Each training client keeps `test_fraction` of its
+    examples out of training, and `test` is their concatenation (an
+    in-distribution test set for the training clients; None when
+    `test_fraction=0`). Held-out clients keep all their examples.
+
+  The held-out clients are the last `heldout_clients` of the partition.
+  Synthetic clients are generated independently of each other, so there the
+  training clients do not change with `heldout_clients`; partitions of a
+  central set do change (they have more parts).
+  """
+  source = _get(cfg, 'source')
+  num_clients = int(_get(cfg, 'num_clients'))
+  num_heldout = int(_get(cfg, 'heldout_clients'))
+  seed = int(_get(cfg, 'seed'))
+  test_fraction = float(_get(cfg, 'test_fraction'))
+  if num_clients < 1 or num_heldout < 0:
+    raise ValueError(f'data.num_clients must be >= 1 and '
+                     f'data.heldout_clients >= 0, got {num_clients}, '
+                     f'{num_heldout}.')
+  total = num_clients + num_heldout
+
+  if source == 'synthetic':
+    kind = _get(cfg, 'partition')
+    if kind not in ('natural', 'iid'):
+      raise ValueError(
+          f'data.partition={kind!r} is not supported for '
+          "data.source='synthetic'; use 'natural' (its own heterogeneous "
+          "clients) or 'iid' (FedProx Synthetic-IID).")
+    kwargs = dict(alpha=_get(cfg, 'synthetic_alpha'),
+                  beta=_get(cfg, 'synthetic_beta'), num_clients=total,
+                  seed=seed, dim=int(_get(cfg, 'synthetic_dim')),
+                  num_classes=int(_get(cfg, 'synthetic_classes')),
+                  iid=kind == 'iid')
+    everyone = sources.synthetic_leaf(**kwargs)
+    train, heldout = _split_heldout(everyone, num_heldout)
+    test = None
+    if test_fraction > 0:
+      train, test = sources.split_clients(train, test_fraction)
+      test = test.concatenated()
+    return DataBundle(train, heldout, test, kwargs['num_classes'],
+                      tuple(train.client(0)['x'].shape[1:]))
+
+  if source == 'digits':
+    central, test = sources.load_digits(test_fraction, seed)
+    if not len(test['y']):
+      test = None
+    num_classes = 10
+  elif source == 'tfds':
+    name = _get(cfg, 'name')
+    if not name:
+      raise ValueError("data.name must name a TFDS dataset (e.g. 'mnist') "
+                       "when data.source='tfds'.")
+    data_dir, cache_dir = _get(cfg, 'data_dir'), _get(cfg, 'cache_dir')
+    central = sources.load_tfds(name, 'train', data_dir, cache_dir)
+    test = sources.load_tfds(name, 'test', data_dir, cache_dir)
+    num_classes = sources.tfds_num_classes(name, data_dir=data_dir)
+  else:
+    raise ValueError(f'Unknown data.source={source!r}; expected one of '
+                     f'{SOURCES}.')
+  parts = _partition(cfg, central['y'], total, seed)
+  train, heldout = _split_heldout(
+      FederatedData.from_partition(central, parts), num_heldout)
+  return DataBundle(train, heldout, test, num_classes,
+                    tuple(central['x'].shape[1:]))

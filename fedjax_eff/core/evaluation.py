@@ -1,7 +1,7 @@
 """Central evaluation of a model on a dict of arrays, in fixed-size batches.
 
-Every batch has the same shape (the last one padded and masked), so the
-jitted batch function compiles once per dataset.
+Every batch has the same shape `[batch_size, ...]` (the last one padded and
+masked), so the jitted batch function compiles once, whatever the dataset.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def build_evaluator(model: nn.Module, task: Task, batch_size: int = 256):
 
   def evaluate(params, arrays: Mapping[str, np.ndarray]):
     n = len(next(iter(arrays.values())))
-    b = min(batch_size, max(n, 1))
+    b = batch_size
     loss = correct = 0.0
     for start in range(0, n, b):
       stop = min(start + b, n)

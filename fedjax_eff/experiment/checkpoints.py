@@ -11,6 +11,8 @@ mid-save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 from absl import logging
@@ -51,19 +53,33 @@ class RunCheckpointer:
     with a warning and the next older one is tried.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    bad = []
+    result = (target, None)
     for step in reversed(self.all_steps()):
       try:
         item = self._manager.restore(step,
                                      args=ocp.args.StandardRestore(abstract))
         _check_finite_structure(item, target)
-        return item, step
+        result = (item, step)
+        break
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('Checkpoint at step %d in %s is unreadable (%s: %s); '
                         'falling back to the previous one.', step,
                         self.directory, type(e).__name__, e)
         print(f'WARNING: checkpoint {step} in {self.directory} is unreadable '
               f'({type(e).__name__}); falling back to the previous one.')
-    return target, None
+        bad.append(step)
+    if bad:
+      # Moved aside, not deleted: the run re-creates these steps, and the
+      # unreadable files stay available for inspection.
+      quarantine = self.directory + '_unreadable'
+      os.makedirs(quarantine, exist_ok=True)
+      for step in bad:
+        dst = os.path.join(quarantine, f'{step}-{int(time.time())}')
+        shutil.move(os.path.join(self.directory, str(step)), dst)
+        print(f'WARNING: moved unreadable checkpoint {step} to {dst}.')
+      self._manager.reload()
+    return result
 
   def close(self) -> None:
     self._manager.close()

@@ -45,3 +45,42 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if _get(config, 'client.learning_rate') <= 0:
     raise ValueError('config.client.learning_rate must be > 0, got '
                      f'{config.client.learning_rate!r}.')
+
+
+def find_unknown_overrides(argv) -> list[str]:
+  """Dotted keys of `--config.KEY=VALUE` arguments the config lacks.
+
+  Loads the config file named by `--config=PATH` the way ml_collections
+  does, so a misspelt override is reported by name before flag parsing.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, overrides = None, []
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith('--config='):
+      path = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif arg.startswith('--config.'):
+      overrides.append(arg[len('--config.'):].split('=', 1)[0])
+  if not path or not overrides:
+    return []
+  spec = importlib.util.spec_from_file_location('_fedjax_eff_cfg',
+                                                path.split(':', 1)[0])
+  if spec is None or spec.loader is None:
+    return []
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return []  # let ml_collections report a broken config file itself
+  unknown = []
+  for key in overrides:
+    node = config
+    for part in key.split('.'):
+      if isinstance(node, (dict, ml_collections.ConfigDict)) and part in node:
+        node = node[part]
+      else:
+        unknown.append(key)
+        break
+  return unknown

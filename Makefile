@@ -1,0 +1,31 @@
+# fedjax_eff: `make run` trains the default experiment, `make test` runs the
+# tests. Both set up .venv first (once; later calls only check a stamp).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+WORKDIR ?= runs/default
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/python launch/train.py --config=configs/default.py --workdir=$(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/round_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

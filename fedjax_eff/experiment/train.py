@@ -183,7 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       record['round_seconds'] = time.time() - t_round
       writer.write(done, record)
       last = {'round': done, **record}
-      postfix = {'loss': f"{record['train_loss']:.3f}"}
+      postfix = {'loss': f"{record['train_loss']:.3f}",
+                 'acc': f"{record['train_accuracy']:.3f}"}
       for k in ('test_accuracy', 'heldout_accuracy'):
         if k in last:
           postfix[k.split('_')[0] + '_acc'] = f'{last[k]:.3f}'

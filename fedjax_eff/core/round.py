@@ -236,7 +236,8 @@ def build_round(model: nn.Module, task: Task,
     present = jnp.arange(num_chunks * c) < k
     xs = jax.tree.map(chunked, (dict(cohort.batches), cohort.mask,
                                 cohort.weight, dict(cohort.ctx)))
-    keys = client_keys(rng, num_chunks * c).reshape((num_chunks, c))
+    keys = client_keys(rng, num_chunks * c)
+    keys = keys.reshape((num_chunks, c) + keys.shape[1:])  # raw uint32 keys too
     present = present.reshape((num_chunks, c))
     vmapped = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0, None))
 

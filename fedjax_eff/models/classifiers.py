@@ -12,7 +12,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fedjax_eff.models.layers import Im2ColConv
+from fedjax_eff.models.layers import Im2ColConv, max_pool_2x2
 
 
 class LogisticRegression(nn.Module):
@@ -69,7 +69,7 @@ class CNN(nn.Module):
       else:
         x = nn.Conv(f, (3, 3), padding='VALID', name=name)(x)
       x = nn.relu(x)
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool_2x2(x)
     if self.dropout:
       x = nn.Dropout(0.25, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))

@@ -6,6 +6,10 @@ as shifted slices concatenated along channels followed by one matmul, whose
 gradients are slices, pads and matmuls: fast on every backend. Its kernel has
 `nn.Conv`'s shape `(kh, kw, in, out)` and the same result, so checkpoints are
 interchangeable and `use_im2col=False` switches back to `nn.Conv`.
+
+`max_pool_2x2` pools by reshape-and-max: its gradient is a cheap elementwise
+select, where `nn.max_pool`'s is a select-and-scatter that cost the EMNIST
+CNN ~17% of its training step on XLA:CPU (measured inside `lax.scan`).
 """
 
 from __future__ import annotations
@@ -45,3 +49,11 @@ class Im2ColConv(nn.Module):
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))
     return y
+
+
+def max_pool_2x2(x):
+  """2x2 max pooling, stride 2, 'VALID' (an odd last row/column is dropped),
+  equal in value to `nn.max_pool(x, (2, 2), strides=(2, 2))`."""
+  n, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2, :]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))

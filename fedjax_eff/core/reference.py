@@ -84,7 +84,8 @@ def build_reference_round(model, task, technique, client_optimizer,
             params, opt_state, batch, mask_b,
             jax.random.fold_in(round_lib.split_client_key(key)[1], s), start,
             trainable, plan)
-        c_loss += float(l); c_correct += float(c); c_n += float(n)
+        c_loss += l; c_correct += c; c_n += n  # device scalars: no sync
+      c_loss, c_correct, c_n = float(c_loss), float(c_correct), float(c_n)
       delta, cov, bits, dbits = client_finish(state.params, start, params,
                                               trainable, plan, key)
       up += float(bits); down += float(dbits)

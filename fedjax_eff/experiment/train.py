@@ -202,9 +202,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     bar.close()
     writer.close()
     ckpt.close()
+  history = metrics_lib.read_metrics(workdir)
+  if not last and history:  # resumed a finished run: report its last round
+    last = dict(history[-1])
   if 'test_accuracy' not in last and 'heldout_accuracy' not in last:
     last.update(exp.eval_metrics(state.params))
-  history = metrics_lib.read_metrics(workdir)
   summary = {
       'final_metrics': metrics_lib.to_python(last),
       'rounds': int(state.round),

@@ -44,8 +44,10 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source='digits',        # 'digits' | 'tfds' | 'synthetic'
       name='',                # tfds name: 'mnist', 'emnist/byclass', ...
-      data_dir=None,          # tfds data_dir (None: TFDS default)
-      cache_dir=None,         # .npz cache of converted tfds arrays
+      # tfds data_dir (None: TFDS default) and .npz cache of converted
+      # arrays; typed so `--config.data.data_dir=DIR` can override None.
+      data_dir=ml_collections.FieldReference(None, field_type=str),
+      cache_dir=ml_collections.FieldReference(None, field_type=str),
       partition='dirichlet',  # 'iid' | 'dirichlet' | 'shards' | 'natural'
       num_clients=100,        # training clients
       heldout_clients=10,     # extra clients held out for evaluation
@@ -61,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-_DEFAULTS = default_config().to_dict()
+_DEFAULTS = default_config().to_dict(visit_map=None)
 
 
 def _get(cfg: Any, key: str):

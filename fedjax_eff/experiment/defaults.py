@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from fedjax_eff.data import registry as data_registry
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -18,23 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   # scan over clients is fastest; up to 128 on GPU/TPU).
   c.chunk_size = 0
 
-  c.data = ml_collections.ConfigDict(dict(
-      source='digits',        # digits | tfds | synthetic
-      name='',                # tfds name: mnist, emnist/byclass, cifar10, ...
-      data_dir=ml_collections.FieldReference(None, field_type=str),
-      cache_dir=ml_collections.FieldReference(None, field_type=str),
-      partition='dirichlet',  # iid | dirichlet | shards | natural
-      num_clients=100,
-      heldout_clients=10,
-      dirichlet_alpha=0.5,
-      shards_per_client=2,
-      test_fraction=0.2,
-      synthetic_alpha=1.0,
-      synthetic_beta=1.0,
-      synthetic_dim=60,
-      synthetic_classes=10,
-      seed=0,
-  ))
+  c.data = data_registry.default_config()  # the data contract, one place
 
   c.model = ml_collections.ConfigDict(dict(
       name='cnn',             # logreg | mlp | cnn

@@ -76,11 +76,6 @@ class Experiment:
     validate_config(config)
     self.config = config
     self.data = data_registry.load(config.data)
-    if config.clients_per_round > self.data.train.num_clients:
-      raise ValueError(
-          f'config.clients_per_round={config.clients_per_round} is more than '
-          f'the {self.data.train.num_clients} training clients '
-          '(config.data.num_clients).')
     self.model = get_model(config.model.name, self.data.num_classes,
                            **dict(config.model.kwargs))
     self.task = core.classification()

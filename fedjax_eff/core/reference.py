@@ -3,14 +3,17 @@
 This is the oracle the tests hold the vectorised round to, and the
 "per-client loop" baseline of `benchmarks/round_throughput.py` (one jitted
 step per client step, as fedjax's jit backend runs). It uses the same keys
-(`fold_in(rng, client position)`), the same technique hooks and the same
-loss, but none of the round's machinery: no vmap, no scan, no chunking, no
-padding tricks: a padded step is simply skipped, a non-finite client simply
-left out, and the weighted sums are accumulated in float64 NumPy.
+(`fold_in(rng, client position)`), the same technique hooks (the stage's
+program per device tier, the chunk plan of the client's chunk) and the same
+loss, but none of the round's machinery: no vmap, no scan, no padding
+tricks: a padded step is simply skipped, a non-finite client simply left
+out, and the weighted sums are accumulated in float64 NumPy. Statically
+frozen leaves are simply never updated.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -23,72 +26,112 @@ from fedjax_eff.core import technique as technique_lib
 
 
 def build_reference_round(model, task, technique, client_optimizer,
-                          server_optimizer, *, prox_mu: float = 0.0):
-  """Returns `reference_round(state, cohort, rng) -> (state, metrics dict)`."""
+                          server_optimizer, *, prox_mu: float = 0.0,
+                          chunk_size: int = 1, num_tiers: int = 1):
+  """Returns `reference_round(state, cohort, rng) -> (state, metrics dict)`.
+
+  `chunk_size` and `num_tiers` only say which clients share a chunk plan
+  (techniques with `chunk_plan`); everything else is per client.
+  """
   tech = technique_lib.chain(technique)
-  grad_fn = jax.grad(round_lib.make_loss_fn(model, task, prox_mu),
-                     has_aux=True)
+  loss_fn = round_lib.make_loss_fn(model, task, prox_mu)
 
-  @jax.jit
-  def local_step(params, opt_state, batch, mask_b, rng, start, trainable,
-                 plan):
-    grads, aux = grad_fn(round_lib.masked_params(params, trainable), batch,
-                         mask_b, rng, start, tech.forward(plan))
-    grads = jax.tree.map(lambda g, m: g * m, grads, trainable)
-    updates, opt_state = client_optimizer.update(grads, opt_state, params)
-    updates = jax.tree.map(lambda u, m: u * m, updates, trainable)
-    return optax.apply_updates(params, updates), opt_state, aux
+  @functools.lru_cache(maxsize=None)
+  def client_fns(stage, tier):
+    t = tech.specialize(stage, tier) if tech.specialize else tech
 
-  @jax.jit
-  def client_start(server_params, ctx, key, round_num):
-    plan_key, _, _ = round_lib.split_client_key(key)
-    plan = tech.plan(plan_key, round_num, ctx)
-    start = tech.view(server_params, plan)
-    trainable = tech.trainable(start, plan)
-    return plan, start, trainable, client_optimizer.init(start)
+    @jax.jit
+    def client_start(server_params, ctx, key, round_num, chunk):
+      plan_key, _, _ = round_lib.split_client_key(key)
+      if chunk is not None:
+        ctx = dict(ctx, chunk=chunk)
+      plan = t.plan(plan_key, round_num, ctx)
+      start = t.view(server_params, plan)
+      return plan, start
 
-  @jax.jit
-  def client_finish(server_params, start, final, trainable, plan, key):
-    _, _, encode_key = round_lib.split_client_key(key)
-    delta = jax.tree.map(lambda a, b, m: (a - b) * m, start, final, trainable)
-    msg, bits = tech.encode(delta, trainable, plan, encode_key)
-    delta, coverage = tech.merge(server_params, tech.decode(msg, plan),
-                                 trainable, plan)
-    return delta, coverage, bits, tech.download(start, plan)
+    def split_of(start, plan):
+      return round_lib.TrainableSplit.of(start, t.trainable(start, plan))
+
+    @jax.jit
+    def local_step(train, opt_state, batch, mask_b, rng, start, plan):
+      split = split_of(start, plan)
+      grads, aux = jax.grad(
+          lambda tr: loss_fn(split.full(split.stop_frozen(tr)), batch, mask_b,
+                             rng, start, t.forward(plan)), has_aux=True)(train)
+      updates, opt_state = client_optimizer.update(split.apply_mask(grads),
+                                                   opt_state, train)
+      return (optax.apply_updates(train, split.apply_mask(updates)),
+              opt_state, aux)
+
+    @jax.jit
+    def client_finish(server_params, start, final, plan, key):
+      _, _, encode_key = round_lib.split_client_key(key)
+      trainable = t.trainable(start, plan)
+      split = split_of(start, plan)
+      moved = split.apply_mask([a - b for a, b in zip(split.train, final)])
+      delta = round_lib.TrainableSplit.of(
+          jax.tree.map(jnp.zeros_like, start), trainable).full(moved)
+      msg, bits = t.encode(delta, trainable, plan, encode_key)
+      delta, coverage = t.merge(server_params, t.decode(msg, plan),
+                                trainable, plan)
+      return delta, coverage, bits, t.download(start, plan)
+
+    chunk_plan = jax.jit(t.chunk_plan) if t.chunk_plan else None
+    return client_start, split_of, local_step, client_finish, chunk_plan
 
   server_step = jax.jit(
       lambda state, d, c: round_lib.server_update(server_optimizer, state, d,
                                                   c))
 
-  def reference_round(state: round_lib.ServerState, cohort, rng):
+  def reference_round(state: round_lib.ServerState, cohort, rng,
+                      round_num=None):
     k, steps = cohort.mask.shape[:2]
+    round_num = int(state.round) if round_num is None else round_num
+    stage = tech.stage(round_num) if tech.stage else None
+    tiers = None
+    if tech.specialize:
+      tiers = np.asarray(cohort.ctx.get('tier', np.zeros(k, np.int64)))
+    layout = round_lib.chunk_layout(k, min(chunk_size, k), tiers, num_tiers)
+    c = len(layout.order) // len(layout.chunk_tier)
+    first_of_chunk = {}
+    for slot, pos in enumerate(layout.order):
+      if pos < k:
+        first_of_chunk[int(pos)] = int(layout.order[slot - slot % c])
     acc_delta = jax.tree.map(lambda p: np.zeros(p.shape, np.float64),
                              state.params)
     acc_cov = jax.tree.map(lambda p: np.zeros(p.shape, np.float64),
                            state.params)
-    loss = correct = examples = up = down = 0.0
+    loss = correct = examples = 0.0
+    up, down = np.zeros(k), np.zeros(k)
     dropped = 0
     for i in range(k):
+      tier = int(tiers[i]) if tiers is not None else 0
+      client_start, split_of, local_step, client_finish, chunk_plan = (
+          client_fns(stage, tier))
       key = jax.random.fold_in(rng, i)
+      chunk = None
+      if chunk_plan is not None:
+        first_key = jax.random.fold_in(rng, first_of_chunk[i])
+        chunk = chunk_plan(round_lib.chunk_key(first_key), state.round)
       ctx = {n: v[i] for n, v in cohort.ctx.items()}
-      plan, start, trainable, opt_state = client_start(
-          state.params, ctx, key, state.round)
-      params = start
+      plan, start = client_start(state.params, ctx, key, state.round, chunk)
+      train = split_of(start, plan).train
+      opt_state = client_optimizer.init(train)
       c_loss = c_correct = c_n = 0.0
       for s in range(steps):
         mask_b = np.asarray(cohort.mask[i, s])
         if mask_b.sum() == 0:
           continue
         batch = {f: v[i, s] for f, v in cohort.batches.items()}
-        params, opt_state, (l, c, n) = local_step(
-            params, opt_state, batch, mask_b,
+        train, opt_state, (l, cr, n) = local_step(
+            train, opt_state, batch, mask_b,
             jax.random.fold_in(round_lib.split_client_key(key)[1], s), start,
-            trainable, plan)
-        c_loss += l; c_correct += c; c_n += n  # device scalars: no sync
+            plan)
+        c_loss += l; c_correct += cr; c_n += n  # device scalars: no sync
       c_loss, c_correct, c_n = float(c_loss), float(c_correct), float(c_n)
-      delta, cov, bits, dbits = client_finish(state.params, start, params,
-                                              trainable, plan, key)
-      up += float(bits); down += float(dbits)
+      delta, cov, bits, dbits = client_finish(state.params, start, train,
+                                              plan, key)
+      up[i], down[i] = float(bits), float(dbits)
       finite = (all(np.all(np.isfinite(x)) for x in jax.tree.leaves(delta))
                 and np.isfinite(c_loss))
       if not finite:
@@ -105,7 +148,8 @@ def build_reference_round(model, task, technique, client_optimizer,
     n = max(examples, 1.0)
     metrics: dict[str, Any] = dict(
         train_loss=loss / n, train_accuracy=correct / n, num_clients=k,
-        num_dropped=dropped, upload_bits=up / k, download_bits=down / k)
+        num_dropped=dropped, upload_bits=up.mean(), download_bits=down.mean(),
+        client_upload_bits=up, client_download_bits=down)
     return new_state, metrics
 
   return reference_round

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_eff.core import technique as technique_lib
@@ -65,8 +66,10 @@ class RoundMetrics(NamedTuple):
   train_accuracy: jax.Array
   num_clients: jax.Array          # clients in the cohort
   num_dropped: jax.Array          # non-finite updates left out
-  upload_bits: jax.Array          # mean per participating client
+  upload_bits: jax.Array          # mean per client of the cohort
   download_bits: jax.Array
+  client_upload_bits: jax.Array   # [K] per client, in cohort order
+  client_download_bits: jax.Array
 
 
 def client_keys(rng: jax.Array, num: int) -> jax.Array:
@@ -79,12 +82,6 @@ def split_client_key(key: jax.Array):
   return tuple(jax.random.split(key, 3))
 
 
-def masked_params(params: PyTree, mask: PyTree) -> PyTree:
-  """Frozen entries (mask 0) pass through `stop_gradient`."""
-  return jax.tree.map(
-      lambda p, m: jnp.where(m > 0, p, jax.lax.stop_gradient(p)), params, mask)
-
-
 def tree_all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
                             for x in jax.tree.leaves(tree)]))
@@ -93,12 +90,18 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
 def make_loss_fn(model: nn.Module, task: Task, prox_mu: float = 0.0):
   """loss(params, batch, mask_b, rng, anchor, fwd) -> (mean loss, stats).
 
-  The mean is over the real examples of the batch (`mask_b`); FedProx adds
+  `task.augment` (if any) transforms the batch first (e.g. two views for
+  contrastive learning); the task's loss sees the example mask as
+  `batch['_mask']`, so losses coupling examples can ignore padding. The mean is over the real examples of the batch (`mask_b`); FedProx adds
   `μ/2 ||x - x_server||²` (Li et al. 2020) with `anchor` the server model.
   """
   def loss_fn(params, batch, mask_b, rng, anchor, fwd):
+    dropout_rng, augment_rng = jax.random.split(rng)
+    if task.augment is not None:
+      batch = task.augment(batch, augment_rng)
     out = model.apply({'params': params}, task.inputs(batch), train=True,
-                      rngs={'dropout': rng}, **fwd)
+                      rngs={'dropout': dropout_rng}, **fwd)
+    batch = dict(batch, _mask=mask_b)
     per_example = task.loss(out, batch)
     n = jnp.sum(mask_b)
     loss_sum = jnp.sum(per_example * mask_b)
@@ -110,6 +113,45 @@ def make_loss_fn(model: nn.Module, task: Task, prox_mu: float = 0.0):
     correct = jnp.sum(task.correct(out, batch) * mask_b)
     return loss, (loss_sum, correct, n)
   return loss_fn
+
+
+class TrainableSplit(NamedTuple):
+  """Params split by a trainable mask into what autodiff sees and constants.
+
+  `train` lists the leaves that are not statically frozen (differentiated,
+  optimised, uploaded), `masks` their mask leaves (`True` or a dynamic
+  array). Statically frozen leaves stay in `leaves` and are closed over, so
+  neither their gradients nor their optimizer state exist.
+  """
+  treedef: Any
+  leaves: list
+  index: list      # positions of the trainable leaves in `leaves`
+  masks: list
+
+  @classmethod
+  def of(cls, params, mask):
+    leaves, treedef = jax.tree.flatten(params)
+    masks = treedef.flatten_up_to(mask)
+    index = [i for i, m in enumerate(masks) if not technique_lib.is_frozen(m)]
+    return cls(treedef, leaves, index, [masks[i] for i in index])
+
+  @property
+  def train(self) -> list:
+    return [self.leaves[i] for i in self.index]
+
+  def full(self, train: list) -> PyTree:
+    leaves = list(self.leaves)
+    for i, x in zip(self.index, train):
+      leaves[i] = x
+    return self.treedef.unflatten(leaves)
+
+  def apply_mask(self, xs: list) -> list:
+    return [x if m is True else x * m for x, m in zip(xs, self.masks)]
+
+  def stop_frozen(self, xs: list) -> list:
+    """`stop_gradient` on the dynamically frozen entries."""
+    return [x if m is True else jnp.where(m > 0, x, jax.lax.stop_gradient(x))
+            for x, m in zip(xs, self.masks)]
 
 
 def build_client_update(model: nn.Module, task: Task,
@@ -125,43 +167,51 @@ def build_client_update(model: nn.Module, task: Task,
     ctx: this client's context (dict of arrays without the client axis).
     key: this client's PRNG key.
     round_num: int32 scalar.
+    chunk: the chunk plan shared by this client's chunk (unbatched), or None.
   """
   tech = technique_lib.chain(technique)
   loss_fn = make_loss_fn(model, task, prox_mu)
-  grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def client_update(server_params, batches, mask, ctx, key, round_num):
+  def client_update(server_params, batches, mask, ctx, key, round_num,
+                    chunk=None):
     plan_key, train_key, encode_key = split_client_key(key)
+    if chunk is not None:
+      ctx = dict(ctx, chunk=chunk)
     plan = tech.plan(plan_key, round_num, ctx)
     start = tech.view(server_params, plan)
     trainable = tech.trainable(start, plan)
+    split = TrainableSplit.of(start, trainable)
     fwd = tech.forward(plan)
 
+    def train_loss(train, batch, mask_b, rng):
+      return loss_fn(split.full(split.stop_frozen(train)), batch, mask_b, rng,
+                     start, fwd)
+    grad_fn = jax.grad(train_loss, has_aux=True)
+
     def step(carry, xs):
-      params, opt_state, stats = carry
+      train, opt_state, stats = carry
       batch, mask_b, s = xs
       grads, (loss_sum, correct, n) = grad_fn(
-          masked_params(params, trainable), batch, mask_b,
-          jax.random.fold_in(train_key, s), start, fwd)
-      grads = jax.tree.map(lambda g, m: g * m, grads, trainable)
-      updates, new_opt_state = client_optimizer.update(grads, opt_state,
-                                                       params)
-      updates = jax.tree.map(lambda u, m: u * m, updates, trainable)
-      new_params = optax.apply_updates(params, updates)
+          train, batch, mask_b, jax.random.fold_in(train_key, s))
+      updates, new_opt_state = client_optimizer.update(
+          split.apply_mask(grads), opt_state, train)
+      new_train = optax.apply_updates(train, split.apply_mask(updates))
       real = n > 0  # a fully padded step changes nothing
-      params = jax.tree.map(lambda a, b: jnp.where(real, a, b), new_params,
-                            params)
-      opt_state = jax.tree.map(lambda a, b: jnp.where(real, a, b),
-                               new_opt_state, opt_state)
+      train, opt_state = jax.tree.map(
+          lambda a, b: jnp.where(real, a, b), (new_train, new_opt_state),
+          (train, opt_state))
       stats = (stats[0] + loss_sum, stats[1] + correct, stats[2] + n)
-      return (params, opt_state, stats), None
+      return (train, opt_state, stats), None
 
     steps = mask.shape[0]
     zero = jnp.zeros((), jnp.float32)
+    train0 = split.train
     (final, _, stats), _ = jax.lax.scan(
-        step, (start, client_optimizer.init(start), (zero, zero, zero)),
+        step, (train0, client_optimizer.init(train0), (zero, zero, zero)),
         (batches, mask, jnp.arange(steps)))
-    delta = jax.tree.map(lambda a, b, m: (a - b) * m, start, final, trainable)
+    moved = split.apply_mask([a - b for a, b in zip(train0, final)])
+    delta = TrainableSplit.of(
+        jax.tree.map(jnp.zeros_like, start), trainable).full(moved)
     msg, up_bits = tech.encode(delta, trainable, plan, encode_key)
     delta = tech.decode(msg, plan)
     delta, coverage = tech.merge(server_params, delta, trainable, plan)
@@ -197,10 +247,56 @@ def default_chunk_size(num_clients: int, backend: str | None = None) -> int:
   return 1 if backend == 'cpu' else min(num_clients, 128)
 
 
+class ChunkLayout(NamedTuple):
+  """Which cohort position sits in each slot of each chunk (host side).
+
+  Without tiers the slots are the cohort in order, padded to whole chunks.
+  With tiers, each tier's clients are contiguous and padded to whole chunks,
+  so every chunk is tier-homogeneous and runs its tier's program; the number
+  of chunks is fixed at `floor((K + T (C - 1)) / C)` whatever the tier mix,
+  so the round never recompiles, and surplus chunks (tier `T`) are skipped.
+  """
+  order: np.ndarray       # [num_chunks * C] cohort position, K for padding
+  chunk_tier: np.ndarray  # [num_chunks] tier of each chunk; T = skip
+
+
+def chunk_layout(num_clients: int, chunk_size: int, tiers=None,
+                 num_tiers: int = 1) -> ChunkLayout:
+  k, c = num_clients, chunk_size
+  if tiers is None:
+    n = -(-k // c)
+    order = np.arange(n * c)
+    order[k:] = k
+    return ChunkLayout(order, np.zeros(n, np.int32))
+  tiers = np.asarray(tiers).astype(np.int64).reshape(-1)
+  if tiers.shape != (k,) or tiers.min(initial=0) < 0 or tiers.max(
+      initial=0) >= num_tiers:
+    raise ValueError(f'cohort ctx["tier"] must be {k} ints in [0, '
+                     f'{num_tiers}); got {tiers!r}.')
+  n = (k + num_tiers * (c - 1)) // c
+  order, chunk_tier = [], []
+  for t in range(num_tiers):
+    members = np.flatnonzero(tiers == t)
+    m = -(-len(members) // c)
+    order.append(np.concatenate([members, np.full(m * c - len(members), k)]))
+    chunk_tier += [t] * m
+  order.append(np.full((n - len(chunk_tier)) * c, k))
+  chunk_tier += [num_tiers] * (n - len(chunk_tier))
+  return ChunkLayout(np.concatenate(order).astype(np.int32),
+                     np.asarray(chunk_tier, np.int32))
+
+
+def chunk_key(client_key: jax.Array) -> jax.Array:
+  """The key of a chunk's shared plan: from its first client's key."""
+  return jax.random.fold_in(client_key, 0x6368)
+
+
 class RoundFns(NamedTuple):
   init: Callable[[PyTree], ServerState]
   round_step: Callable[..., tuple[ServerState, RoundMetrics]]
   client_update: Callable[..., ClientOutput]
+  client_update_for: Callable[..., Callable[..., ClientOutput]]
+  technique: technique_lib.Technique
 
 
 def build_round(model: nn.Module, task: Task,
@@ -208,77 +304,139 @@ def build_round(model: nn.Module, task: Task,
                 client_optimizer: optax.GradientTransformation,
                 server_optimizer: optax.GradientTransformation, *,
                 chunk_size: int | None = None, prox_mu: float = 0.0,
-                donate: bool = True, jit: bool = True) -> RoundFns:
-  """Builds `init(params)` and the jitted `round_step(state, cohort, rng)`.
+                num_tiers: int = 1, donate: bool = True,
+                jit: bool = True) -> RoundFns:
+  """Builds `init(params)` and `round_step(state, cohort, rng, round_num)`.
 
   `cohort` is a `data.Cohort` (numpy or jax arrays) with `K` clients;
-  `chunk_size` C (None: per-backend default) splits them into `ceil(K/C)`
-  chunks scanned sequentially, each a vmap over C clients.
+  `chunk_size` C (None: per-backend default) splits them into chunks
+  scanned sequentially, each a vmap over C clients. `round_num` (a host
+  int; read from `state.round` if omitted and the technique has stages)
+  picks the technique's stage, one compiled program per stage. If the
+  technique specialises per device tier, `cohort.ctx['tier']` (ints in
+  `[0, num_tiers)`) routes each client to its tier's program.
   """
-  client_update = build_client_update(model, task, technique,
-                                      client_optimizer, prox_mu)
+  tech = technique_lib.chain(technique)
+  tiered = tech.specialize is not None
+
+  @functools.lru_cache(maxsize=None)
+  def program(stage, tier):
+    return tech.specialize(stage, tier) if tiered else tech
+
+  @functools.lru_cache(maxsize=None)
+  def client_update_for(stage=None, tier=0):
+    return build_client_update(model, task, program(stage, tier),
+                               client_optimizer, prox_mu)
 
   def init(params):
     return ServerState(params, server_optimizer.init(params),
                        jnp.zeros((), jnp.int32))
 
-  def round_step(state: ServerState, cohort, rng):
+  def run_chunk(stage, tier, state, chunk):
+    """One chunk of C clients of one tier -> weighted sums over them."""
+    (batches, mask, weight, ctx), keys, pres = chunk
+    t = program(stage, tier)
+    cp = t.chunk_plan(chunk_key(keys[0]), state.round) if t.chunk_plan else None
+    out = jax.vmap(client_update_for(stage, tier),
+                   in_axes=(None, 0, 0, 0, 0, None, None))(
+                       state.params, batches, mask, ctx, keys, state.round, cp)
+    finite = jax.vmap(tree_all_finite)((out.delta, out.loss_sum))
+    w = jnp.where(finite & pres, weight, 0.0)
+
+    def wsum(tree):
+      return jax.tree.map(
+          lambda x: jnp.einsum('c,c...->...', w, jnp.where(
+              finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)), tree)
+    ok = finite & pres
+    sums = dict(
+        loss=jnp.sum(jnp.where(ok, out.loss_sum, 0.0)),
+        correct=jnp.sum(jnp.where(ok, out.correct_sum, 0.0)),
+        examples=jnp.sum(jnp.where(ok, out.num_examples, 0.0)),
+        dropped=jnp.sum((~finite) & pres & (weight > 0)).astype(jnp.float32))
+    bits = (jnp.where(pres, out.upload_bits, 0.0),
+            jnp.where(pres, out.download_bits, 0.0))
+    return wsum(out.delta), wsum(out.coverage), sums, bits
+
+  def skip_chunk(state, chunk):
+    """A chunk of padding only: contributes nothing, costs nothing."""
+    c = chunk[2].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    sums = {n: jnp.zeros((), jnp.float32)
+            for n in ('loss', 'correct', 'examples', 'dropped')}
+    return zeros, zeros, sums, (jnp.zeros((c,)), jnp.zeros((c,)))
+
+  def round_program(state: ServerState, cohort, order, chunk_tier, rng,
+                    stage):
     k = cohort.mask.shape[0]
-    c = min(chunk_size or default_chunk_size(k), k)
-    num_chunks = -(-k // c)
-    pad = num_chunks * c - k
+    num_chunks = chunk_tier.shape[0]
+    c = order.shape[0] // num_chunks
+    present = order < k
 
     def chunked(x):
-      x = jnp.asarray(x)
-      x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+      x = jnp.take(jnp.asarray(x), order, axis=0, mode='clip')
       return x.reshape((num_chunks, c) + x.shape[1:])
 
-    present = jnp.arange(num_chunks * c) < k
-    xs = jax.tree.map(chunked, (dict(cohort.batches), cohort.mask,
-                                cohort.weight, dict(cohort.ctx)))
-    keys = client_keys(rng, num_chunks * c)
-    keys = keys.reshape((num_chunks, c) + keys.shape[1:])  # raw uint32 keys too
-    present = present.reshape((num_chunks, c))
-    vmapped = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0, None))
+    batches, mask, weight, ctx = jax.tree.map(
+        chunked, (dict(cohort.batches), cohort.mask, cohort.weight,
+                  dict(cohort.ctx)))
+    weight = jnp.where(present.reshape(num_chunks, c), weight, 0.0)
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
+        jnp.where(present, order, k + jnp.arange(order.shape[0])))
+    keys = keys.reshape((num_chunks, c) + keys.shape[1:])
+    xs = ((batches, mask, weight, ctx), keys,
+          present.reshape(num_chunks, c))
+    if tiered:
+      branches = [functools.partial(run_chunk, stage, t)
+                  for t in range(num_tiers)] + [skip_chunk]
+      body = lambda ct, chunk: jax.lax.switch(ct, branches, state, chunk)
+      xs = (xs, chunk_tier)
+    else:
+      body = lambda _, chunk: run_chunk(stage, 0, state, chunk)
+      xs = (xs, chunk_tier)
 
-    def chunk_body(acc, chunk):
-      (batches, mask, weight, ctx), key, pres = chunk
-      out = vmapped(state.params, batches, mask, ctx, key, state.round)
-      finite = jax.vmap(tree_all_finite)((out.delta, out.loss_sum))
-      w = jnp.where(finite, weight, 0.0)
-
-      def wsum(tree):
-        return jax.tree.map(
-            lambda x: jnp.einsum('c,c...->...', w,
-                                 jnp.where(finite.reshape((-1,) + (1,) * (
-                                     x.ndim - 1)), x, 0.0)), tree)
-      ok = finite & pres
-      sums = dict(
-          loss=jnp.sum(jnp.where(ok, out.loss_sum, 0.0)),
-          correct=jnp.sum(jnp.where(ok, out.correct_sum, 0.0)),
-          examples=jnp.sum(jnp.where(ok, out.num_examples, 0.0)),
-          dropped=jnp.sum((~finite) & pres & (weight > 0)).astype(jnp.float32),
-          up=jnp.sum(jnp.where(pres, out.upload_bits, 0.0)),
-          down=jnp.sum(jnp.where(pres, out.download_bits, 0.0)))
-      acc = (jax.tree.map(jnp.add, acc[0], wsum(out.delta)),
-             jax.tree.map(jnp.add, acc[1], wsum(out.coverage)),
-             jax.tree.map(jnp.add, acc[2], sums))
-      return acc, None
+    def chunk_body(acc, xs_i):
+      chunk, ct = xs_i
+      d, cov, sums, bits = body(ct, chunk)
+      acc = jax.tree.map(jnp.add, acc, (d, cov, sums))
+      return acc, bits
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     zero_sums = {n: jnp.zeros((), jnp.float32)
-                 for n in ('loss', 'correct', 'examples', 'dropped', 'up',
-                           'down')}
-    (delta_sum, coverage, sums), _ = jax.lax.scan(
-        chunk_body, (zeros, zeros, zero_sums), (xs, keys, present))
+                 for n in ('loss', 'correct', 'examples', 'dropped')}
+    (delta_sum, coverage, sums), (up, down) = jax.lax.scan(
+        chunk_body, (zeros, zeros, zero_sums), xs)
     new_state = server_update(server_optimizer, state, delta_sum, coverage)
+    slot_pos = jnp.where(present, order, k)
+    per_client = lambda b: jnp.zeros((k,), jnp.float32).at[slot_pos].set(
+        b.reshape(-1), mode='drop')
+    up, down = per_client(up), per_client(down)
     n = jnp.maximum(sums['examples'], 1.0)
     metrics = RoundMetrics(
         train_loss=sums['loss'] / n, train_accuracy=sums['correct'] / n,
         num_clients=jnp.asarray(k, jnp.float32), num_dropped=sums['dropped'],
-        upload_bits=sums['up'] / k, download_bits=sums['down'] / k)
+        upload_bits=jnp.mean(up), download_bits=jnp.mean(down),
+        client_upload_bits=up, client_download_bits=down)
     return new_state, metrics
 
   if jit:
-    round_step = jax.jit(round_step, donate_argnums=(0,) if donate else ())
-  return RoundFns(init, round_step, client_update)
+    round_program = jax.jit(round_program, static_argnames=('stage',),
+                            donate_argnums=(0,) if donate else ())
+
+  def round_step(state: ServerState, cohort, rng, round_num=None):
+    stage = None
+    if tech.stage is not None:
+      stage = tech.stage(int(state.round) if round_num is None
+                         else int(round_num))
+    k = cohort.mask.shape[0]
+    c = min(chunk_size or default_chunk_size(k), k)
+    tiers = None
+    if tiered:
+      tiers = np.asarray(cohort.ctx['tier']) if 'tier' in cohort.ctx else (
+          np.zeros(k, np.int64))
+    layout = chunk_layout(k, c, tiers, num_tiers)
+    return round_program(state, cohort, layout.order, layout.chunk_tier, rng,
+                         stage=stage)
+
+  first_stage = tech.stage(0) if tech.stage else None
+  return RoundFns(init, round_step, client_update_for(first_stage, 0),
+                  client_update_for, tech)

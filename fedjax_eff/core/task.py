@@ -6,7 +6,7 @@ nothing about federation or about which model produced the output.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +14,17 @@ import optax
 
 
 class Task(NamedTuple):
-  """inputs(batch) -> model input; loss/correct(out, batch) -> `[B]`."""
+  """inputs(batch) -> model input; loss/correct(out, batch) -> `[B]`.
+
+  `augment(batch, rng) -> batch`, if set, runs first in local training (not
+  in evaluation). `loss` and `correct` find the real-example mask `[B]` in
+  `batch['_mask']` during training.
+  """
   inputs: Callable[[Mapping[str, jax.Array]], Any]
   loss: Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]
   correct: Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]
+  augment: Optional[Callable[[Mapping[str, jax.Array], jax.Array],
+                             Mapping[str, jax.Array]]] = None
 
 
 def classification() -> Task:

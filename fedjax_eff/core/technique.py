@@ -23,16 +23,36 @@ Per client, inside the vmapped program, a round calls:
 each parameter by the weight of the clients that trained it (`cov`), and a
 parameter nobody trained keeps its value.
 
+Trainable masks come in the two forms of DESIGN.md, "Heterogeneous devices".
+A mask leaf that is an array is *dynamic*: exact per-client semantics, but the
+simulator still differentiates the leaf and keeps optimizer state for it. A
+mask leaf that is the Python bool `False` is *static*: the leaf is closed
+over as a constant, so autodiff never computes its gradient (nor the backward
+pass through layers below the lowest trainable one), the client optimizer
+holds no state for it and nothing is uploaded: what a real device saves, the
+simulator saves too. `True` is a static "trains".
+
+Static choices that change over rounds or between device classes are
+programs of their own. On the host, `stage(round) -> hashable` names the
+program of a round (e.g. the active layer of layer-wise training), and
+`specialize(stage, tier) -> Technique` gives the technique that clients of
+device tier `tier` run at that stage; the round compiles one program per
+stage and dispatches each chunk of same-tier clients to its tier's program
+(`lax.switch`, so only that branch runs). `chunk_plan(rng, round)` draws
+choices shared by the clients of one chunk; they reach `plan` as
+`ctx['chunk']`, unbatched, so e.g. a `lax.cond` on them really skips work.
+
 Hooks with no opinion are left as `None`; `chain` composes techniques in
 order (view/encode in order, decode/merge in reverse).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Hashable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -48,18 +68,50 @@ class Technique(NamedTuple):
   decode: Optional[Callable[[PyTree, PyTree], PyTree]] = None
   merge: Optional[Callable[..., tuple[PyTree, PyTree]]] = None
   download: Optional[Callable[[PyTree, PyTree], jax.Array]] = None
+  stage: Optional[Callable[[int], Hashable]] = None
+  specialize: Optional[Callable[[Hashable, int], 'Technique']] = None
+  chunk_plan: Optional[Callable[[jax.Array, jax.Array], PyTree]] = None
+
+
+def is_frozen(mask_leaf) -> bool:
+  """True for a statically frozen leaf (the Python bool `False`)."""
+  return mask_leaf is False or (isinstance(mask_leaf, np.bool_)
+                                and not mask_leaf)
+
+
+def _and(a, b):
+  if is_frozen(a) or is_frozen(b):
+    return False
+  if a is True:
+    return b
+  if b is True:
+    return a
+  return jnp.multiply(a, b)
+
+
+def combine_masks(a: PyTree, b: PyTree) -> PyTree:
+  """Elementwise AND of two trainable masks, keeping static leaves static."""
+  return jax.tree.map(_and, a, b)
+
+
+def mask_as_array(mask_leaf, shape, dtype=jnp.float32) -> jax.Array:
+  """A mask leaf (static bool or array) broadcast to `shape`."""
+  return jnp.broadcast_to(jnp.asarray(mask_leaf, dtype), shape)
 
 
 def tree_bits(tree: PyTree, mask: PyTree | None = None,
               bits_per_value: int = 32) -> jax.Array:
   """Bits to send the (masked) entries of `tree` at `bits_per_value` each."""
-  leaves = jax.tree.leaves(tree)
-  if mask is None:
-    return jnp.asarray(sum(x.size for x in leaves) * bits_per_value,
-                       jnp.float32)
-  masks = jax.tree.leaves(mask)
-  return sum(jnp.sum(jnp.broadcast_to(m, x.shape).astype(jnp.float32))
-             for x, m in zip(leaves, masks)) * bits_per_value
+  leaves, treedef = jax.tree.flatten(tree)
+  masks = ([True] * len(leaves) if mask is None
+           else treedef.flatten_up_to(mask))
+  static = sum(x.size for x, m in zip(leaves, masks)
+               if isinstance(m, (bool, np.bool_)) and m)
+  total = jnp.asarray(static * bits_per_value, jnp.float32)
+  for x, m in zip(leaves, masks):
+    if not isinstance(m, (bool, np.bool_)):
+      total = total + jnp.sum(mask_as_array(m, x.shape)) * bits_per_value
+  return total
 
 
 def identity() -> Technique:
@@ -80,7 +132,7 @@ def _view(t, params, plan):
 def _trainable(t, params, plan):
   if t.trainable:
     return t.trainable(params, plan)
-  return jax.tree.map(lambda _: jnp.ones((), jnp.float32), params)
+  return jax.tree.map(lambda _: True, params)
 
 
 def _forward(t, plan):
@@ -100,8 +152,8 @@ def _decode(t, msg, plan):
 def _merge(t, server_params, delta, mask, plan):
   if t.merge:
     return t.merge(server_params, delta, mask, plan)
-  cov = jax.tree.map(lambda d, m: jnp.broadcast_to(m, d.shape).astype(
-      d.dtype), delta, mask)
+  cov = jax.tree.map(lambda d, m: mask_as_array(m, d.shape, d.dtype), delta,
+                     mask)
   return delta, cov
 
 
@@ -110,7 +162,15 @@ def _download(t, params, plan):
 
 
 def resolve(t: Technique) -> Technique:
-  """Returns `t` with every hook filled in (identity where it was None)."""
+  """Returns `t` with every per-client hook filled in (identity if None).
+
+  `stage`, `specialize` and `chunk_plan` stay None when `t` has none, so
+  the round can tell a technique without stages, tiers or chunk plans and
+  skip that machinery.
+  """
+  specialize = None
+  if t.specialize:
+    specialize = lambda stage, tier: resolve(t.specialize(stage, tier))
   return Technique(
       name=t.name,
       plan=lambda rng, r, ctx: _plan(t, rng, r, ctx),
@@ -120,7 +180,17 @@ def resolve(t: Technique) -> Technique:
       encode=lambda d, m, plan, rng: _encode(t, d, m, plan, rng),
       decode=lambda msg, plan: _decode(t, msg, plan),
       merge=lambda sp, d, m, plan: _merge(t, sp, d, m, plan),
-      download=lambda p, plan: _download(t, p, plan))
+      download=lambda p, plan: _download(t, p, plan),
+      stage=t.stage,
+      specialize=specialize,
+      chunk_plan=t.chunk_plan)
+
+
+def _with_chunk(ctx, chunk_plan):
+  ctx = dict(ctx)
+  if 'chunk' in ctx:
+    ctx['chunk'] = chunk_plan
+  return ctx
 
 
 def chain(*techniques: Technique) -> Technique:
@@ -139,7 +209,9 @@ def chain(*techniques: Technique) -> Technique:
 
   def plan(rng, round_num, ctx):
     keys = jax.random.split(rng, len(ts))
-    return tuple(t.plan(k, round_num, ctx) for t, k in zip(ts, keys))
+    chunk = ctx.get('chunk', (None,) * len(ts))
+    return tuple(t.plan(k, round_num, _with_chunk(ctx, c))
+                 for t, k, c in zip(ts, keys, chunk))
 
   def views(params, plans):
     out = [params]
@@ -154,7 +226,7 @@ def chain(*techniques: Technique) -> Technique:
     mask = None
     for t, p in zip(ts, plans):
       m = t.trainable(params, p)
-      mask = m if mask is None else jax.tree.map(jnp.multiply, mask, m)
+      mask = m if mask is None else combine_masks(mask, m)
     return mask
 
   def forward(plans):
@@ -186,5 +258,23 @@ def chain(*techniques: Technique) -> Technique:
   def download(params, plans):
     return ts[-1].download(params, plans[-1])
 
+  stage = specialize = chunk_plan = None
+  if any(t.stage for t in ts):
+    def stage(round_num):
+      return tuple(t.stage(round_num) if t.stage else () for t in ts)
+
+  if any(t.specialize for t in ts):
+    def specialize(stages, tier):
+      if stages is None:
+        stages = stage(0) if stage else ((),) * len(ts)
+      return chain(*(t.specialize(s, tier) if t.specialize else t
+                     for t, s in zip(ts, stages)))
+  if any(t.chunk_plan for t in ts):
+    def chunk_plan(rng, round_num):
+      keys = jax.random.split(rng, len(ts))
+      return tuple(t.chunk_plan(k, round_num) if t.chunk_plan else None
+                   for t, k in zip(ts, keys))
+
   return Technique('+'.join(t.name for t in ts), plan, view, trainable,
-                   forward, encode, decode, merge, download)
+                   forward, encode, decode, merge, download, stage,
+                   specialize, chunk_plan)

@@ -1,21 +1,75 @@
 """The technique registry: config entries -> one composed `Technique`.
 
 `config.techniques` is a list (in the spirit of `optax.chain`); each entry
-is a ConfigDict with a `name` and that technique's knobs. Later techniques
-register here; the round builder never changes.
+is a ConfigDict with a `name` and that technique's knobs. Factories get a
+`TechniqueContext` (the model, its initial params, and a `measure` function
+that compiles a device program and returns its `accounting.DeviceCost`), so
+techniques that depend on the model's layers or on measured device cost can
+be built from config. The round builder never changes.
+
+Registered:
+  identity            plain FedAvg
+  partial_training    layers / regex; fixed, per_round, per_client
+  layerwise           layer-wise schedule (+ depth_dropout, its mode)
+  last_n              the last n layers, one n per device tier
+  budgeted_last_n     last n per tier, chosen from budgets by measured cost
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from fedjax_eff.core.technique import Technique, chain, identity
+from fedjax_eff.techniques import last_n as last_n_lib
+from fedjax_eff.techniques import layerwise as layerwise_lib
+from fedjax_eff.techniques.partial import partial_training
+from fedjax_eff.techniques.structure import LayerStructure, structure_of
 
-REGISTRY: dict[str, Callable[..., Technique]] = {'identity': identity}
+
+class TechniqueContext(NamedTuple):
+  model: Any = None
+  init_params: Any = None
+  measure: Callable[[Technique], Any] | None = None
 
 
-def build(entries: Iterable[Any] | None) -> Technique:
+def _layerwise(ctx, rounds_per_layer, order='forward', final_joint=False,
+               head='carry', depth_dropout=0.0, depth_dropout_mode='client'):
+  s = structure_of(ctx.model)
+  schedule = layerwise_lib.LayerSchedule.make(
+      s.num_layers, rounds_per_layer,
+      order if isinstance(order, str) else tuple(order), final_joint)
+  t = layerwise_lib.layerwise(ctx.model, schedule, head, ctx.init_params)
+  if depth_dropout:
+    t = chain(t, layerwise_lib.depth_dropout(ctx.model, schedule,
+                                             depth_dropout,
+                                             depth_dropout_mode))
+  return t
+
+
+def _budgeted_last_n(ctx, budgets, train_head=True):
+  if ctx.measure is None:
+    raise ValueError('budgeted_last_n needs a measure function (the '
+                     'experiment provides one).')
+  return last_n_lib.budgeted_last_n(ctx.model, [dict(b) for b in budgets],
+                                    ctx.measure, train_head)
+
+
+REGISTRY: dict[str, Callable[..., Technique]] = {
+    'identity': lambda ctx: identity(),
+    'partial_training': lambda ctx, **kw: partial_training(
+        ctx.model, **{k: tuple(v) if k == 'layers' else v
+                      for k, v in kw.items()}),
+    'layerwise': _layerwise,
+    'last_n': lambda ctx, n, train_head=True: last_n_lib.last_n(
+        ctx.model, n if isinstance(n, int) else tuple(n), train_head),
+    'budgeted_last_n': _budgeted_last_n,
+}
+
+
+def build(entries: Iterable[Any] | None,
+          context: TechniqueContext | None = None) -> Technique:
   """Builds the composed technique from `config.techniques` entries."""
+  context = context or TechniqueContext()
   techniques = []
   for i, entry in enumerate(entries or ()):
     entry = dict(entry)
@@ -23,5 +77,12 @@ def build(entries: Iterable[Any] | None) -> Technique:
     if name not in REGISTRY:
       raise ValueError(f'config.techniques[{i}].name={name!r} is not one of '
                        f'{sorted(REGISTRY)}.')
-    techniques.append(REGISTRY[name](**entry))
+    try:
+      techniques.append(REGISTRY[name](context, **entry))
+    except TypeError as e:
+      raise ValueError(f'config.techniques[{i}] ({name}): {e}') from e
   return chain(*techniques)
+
+
+__all__ = ['REGISTRY', 'LayerStructure', 'TechniqueContext', 'build',
+           'structure_of']

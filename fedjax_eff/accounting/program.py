@@ -40,8 +40,9 @@ def _spec(x) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x_shape, dtype)
 
 
-def _client_args(params, example_batch, steps, ctx):
-  """Abstract arguments of one client's update with `steps` local steps."""
+def _client_args(tech, params, example_batch, steps, ctx):
+  """Abstract arguments of one client's update with `steps` local steps
+  (and the chunk plan it shares, for techniques that have one)."""
   batch = {k: _spec(v) for k, v in example_batch.items()}
   b = next(iter(batch.values())).shape[0]
   batches = {k: jax.ShapeDtypeStruct((steps,) + v.shape, v.dtype)
@@ -50,35 +51,9 @@ def _client_args(params, example_batch, steps, ctx):
   return (jax.tree.map(_spec, params), batches,
           jax.ShapeDtypeStruct((steps, b), jnp.float32),
           {k: _spec(v) for k, v in ctx.items()}, key,
-          jax.ShapeDtypeStruct((), jnp.int32))
-
-
-def _static_or_none(x):
-  try:
-    return float(x)
-  except (TypeError, jax.errors.ConcretizationTypeError,
-          jax.errors.TracerArrayConversionError):
-    return None
-
-
-def _trace_plan(tech, args):
-  """Traces plan/view/mask/forward once; keeps their static parts."""
-  found = {}
-
-  def probe(server_params, batches, mask, ctx, key, round_num):
-    plan_key, _, _ = round_lib.split_client_key(key)
-    plan = tech.plan(plan_key, round_num, ctx)
-    view = tech.view(server_params, plan)
-    trainable = tech.trainable(view, plan)
-    found['flags'] = jax.tree.map(
-        lambda m: m if isinstance(m, (bool, np.bool_)) else True, trainable)
-    found['view'] = jax.tree.map(_spec, view)
-    found['forward'] = {k: v for k, v in tech.forward(plan).items()
-                        if isinstance(v, (bool, int, float, type(None)))}
-    found['download_bits'] = _static_or_none(tech.download(view, plan))
-    return 0
-  jax.eval_shape(probe, *args)
-  return found
+          jax.ShapeDtypeStruct((), jnp.int32),
+          jax.eval_shape(tech.chunk_plan, key, jax.ShapeDtypeStruct(
+              (), jnp.int32)) if tech.chunk_plan else None)
 
 
 def client_cost(model, task, technique: technique_lib.Technique,
@@ -102,17 +77,17 @@ def client_cost(model, task, technique: technique_lib.Technique,
          for k, v in (ctx or {'client_index': np.int32(0)}).items()}
   update = round_lib.build_client_update(model, task, tech, client_optimizer,
                                          prox_mu)
-  args = _client_args(params, example_batch, local_steps, ctx)
+  args = _client_args(tech, params, example_batch, local_steps, ctx)
   memory = compiled_lib.measure(update, *args, unroll_scans=False)
   f1, _, _ = compiled_lib.unrolled_flops(
-      update, *_client_args(params, example_batch, 1, ctx))
+      update, *_client_args(tech, params, example_batch, 1, ctx))
   f2, _, _ = compiled_lib.unrolled_flops(
-      update, *_client_args(params, example_batch, 2, ctx))
+      update, *_client_args(tech, params, example_batch, 2, ctx))
   flops = None
   if f1 is not None and f2 is not None:
     flops = f1 + (local_steps - 1) * (f2 - f1)
 
-  found = _trace_plan(tech, args)
+  found = technique_lib.trace_plan(tech, args[0], args[3])
   upload = bits_lib.leaf_bits(found['view'], found['flags'])
   download = found['download_bits']
   if download is None:

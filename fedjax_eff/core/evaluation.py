@@ -6,6 +6,7 @@ masked), so the jitted batch function compiles once, whatever the dataset.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import flax.linen as nn
@@ -17,15 +18,21 @@ from fedjax_eff.core.task import Task
 
 
 def build_evaluator(model: nn.Module, task: Task, batch_size: int = 256):
-  """Returns `evaluate(params, arrays) -> {'loss', 'accuracy', 'num_examples'}`."""
+  """Returns `evaluate(params, arrays, **forward) -> {'loss', 'accuracy',
+  'num_examples'}`; `forward` are static model kwargs (e.g. the `depth` of
+  a layer-wise stage), one compile per distinct set."""
 
-  @jax.jit
-  def batch_sums(params, batch, mask):
-    out = model.apply({'params': params}, task.inputs(batch), train=False)
+  @functools.partial(jax.jit, static_argnames=('forward',))
+  def batch_sums(params, batch, mask, forward):
+    out = model.apply({'params': params}, task.inputs(batch), train=False,
+                      **dict(forward))
+    batch = dict(batch, _mask=mask)
     return (jnp.sum(task.loss(out, batch) * mask),
             jnp.sum(task.correct(out, batch) * mask))
 
-  def evaluate(params, arrays: Mapping[str, np.ndarray]):
+  def evaluate(params, arrays: Mapping[str, np.ndarray], **forward):
+    forward = tuple(sorted((k, v) for k, v in forward.items()
+                           if v is not None))
     n = len(next(iter(arrays.values())))
     b = batch_size
     loss = correct = 0.0
@@ -34,7 +41,7 @@ def build_evaluator(model: nn.Module, task: Task, batch_size: int = 256):
       batch = {k: _pad_to(v[start:stop], b) for k, v in arrays.items()}
       mask = np.zeros((b,), np.float32)
       mask[:stop - start] = 1.0
-      l, c = batch_sums(params, batch, mask)
+      l, c = batch_sums(params, batch, mask, forward)
       loss += float(l)
       correct += float(c)
     return {'loss': loss / max(n, 1), 'accuracy': correct / max(n, 1),

@@ -278,3 +278,41 @@ def chain(*techniques: Technique) -> Technique:
   return Technique('+'.join(t.name for t in ts), plan, view, trainable,
                    forward, encode, decode, merge, download, stage,
                    specialize, chunk_plan)
+
+
+def _static_or_none(x):
+  try:
+    return float(x)
+  except (TypeError, jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    return None
+
+
+def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
+  """The static parts of one client's plan, traced once (nothing runs).
+
+  Returns `view` (ShapeDtypeStructs of the model the device trains),
+  `flags` (the trainable mask with dynamic leaves as True: an upper bound),
+  `forward` (the model kwargs that are Python values: `depth`, `stop_below`,
+  ...; what evaluation at this stage needs) and `download_bits` (None when
+  the count is dynamic). `params`/`ctx` may be arrays or ShapeDtypeStructs.
+  """
+  found = {}
+
+  def probe(server_params, ctx):
+    round_num = jnp.zeros((), jnp.int32)
+    if tech.chunk_plan:
+      ctx = dict(ctx, chunk=tech.chunk_plan(jax.random.key(1), round_num))
+    plan = tech.plan(jax.random.key(0), round_num, ctx)
+    view = tech.view(server_params, plan)
+    trainable = tech.trainable(view, plan)
+    found['flags'] = jax.tree.map(
+        lambda m: m if isinstance(m, (bool, np.bool_)) else True, trainable)
+    found['view'] = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), view)
+    found['forward'] = {k: v for k, v in tech.forward(plan).items()
+                        if isinstance(v, (bool, int, float, type(None)))}
+    found['download_bits'] = _static_or_none(tech.download(view, plan))
+    return 0
+  jax.eval_shape(probe, params, ctx)
+  return found

@@ -45,8 +45,28 @@ def base_config() -> ml_collections.ConfigDict:
       optimizer_kwargs=ml_collections.ConfigDict(),
   ))
 
+  # What the model learns: 'classification' (labels) or 'contrastive'
+  # (SimCLR: two augmented views, NT-Xent; evaluated by a linear probe on
+  # the labelled data with the features the current stage trains).
+  c.task = ml_collections.ConfigDict(dict(
+      name='classification',
+      temperature=0.1,                          # contrastive only
+      augment=ml_collections.ConfigDict(),      # ssl.simclr_augment knobs
+      probe_steps=300,                          # linear-probe optimizer steps
+      probe_max_examples=5000,                  # labelled examples it reads
+  ))
+
   # Techniques, composed in order (see fedjax_eff/techniques). Empty: FedAvg.
   c.techniques = []
+
+  # Simulated device classes. Each client belongs to one tier, drawn once
+  # from `tier_fractions` (seeded); techniques may run a different program
+  # per tier (e.g. budgeted_last_n's budgets, one per tier). [] = one tier.
+  c.devices = ml_collections.ConfigDict(dict(tier_fractions=[]))
+
+  # Per (stage, tier): compile the single-client update and record what a
+  # device pays (device_peak_bytes, device_flops_per_round) in the metrics.
+  c.accounting = True
 
   c.eval_every = 10
   c.eval_batch_size = 256
@@ -55,3 +75,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress = True
   c.tensorboard = True
   return c
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """`get_config()` of `configs/<name>.py` next to `config_file`.
+
+  Variants import their base this way (config files are loaded by path, so
+  `configs` is not an importable package):
+  `c = sibling_config(__file__, 'fedssl_vit')`.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)),
+                      name + '.py')
+  spec = importlib.util.spec_from_file_location(f'_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

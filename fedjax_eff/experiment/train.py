@@ -18,6 +18,7 @@ a resumed run ends with the same `params_sha256` as an unbroken one.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import json
 import os
@@ -32,7 +33,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from fedjax_eff import accounting
 from fedjax_eff import core
+from fedjax_eff import ssl
 from fedjax_eff import techniques as techniques_lib
 from fedjax_eff.core import evaluation
 from fedjax_eff.data import cohort as cohort_lib
@@ -76,56 +79,180 @@ class Experiment:
     validate_config(config)
     self.config = config
     self.data = data_registry.load(config.data)
-    self.model = get_model(config.model.name, self.data.num_classes,
-                           **dict(config.model.kwargs))
-    self.task = core.classification()
-    self.technique = techniques_lib.build(config.techniques)
+    kwargs = dict(config.model.kwargs)
+    # The output size is the number of classes unless the config says
+    # otherwise (e.g. a contrastive projection's dimension).
+    self.model = get_model(config.model.name,
+                           kwargs.pop('num_classes', self.data.num_classes),
+                           **kwargs)
+    self.task = make_task(config.task)
+    self.base_key = jax.random.key(config.seed)
     c = config.client
     self.client_optimizer = core.make_optimizer(
         c.optimizer, c.learning_rate, **dict(c.optimizer_kwargs))
     s = config.server
     self.server_optimizer = core.make_optimizer(
         s.optimizer, s.learning_rate, **dict(s.optimizer_kwargs))
+    example = self.data.train.client(0)
+    self.example_batch = {k: np.zeros((c.batch_size,) + v.shape[1:], v.dtype)
+                          for k, v in example.items()}
+    self.init_params = self.model.init(
+        jax.random.fold_in(self.base_key, 0x1417),
+        np.zeros((1,) + tuple(self.data.input_shape), np.float32))['params']
+    self.technique = techniques_lib.build(
+        config.techniques, techniques_lib.TechniqueContext(
+            self.model, self.init_params, self.device_cost))
+    self.tier_of = client_tiers(self.data.train.num_clients,
+                                list(config.devices.tier_fractions),
+                                config.seed)
+    self.num_tiers = max(1, len(config.devices.tier_fractions))
     self.round_fns = core.build_round(
         self.model, self.task, self.technique, self.client_optimizer,
         self.server_optimizer, chunk_size=config.chunk_size or None,
-        prox_mu=c.prox_mu)
+        prox_mu=c.prox_mu, num_tiers=self.num_tiers)
     self.sampler = cohort_lib.CohortSampler(
         self.data.train.num_clients, config.clients_per_round, config.seed)
     self.evaluate = evaluation.build_evaluator(self.model, self.task,
                                                config.eval_batch_size)
-    self.base_key = jax.random.key(config.seed)
+    self.costs: dict[Any, accounting.DeviceCost] = {}
 
   def init_state(self) -> core.ServerState:
-    x = np.zeros((1,) + tuple(self.data.input_shape), np.float32)
-    params = self.model.init(jax.random.fold_in(self.base_key, 0x1417),
-                             x)['params']
-    return self.round_fns.init(params)
+    return self.round_fns.init(self.init_params)
 
   def cohort(self, round_num: int) -> cohort_lib.Cohort:
     c = self.config.client
-    return cohort_lib.pack(
-        self.data.train, self.sampler.sample(round_num), steps=c.local_steps,
+    ids = self.sampler.sample(round_num)
+    cohort = cohort_lib.pack(
+        self.data.train, ids, steps=c.local_steps,
         batch_size=c.batch_size, seed=self.config.seed, round_num=round_num,
         policy_large=c.policy_large, policy_small=c.policy_small,
         weighting=c.weighting)
+    return cohort._replace(ctx=dict(cohort.ctx, tier=self.tier_of[ids]))
+
+  def device_cost(self, technique) -> accounting.DeviceCost:
+    """What one device pays to run `technique` (a static program)."""
+    return accounting.client_cost(
+        self.model, self.task, technique, self.client_optimizer,
+        self.init_params, self.example_batch, self.config.client.local_steps,
+        {'client_index': np.int32(0), 'tier': np.int32(0)},
+        self.config.client.prox_mu)
+
+  def program(self, round_num: int, tier: int = 0):
+    """The technique clients of `tier` run in round `round_num`."""
+    tech = self.round_fns.technique
+    stage = tech.stage(round_num) if tech.stage else None
+    if tech.specialize:
+      return stage, tech.specialize(stage, tier)
+    return stage, tech
+
+  def program_cost(self, round_num: int, tier: int) -> accounting.DeviceCost:
+    stage, program = self.program(round_num, tier)
+    key = (stage, tier if self.round_fns.technique.specialize else 0)
+    if key not in self.costs:
+      self.costs[key] = self.device_cost(program)
+    return self.costs[key]
+
+  def device_metrics(self, round_num: int, cohort, m) -> dict[str, float]:
+    """Per-client device cost of the round: means over the cohort and per
+    tier (bits as measured in the round, peak/FLOPs from the compiled
+    single-client program of each tier)."""
+    tiers = np.asarray(cohort.ctx['tier'])
+    up = np.asarray(m.client_upload_bits)
+    down = np.asarray(m.client_download_bits)
+    out: dict[str, float] = {}
+    peak = np.zeros(len(tiers))
+    flops = np.zeros(len(tiers))
+    for t in range(self.num_tiers):
+      sel = tiers == t
+      if self.config.accounting:
+        cost = self.program_cost(round_num, t)
+        peak[sel], flops[sel] = cost.peak_bytes or 0, cost.flops_per_round or 0
+      if self.num_tiers > 1 and sel.any():
+        out[f'tier{t}/upload_bits'] = float(up[sel].mean())
+        out[f'tier{t}/download_bits'] = float(down[sel].mean())
+        if self.config.accounting:
+          out[f'tier{t}/device_peak_bytes'] = float(peak[sel].mean())
+          out[f'tier{t}/device_flops_per_round'] = float(flops[sel].mean())
+    if self.config.accounting:
+      out['device_peak_bytes'] = float(peak.mean())
+      out['device_flops_per_round'] = float(flops.mean())
+    return out
 
   def round_key(self, round_num: int) -> jax.Array:
     return jax.random.fold_in(self.base_key, round_num)
 
-  def eval_metrics(self, params) -> dict[str, float]:
+  def eval_metrics(self, params, round_num: int) -> dict[str, float]:
+    """Central metrics of the model as the stage of `round_num` runs it
+    (e.g. layer-wise: up to the active layer, with its head)."""
+    _, program = self.program(max(round_num - 1, 0))
+    fwd = core.technique.trace_plan(
+        program, params, {'client_index': np.int32(0),
+                          'tier': np.int32(0)})['forward']
+    if self.config.task.name == 'contrastive':
+      return self.probe_metrics(params, fwd)
     out = {}
+    evaluate = functools.partial(self.evaluate, **fwd)
     if self.data.test is not None:
-      m = self.evaluate(params, self.data.test)
+      m = evaluate(params, self.data.test)
       out.update(test_loss=m['loss'], test_accuracy=m['accuracy'])
     if self.data.heldout is not None and self.data.heldout.num_clients:
-      m = self.evaluate(params, self.data.heldout.concatenated())
-      per_client = [self.evaluate(params, self.data.heldout.client(i))
+      m = evaluate(params, self.data.heldout.concatenated())
+      per_client = [evaluate(params, self.data.heldout.client(i))
                     for i in range(self.data.heldout.num_clients)]
       out.update(heldout_loss=m['loss'], heldout_accuracy=m['accuracy'],
                  heldout_client_accuracy_mean=float(np.mean(
                      [p['accuracy'] for p in per_client])))
     return out
+
+
+  def probe_metrics(self, params, fwd) -> dict[str, float]:
+    """Linear probe on frozen features: fit on the labelled training
+    clients' examples, report accuracy on the test set (and held-out
+    clients)."""
+    t = self.config.task
+    fwd = dict(fwd, stop_below=None)
+    train = _take(self.data.train.concatenated(), t.probe_max_examples)
+    out = {}
+    for name, split in (('test', self.data.test),
+                        ('heldout', self.data.heldout.concatenated()
+                         if self.data.heldout is not None
+                         and self.data.heldout.num_clients else None)):
+      if split is None:
+        continue
+      m = ssl.probe_accuracy(self.model, params, train,
+                             _take(split, t.probe_max_examples),
+                             self.data.num_classes, steps=t.probe_steps,
+                             batch_size=self.config.eval_batch_size, **fwd)
+      out[f'{name}_accuracy'] = m['test_accuracy']
+      out['probe_train_accuracy'] = m['train_accuracy']
+    return out
+
+
+def _take(arrays, n):
+  return {k: v[:n] for k, v in arrays.items()}
+
+
+def make_task(config) -> core.Task:
+  if config.name == 'classification':
+    return core.classification()
+  if config.name == 'contrastive':
+    t = ssl.contrastive_task(config.temperature, **dict(config.augment))
+    return core.Task(inputs=t.inputs, loss=t.loss, correct=t.correct,
+                     augment=t.augment)
+  raise ValueError(f"config.task.name={config.name!r} is not one of "
+                   "('classification', 'contrastive').")
+
+
+def client_tiers(num_clients: int, fractions, seed: int) -> np.ndarray:
+  """Each client's device tier, drawn once from `fractions` (seeded)."""
+  if not fractions:
+    return np.zeros(num_clients, np.int32)
+  p = np.asarray(fractions, np.float64)
+  if np.any(p < 0) or not np.isclose(p.sum(), 1.0):
+    raise ValueError(f'config.devices.tier_fractions={list(fractions)} must '
+                     'be non-negative and sum to 1.')
+  rng = np.random.default_rng([seed, 0x7132])
+  return rng.choice(len(p), size=num_clients, p=p).astype(np.int32)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -168,13 +295,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       pending = (pool.submit(exp.cohort, r + 1)
                  if r + 1 < config.num_rounds else None)
       t_round = time.time()
-      state, m = exp.round_fns.round_step(state, cohort, exp.round_key(r))
-      record = {k: float(v) for k, v in m._asdict().items()}
+      state, m = exp.round_fns.round_step(state, cohort, exp.round_key(r),
+                                          round_num=r)
+      record = {k: float(v) for k, v in m._asdict().items()
+                if not k.startswith('client_')}
+      t_acc = time.time()
+      record.update(exp.device_metrics(r, cohort, m))
+      t_round += time.time() - t_acc  # accounting compiles: not the round
       if compile_s is None:
         compile_s = time.time() - t_round
       done = r + 1
       if done % config.eval_every == 0 or done == config.num_rounds:
-        record.update(exp.eval_metrics(state.params))
+        record.update(exp.eval_metrics(state.params, done))
       record['round_seconds'] = time.time() - t_round
       writer.write(done, record)
       last = {'round': done, **record}
@@ -201,7 +333,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not last and history:  # resumed a finished run: report its last round
     last = dict(history[-1])
   if 'test_accuracy' not in last and 'heldout_accuracy' not in last:
-    last.update(exp.eval_metrics(state.params))
+    last.update(exp.eval_metrics(state.params, int(state.round)))
+  if config.accounting and not exp.costs:  # resumed a finished run
+    for t in range(exp.num_tiers):
+      exp.program_cost(max(int(state.round) - 1, 0), t)
   summary = {
       'final_metrics': metrics_lib.to_python(last),
       'rounds': int(state.round),
@@ -211,6 +346,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'train_wall_time_seconds_total': float(sum(
           h.get('round_seconds', 0.0) for h in history)),
       'params_sha256': params_sha256(state.params),
+      'technique': exp.round_fns.technique.name,
+      'device_cost': [dict(stage=repr(stage), tier=tier, **cost.as_dict())
+                      for (stage, tier), cost in exp.costs.items()],
       'num_params': int(sum(np.size(x)
                             for x in jax.tree.leaves(state.params))),
       'config': json.loads(config.to_json_best_effort()),

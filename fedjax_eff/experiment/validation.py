@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_flags import config_path
 
 _POSITIVE_INTS = ('num_rounds', 'clients_per_round', 'client.local_steps',
                   'client.batch_size', 'eval_every', 'checkpoint_every',
@@ -77,9 +78,17 @@ def find_unknown_overrides(argv) -> list[str]:
   unknown = []
   for key in overrides:
     node = config
-    for part in key.split('.'):
+    try:
+      parts = config_path.split(key)
+    except ValueError:
+      unknown.append(key)
+      continue
+    for part in parts:
       if isinstance(node, (dict, ml_collections.ConfigDict)) and part in node:
         node = node[part]
+      elif (isinstance(node, (list, tuple)) and isinstance(part, int)
+            and -len(node) <= part < len(node)):
+        node = node[part]  # --config.techniques[0].p=...
       else:
         unknown.append(key)
         break

@@ -8,16 +8,29 @@ import flax.linen as nn
 
 from fedjax_eff.models.classifiers import CNN, MLP, LogisticRegression
 from fedjax_eff.models.layers import Im2ColConv
+from fedjax_eff.models.transformer import (ViT, Transformer,
+                                           transformer_preset, vit_preset)
 
-MODELS = {'logreg': LogisticRegression, 'mlp': MLP, 'cnn': CNN}
+MODELS = {'logreg': LogisticRegression, 'mlp': MLP, 'cnn': CNN,
+          'transformer': Transformer, 'vit': ViT}
+
+# Models with size presets: `get_model(name, n, preset='small', ...)`.
+PRESETS = {'transformer': transformer_preset, 'vit': vit_preset}
 
 
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-  """Builds a model by name, e.g. `get_model('cnn', 62)`."""
+  """Builds a model by name, e.g. `get_model('cnn', 62)`.
+
+  For 'transformer' and 'vit', `preset` ('tiny' by default, 'small',
+  'base') fills the size kwargs; explicit kwargs override it.
+  """
   if name not in MODELS:
     raise ValueError(f'model.name={name!r} is not one of {sorted(MODELS)}.')
+  if name in PRESETS:
+    kwargs = {**PRESETS[name](kwargs.pop('preset', 'tiny')), **kwargs}
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ['CNN', 'MLP', 'LogisticRegression', 'Im2ColConv', 'get_model',
-           'MODELS']
+__all__ = ['CNN', 'MLP', 'LogisticRegression', 'Im2ColConv', 'Transformer',
+           'ViT', 'transformer_preset', 'vit_preset', 'get_model', 'MODELS',
+           'PRESETS']

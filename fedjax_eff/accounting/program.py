@@ -4,11 +4,11 @@
 (`core.round.build_client_update` with the technique as specialised for a
 stage and tier), compiles it for abstract arguments of one client's shapes
 and reads what XLA says it needs: peak memory of the whole local update (S
-steps, optimizer state, upload encoding) and its FLOPs. FLOPs come from
-two scan-unrolled compiles (S = 1 and S = 2), extrapolated linearly to S
-(`flops(S) = flops(1) + (S - 1) (flops(2) - flops(1))`), which is exact
-because every local step runs the same program and is cheaper to compile
-than unrolling S steps. Bits up come from the leaves that actually train
+steps, optimizer state, upload encoding) and its FLOPs. FLOPs are those of
+the one-step update times S (every local step runs the same program; the
+once-per-round work, computing and encoding the delta, is a few FLOPs per
+parameter and is counted S times: a slight overestimate that saves
+compiling an S-step unrolled program). Bits up come from the leaves that actually train
 (static mask; a dynamic mask counts as training: an upper bound), bits down
 from the technique's `download` hook when it is static.
 
@@ -81,11 +81,7 @@ def client_cost(model, task, technique: technique_lib.Technique,
   memory = compiled_lib.measure(update, *args, unroll_scans=False)
   f1, _, _ = compiled_lib.unrolled_flops(
       update, *_client_args(tech, params, example_batch, 1, ctx))
-  f2, _, _ = compiled_lib.unrolled_flops(
-      update, *_client_args(tech, params, example_batch, 2, ctx))
-  flops = None
-  if f1 is not None and f2 is not None:
-    flops = f1 + (local_steps - 1) * (f2 - f1)
+  flops = None if f1 is None else f1 * local_steps
 
   found = technique_lib.trace_plan(tech, args[0], args[3])
   upload = bits_lib.leaf_bits(found['view'], found['flags'])

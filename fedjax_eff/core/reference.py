@@ -74,7 +74,7 @@ def build_reference_round(model, task, technique, client_optimizer,
       msg, bits = t.encode(delta, trainable, plan, encode_key)
       delta, coverage = t.merge(server_params, t.decode(msg, plan),
                                 trainable, plan)
-      return delta, coverage, bits, t.download(start, plan)
+      return delta, coverage, bits, technique_lib.download_bits(t, start, plan)
 
     chunk_plan = jax.jit(t.chunk_plan) if t.chunk_plan else None
     return client_start, split_of, local_step, client_finish, chunk_plan

@@ -217,7 +217,8 @@ def build_client_update(model: nn.Module, task: Task,
     delta, coverage = tech.merge(server_params, delta, trainable, plan)
     return ClientOutput(delta, coverage, stats[0], stats[1], stats[2],
                         jnp.asarray(up_bits, jnp.float32),
-                        jnp.asarray(tech.download(start, plan), jnp.float32))
+                        jnp.asarray(technique_lib.download_bits(
+                            tech, start, plan), jnp.float32))
 
   return client_update
 

@@ -100,17 +100,24 @@ def mask_as_array(mask_leaf, shape, dtype=jnp.float32) -> jax.Array:
 
 
 def tree_bits(tree: PyTree, mask: PyTree | None = None,
-              bits_per_value: int = 32) -> jax.Array:
-  """Bits to send the (masked) entries of `tree` at `bits_per_value` each."""
+              bits_per_value: int = 32) -> jax.Array | float:
+  """Bits to send the (masked) entries of `tree` at `bits_per_value` each.
+
+  A Python float when the mask is static (exact to 2^53, and usable at
+  trace time), an array when some mask leaf is dynamic.
+  """
   leaves, treedef = jax.tree.flatten(tree)
   masks = ([True] * len(leaves) if mask is None
            else treedef.flatten_up_to(mask))
-  static = sum(x.size for x, m in zip(leaves, masks)
-               if isinstance(m, (bool, np.bool_)) and m)
+  static = float(sum(x.size for x, m in zip(leaves, masks)
+                     if isinstance(m, (bool, np.bool_)) and m))
+  dynamic = [(x, m) for x, m in zip(leaves, masks)
+             if not isinstance(m, (bool, np.bool_))]
+  if not dynamic:  # a Python number: exact, and static under tracing
+    return static * bits_per_value
   total = jnp.asarray(static * bits_per_value, jnp.float32)
-  for x, m in zip(leaves, masks):
-    if not isinstance(m, (bool, np.bool_)):
-      total = total + jnp.sum(mask_as_array(m, x.shape)) * bits_per_value
+  for x, m in dynamic:
+    total = total + jnp.sum(mask_as_array(m, x.shape)) * bits_per_value
   return total
 
 
@@ -157,7 +164,8 @@ def _merge(t, server_params, delta, mask, plan):
   return delta, cov
 
 
-def _download(t, params, plan):
+def download_bits(t, params, plan):
+  """What travels down: `t.download`, or the whole model in fp32."""
   return t.download(params, plan) if t.download else tree_bits(params)
 
 
@@ -166,7 +174,8 @@ def resolve(t: Technique) -> Technique:
 
   `stage`, `specialize` and `chunk_plan` stay None when `t` has none, so
   the round can tell a technique without stages, tiers or chunk plans and
-  skip that machinery.
+  skip that machinery; so does `download`, so that `chain` can tell which
+  technique decides what travels down (`download_bits` fills it in).
   """
   specialize = None
   if t.specialize:
@@ -180,7 +189,7 @@ def resolve(t: Technique) -> Technique:
       encode=lambda d, m, plan, rng: _encode(t, d, m, plan, rng),
       decode=lambda msg, plan: _decode(t, msg, plan),
       merge=lambda sp, d, m, plan: _merge(t, sp, d, m, plan),
-      download=lambda p, plan: _download(t, p, plan),
+      download=t.download,  # None stays None: see download_bits
       stage=t.stage,
       specialize=specialize,
       chunk_plan=t.chunk_plan)
@@ -201,7 +210,8 @@ def chain(*techniques: Technique) -> Technique:
   encoders apply in order (the last one's bit count is what travels) and
   decoders in reverse; merges apply in reverse, each scattering into the
   shape the previous view started from, the inner coverage serving as the
-  outer merge's mask.
+  outer merge's mask. What travels down is counted by the last technique
+  that has a `download` hook (the full model in fp32 if none has).
   """
   ts = [resolve(t) for t in techniques] or [resolve(identity())]
   if len(ts) == 1:
@@ -255,8 +265,13 @@ def chain(*techniques: Technique) -> Technique:
       delta, cov = ts[i].merge(vs[i], delta, cov, plans[i])
     return delta, cov
 
-  def download(params, plans):
-    return ts[-1].download(params, plans[-1])
+  # What travels down is decided by the last technique with an opinion.
+  down = max((i for i, t in enumerate(ts) if t.download is not None),
+             default=None)
+  download = None
+  if down is not None:
+    def download(params, plans):
+      return ts[down].download(params, plans[down])
 
   stage = specialize = chunk_plan = None
   if any(t.stage for t in ts):
@@ -312,7 +327,7 @@ def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), view)
     found['forward'] = {k: v for k, v in tech.forward(plan).items()
                         if isinstance(v, (bool, int, float, type(None)))}
-    found['download_bits'] = _static_or_none(tech.download(view, plan))
+    found['download_bits'] = _static_or_none(download_bits(tech, view, plan))
     return 0
   jax.eval_shape(probe, params, ctx)
   return found

@@ -96,6 +96,7 @@ class Experiment:
     example = self.data.train.client(0)
     self.example_batch = {k: np.zeros((c.batch_size,) + v.shape[1:], v.dtype)
                           for k, v in example.items()}
+    self._measured: dict[Any, accounting.DeviceCost] = {}
     self.init_params = self.model.init(
         jax.random.fold_in(self.base_key, 0x1417),
         np.zeros((1,) + tuple(self.data.input_shape), np.float32))['params']
@@ -130,12 +131,23 @@ class Experiment:
     return cohort._replace(ctx=dict(cohort.ctx, tier=self.tier_of[ids]))
 
   def device_cost(self, technique) -> accounting.DeviceCost:
-    """What one device pays to run `technique` (a static program)."""
-    return accounting.client_cost(
-        self.model, self.task, technique, self.client_optimizer,
-        self.init_params, self.example_batch, self.config.client.local_steps,
-        {'client_index': np.int32(0), 'tier': np.int32(0)},
-        self.config.client.prox_mu)
+    """What one device pays to run `technique` (a static program).
+
+    Cached by what defines the program: the technique's name, its static
+    trainable mask and static forward kwargs (so e.g. the n chosen for a
+    tier reuses the measurement made while choosing it).
+    """
+    ctx = {'client_index': np.int32(0), 'tier': np.int32(0)}
+    found = core.technique.trace_plan(core.chain(technique),
+                                      self.init_params, ctx)
+    key = (technique.name, str(jax.tree.leaves(found['flags'])),
+           str(sorted(found['forward'].items())))
+    if key not in self._measured:
+      self._measured[key] = accounting.client_cost(
+          self.model, self.task, technique, self.client_optimizer,
+          self.init_params, self.example_batch,
+          self.config.client.local_steps, ctx, self.config.client.prox_mu)
+    return self._measured[key]
 
   def program(self, round_num: int, tier: int = 0):
     """The technique clients of `tier` run in round `round_num`."""

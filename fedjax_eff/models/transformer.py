@@ -203,7 +203,8 @@ class _LayerStack(nn.Module):
     del feats, embed, stop_below
     return logits
 
-  def _run(self, x, train, depth, layer_gates, stop_below, features):
+  def _run(self, x, train, depth, layer_gates, stop_below, features,
+           layer_drop_rate=None):
     n = self.num_layers
     init = self.is_initializing()
     depth = n if depth is None else depth
@@ -212,7 +213,14 @@ class _LayerStack(nn.Module):
     if layer_gates is not None and np.shape(layer_gates) != (n,):
       raise ValueError(f'layer_gates shape {np.shape(layer_gates)} != ({n},).')
     if init:  # One tree for every call: create all blocks and heads.
-      depth, layer_gates, stop_below = n, None, None
+      depth, layer_gates, stop_below, layer_drop_rate = n, None, None, None
+    if layer_drop_rate is not None and train and np.any(
+        np.asarray(layer_drop_rate) > 0):
+      # Stochastic depth drawn per call (per local step) from the dropout rng.
+      keep = jax.random.bernoulli(self.make_rng('dropout'),
+                                  1.0 - jnp.asarray(layer_drop_rate), (n,))
+      layer_gates = keep if layer_gates is None else keep & (
+          jnp.asarray(layer_gates) > 0)
     embed, h, key_mask = self._embed(x, train)
     mask = self._attn_mask(key_mask, h.shape[1])
     for i in range(depth):
@@ -275,6 +283,9 @@ class Transformer(_LayerStack):
     also uses a stop-gradient embedding: the embedding stays frozen.
   * `features`: return the head's LayerNorm output (pooled `[B, d_model]`;
     per token `[B, T, d_model]` for the LM) instead of logits.
+  * `layer_drop_rate` (`[num_layers]` probabilities, static): in training,
+    block i is skipped with probability rate i, drawn afresh at every call
+    from the 'dropout' rng (depth dropout per local step).
   """
   num_classes: int
   vocab_size: int = 10_000
@@ -332,8 +343,9 @@ class Transformer(_LayerStack):
   @nn.compact
   def __call__(self, tokens, train: bool = False, *, depth: int | None = None,
                layer_gates=None, stop_below: int | None = None,
-               features: bool = False):
-    return self._run(tokens, train, depth, layer_gates, stop_below, features)
+               features: bool = False, layer_drop_rate=None):
+    return self._run(tokens, train, depth, layer_gates, stop_below, features,
+                     layer_drop_rate)
 
 
 class ViT(_LayerStack):
@@ -379,5 +391,6 @@ class ViT(_LayerStack):
   @nn.compact
   def __call__(self, x, train: bool = False, *, depth: int | None = None,
                layer_gates=None, stop_below: int | None = None,
-               features: bool = False):
-    return self._run(x, train, depth, layer_gates, stop_below, features)
+               features: bool = False, layer_drop_rate=None):
+    return self._run(x, train, depth, layer_gates, stop_below, features,
+                     layer_drop_rate)

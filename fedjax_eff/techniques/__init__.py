@@ -79,7 +79,7 @@ def build(entries: Iterable[Any] | None,
                        f'{sorted(REGISTRY)}.')
     try:
       techniques.append(REGISTRY[name](context, **entry))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
       raise ValueError(f'config.techniques[{i}] ({name}): {e}') from e
   return chain(*techniques)
 

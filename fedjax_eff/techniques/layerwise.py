@@ -123,7 +123,6 @@ def layerwise(model, schedule: LayerSchedule, head: str = 'carry',
   if head == 'reinit' and init_params is None:
     raise ValueError("layerwise head='reinit' needs the model's initial "
                      'params (init_params).')
-  first = schedule.order[0]
 
   def specialize(stage, tier):
     del tier
@@ -135,9 +134,10 @@ def layerwise(model, schedule: LayerSchedule, head: str = 'carry',
       fwd = {}
     else:
       head_name = s.head[a] if head == 'per_layer' else s.head[0]
-      names = {s.layers[a], head_name} | (set(s.embed) if a == first else set())
+      # The embedding trains with layer 0 (the layer that reads it).
+      names = {s.layers[a], head_name} | (set(s.embed) if a == 0 else set())
       used = set(s.embed) | set(s.layers[:a + 1]) | {head_name}
-      fwd = dict(depth=a + 1, stop_below=None if a == first else a)
+      fwd = dict(depth=a + 1, stop_below=None if a == 0 else a)
     start_round = schedule.stage_start(stage)
 
     def trainable(params, plan):

@@ -15,21 +15,11 @@ clients that trained it. metrics.jsonl reports device cost per tier
 
 import ml_collections
 
-from fedjax_eff.experiment.defaults import base_config
+from fedjax_eff.experiment.defaults import sibling_config
 
 
 def get_config():
-  c = base_config()
-  c.num_rounds = 100
-  c.clients_per_round = 10
-  c.model.name = 'vit'
-  c.model.kwargs = ml_collections.ConfigDict(dict(
-      preset='tiny', num_layers=4, d_model=64, num_heads=4, mlp_dim=128,
-      patch_size=2))
-  c.client.optimizer = 'sgd'
-  c.client.learning_rate = 0.05
-  c.client.local_steps = 4
-  c.client.batch_size = 16
+  c = sibling_config(__file__, 'vit_digits')
   c.devices.tier_fractions = [0.5, 0.3, 0.2]
   c.techniques = [ml_collections.ConfigDict(dict(
       name='budgeted_last_n', train_head=True, budgets=[
@@ -43,5 +33,4 @@ def get_config():
           dict(memory_bytes=1.0e9, flops_per_round=1.0e12,
                upload_bytes=1.0e9),
       ]))]
-  c.eval_every = 20
   return c

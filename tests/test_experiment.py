@@ -39,6 +39,11 @@ def tiny_config(**overrides):
   c.model.kwargs.hidden = (16,)
   c.client.local_steps, c.client.batch_size = 2, 8
   c.eval_every, c.checkpoint_every, c.progress = 3, 1, False
+  return override(c, **overrides)
+
+
+def override(c, **overrides):
+  """Sets dotted keys: `override(c, **{'client.batch_size': 4})`."""
   for k, v in overrides.items():
     node = c
     *parents, last = k.split('.')

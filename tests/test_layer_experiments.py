@@ -12,7 +12,7 @@ import json
 import numpy as np
 
 from fedjax_eff.experiment import train_and_evaluate
-from tests.test_experiment import load_config
+from tests.test_experiment import load_config, override
 
 
 def tiny(c, **overrides):
@@ -20,13 +20,7 @@ def tiny(c, **overrides):
   c.data.num_clients, c.data.heldout_clients = 20, 3
   c.client.local_steps, c.client.batch_size = 2, 8
   c.eval_every, c.checkpoint_every, c.progress = 2, 1, False
-  for k, v in overrides.items():
-    node = c
-    *parents, last = k.split('.')
-    for p in parents:
-      node = node[p]
-    node[last] = v
-  return c
+  return override(c, **overrides)
 
 
 def layerwise_ssl(**overrides):
@@ -94,3 +88,16 @@ def test_budgeted_last_n_tiers_in_one_round(tmp_path):
   assert (costs[0]['device_flops_per_round']
           < costs[2]['device_flops_per_round'])
   assert np.isfinite(line['train_loss'])
+
+
+def test_every_config_loads_and_validates():
+  import glob
+  import os
+  from fedjax_eff.experiment.validation import validate_config
+  names = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+      '*.py'))]
+  assert {'default', 'layerwise_ssl', 'caff_tiers', 'partial_vit'} <= set(
+      names)
+  for name in names:
+    validate_config(load_config(name))

@@ -11,23 +11,17 @@ baseline that `configs/layerwise_ssl.py` (Guo et al.) is compared against.
 
 import ml_collections
 
-from fedjax_eff.experiment.defaults import base_config
+from fedjax_eff.experiment.defaults import sibling_config
 
 
 def get_config():
-  c = base_config()
+  c = sibling_config(__file__, 'vit_digits')
   c.num_rounds = 60
-  c.clients_per_round = 10
-  c.model.name = 'vit'
-  c.model.kwargs = ml_collections.ConfigDict(dict(
-      preset='tiny', num_layers=4, d_model=64, num_heads=4, mlp_dim=128,
-      patch_size=2, head_hidden=64, num_classes=32))  # 32-d projection
+  c.model.kwargs.update(head_hidden=64, num_classes=32)  # 32-d projection
   c.task.name = 'contrastive'
   c.task.temperature = 0.2
   c.task.augment = ml_collections.ConfigDict(dict(crop_pad=1, noise_std=0.05))
   c.client.optimizer = 'adam'
   c.client.learning_rate = 1e-3
-  c.client.local_steps = 4
   c.client.batch_size = 32
-  c.eval_every = 20
   return c

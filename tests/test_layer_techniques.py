@@ -631,3 +631,32 @@ def test_backward_order_trains_embedding_with_layer_0_only():
     assert flags[f'block_{a}'] and flags['head']
     assert found['forward'] == dict(depth=a + 1,
                                     stop_below=None if a == 0 else a)
+
+
+def test_device_programs_of_dynamic_choices_are_static_and_cheaper():
+  """What the accounting compiles for drawn choices: a typical device's
+  static program (a fixed drawn subset; static depth-dropout gates)."""
+  m, params = _vit()
+  ctx = {'client_index': 0}
+  t = partial.partial_training(m, mode='per_client', num_layers=1)
+  found = technique_lib.trace_plan(
+      core.chain(technique_lib.device_program(t)), params, ctx)
+  trained = {k for k, v in found['flags'].items() if all(jax.tree.leaves(v))}
+  assert len(trained & set(BLOCKS)) == 1 and 'head' in trained
+  assert not any(jax.tree.leaves(found['flags']['embed']))
+
+  sched = lw.LayerSchedule.make(L, 1)
+  stage = sched.stage(L - 1)
+  plain = lw.layerwise(m, sched).specialize(stage, 0)
+  x = np.zeros((8, 6, 6, 1), np.float32)
+  batch = {'x': x, 'y': np.zeros((8,), np.int32)}
+  cost = lambda tech: accounting.client_cost(
+      m, core.classification(), tech, optax.sgd(0.1), params, batch, 2,
+      analytic=False).flops_per_round
+  for mode in ('client', 'chunk', 'step'):
+    dd = core.chain(plain, lw.depth_dropout(m, sched, 0.5, mode).specialize(
+        stage, 0))
+    device = technique_lib.device_program(dd)
+    assert device.chunk_plan is None  # static: nothing drawn
+    # p = 0.5 of the 2 frozen layers: one is skipped on the device.
+    assert cost(device) < cost(plain)

@@ -38,7 +38,10 @@ program of a round (e.g. the active layer of layer-wise training), and
 `specialize(stage, tier) -> Technique` gives the technique that clients of
 device tier `tier` run at that stage; the round compiles one program per
 stage and dispatches each chunk of same-tier clients to its tier's program
-(`lax.switch`, so only that branch runs). `chunk_plan(rng, round)` draws
+(`lax.switch`, so only that branch runs). `device()`, for a technique whose
+per-client choices are dynamic, gives the static program a device with a
+typical draw runs (e.g. a fixed layer subset, static depth-dropout gates):
+what the accounting compiles. `chunk_plan(rng, round)` draws
 choices shared by the clients of one chunk; they reach `plan` as
 `ctx['chunk']`, unbatched, so e.g. a `lax.cond` on them really skips work.
 
@@ -71,6 +74,7 @@ class Technique(NamedTuple):
   stage: Optional[Callable[[int], Hashable]] = None
   specialize: Optional[Callable[[Hashable, int], 'Technique']] = None
   chunk_plan: Optional[Callable[[jax.Array, jax.Array], PyTree]] = None
+  device: Optional[Callable[[], 'Technique']] = None
 
 
 def is_frozen(mask_leaf) -> bool:
@@ -192,7 +196,13 @@ def resolve(t: Technique) -> Technique:
       download=t.download,  # None stays None: see download_bits
       stage=t.stage,
       specialize=specialize,
-      chunk_plan=t.chunk_plan)
+      chunk_plan=t.chunk_plan,
+      device=t.device)
+
+
+def device_program(t: Technique) -> Technique:
+  """The static program a device runs for `t` (`t.device()` or `t`)."""
+  return t.device() if t.device else t
 
 
 def _with_chunk(ctx, chunk_plan):
@@ -273,7 +283,10 @@ def chain(*techniques: Technique) -> Technique:
     def download(params, plans):
       return ts[down].download(params, plans[down])
 
-  stage = specialize = chunk_plan = None
+  stage = specialize = chunk_plan = device = None
+  if any(t.device for t in ts):
+    def device():
+      return chain(*(device_program(t) for t in ts))
   if any(t.stage for t in ts):
     def stage(round_num):
       return tuple(t.stage(round_num) if t.stage else () for t in ts)
@@ -292,7 +305,7 @@ def chain(*techniques: Technique) -> Technique:
 
   return Technique('+'.join(t.name for t in ts), plan, view, trainable,
                    forward, encode, decode, merge, download, stage,
-                   specialize, chunk_plan)
+                   specialize, chunk_plan, device)
 
 
 def _static_or_none(x):

@@ -161,7 +161,8 @@ class Experiment:
     stage, program = self.program(round_num, tier)
     key = (stage, tier if self.round_fns.technique.specialize else 0)
     if key not in self.costs:
-      self.costs[key] = self.device_cost(program)
+      self.costs[key] = self.device_cost(
+          core.technique.device_program(program))
     return self.costs[key]
 
   def device_metrics(self, round_num: int, cohort, m) -> dict[str, float]:

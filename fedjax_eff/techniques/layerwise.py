@@ -31,6 +31,10 @@ never dropped. `mode` says who draws the gates:
   With the CPU default C = 1 a chunk is one client; with C > 1 the clients
   of a chunk share one draw;
 * `step`: per local step (the model draws the gates with the dropout rng).
+
+Whatever the mode, the device cost is accounted for a typical device that
+skips round(p * a) of the a frozen layers (static gates, `device`), since
+XLA's cost analysis of a conditional counts its most expensive branch.
 """
 
 from __future__ import annotations
@@ -200,23 +204,33 @@ def depth_dropout(model, schedule: LayerSchedule, p: float,
                      'takes layer_drop_rate.')
   n = s.num_layers
 
+  def typical_device(a):
+    # A device skipping round(p * a) of the a frozen layers below the
+    # active one, as static gates: what the accounting compiles.
+    skip = int(round(p * (a or 0)))
+    gates = np.arange(n) >= skip
+    return Technique(name='depth_dropout',
+                     forward=lambda plan: dict(layer_gates=gates))
+
   def specialize(stage, tier):
     del tier
     a = schedule.active(stage)
+    device = lambda: typical_device(a)
     if mode == 'client':
       return Technique(
           name='depth_dropout',
           plan=lambda rng, r, ctx: depth_gates(rng, n, a, p),
-          forward=lambda gates: dict(layer_gates=gates))
+          forward=lambda gates: dict(layer_gates=gates), device=device)
     if mode == 'chunk':
       return Technique(
           name='depth_dropout',
           chunk_plan=lambda rng, r: depth_gates(rng, n, a, p),
           plan=lambda rng, r, ctx: ctx['chunk'],
-          forward=lambda gates: dict(layer_gates=gates))
+          forward=lambda gates: dict(layer_gates=gates), device=device)
     rates = np.where(np.arange(n) < (a if a is not None else 0), p, 0.0)
     return Technique(name='depth_dropout',
-                     forward=lambda plan: dict(layer_drop_rate=rates))
+                     forward=lambda plan: dict(layer_drop_rate=rates),
+                     device=device)
 
   return Technique(name='depth_dropout', stage=schedule.stage,
                    specialize=specialize)

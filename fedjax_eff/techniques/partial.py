@@ -19,7 +19,8 @@ The subset is named by layer indices (into the model's ordered layers,
 * `per_client`: `num_layers` layers drawn per client (the client's plan key).
 
 Drawn subsets are dynamic masks: exact semantics, but the simulator still
-computes full gradients (DESIGN.md, "Heterogeneous devices"). Non-layer
+computes full gradients (DESIGN.md, "Heterogeneous devices"); the device
+cost is accounted for a typical draw run as a fixed subset (`device`). Non-layer
 parameters (embedding, head, norms outside blocks) follow `train_embed` /
 `train_head` / `pattern` and are static.
 """
@@ -31,6 +32,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_eff.core.technique import Technique
 from fedjax_eff.techniques import structure as structure_lib
@@ -99,5 +101,13 @@ def partial_training(model, layers: Sequence[int] = (),
     return jax.tree.map(
         lambda o, d: True if o is True else d, others, dynamic)
 
+  def device():
+    # A typical device: `num_layers` layers drawn once (seeded), fixed.
+    drawn = np.random.default_rng(seed).choice(s.num_layers, num_layers,
+                                               replace=False)
+    return partial_training(model, layers=tuple(sorted(drawn)),
+                            pattern=pattern, mode='fixed',
+                            train_head=train_head, train_embed=train_embed)
+
   return Technique(name=f'partial_training_{mode}', plan=plan,
-                   trainable=trainable)
+                   trainable=trainable, device=device)

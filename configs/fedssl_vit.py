@@ -9,8 +9,6 @@ baseline that `configs/layerwise_ssl.py` (Guo et al.) is compared against.
   python launch/train.py --config=configs/fedssl_vit.py --workdir=runs/fedssl
 """
 
-import ml_collections
-
 from fedjax_eff.experiment.defaults import sibling_config
 
 
@@ -20,7 +18,7 @@ def get_config():
   c.model.kwargs.update(head_hidden=64, num_classes=32)  # 32-d projection
   c.task.name = 'contrastive'
   c.task.temperature = 0.2
-  c.task.augment = ml_collections.ConfigDict(dict(crop_pad=1, noise_std=0.05))
+  c.task.augment.update(crop_pad=1, noise_std=0.05)
   c.client.optimizer = 'adam'
   c.client.learning_rate = 1e-3
   c.client.batch_size = 32

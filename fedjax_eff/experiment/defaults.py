@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from fedjax_eff.data import registry as data_registry
+from fedjax_eff.ssl import augment as ssl_augment
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -51,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict(dict(
       name='classification',
       temperature=0.1,                          # contrastive only
-      augment=ml_collections.ConfigDict(),      # ssl.simclr_augment knobs
+      # ssl.simclr_augment knobs, every one overridable from the CLI.
+      augment=ml_collections.ConfigDict(dict(ssl_augment.DEFAULT_KNOBS)),
       probe_steps=300,                          # linear-probe optimizer steps
       probe_max_examples=5000,                  # labelled examples it reads
   ))

@@ -59,6 +59,14 @@ def main(argv):
       f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
       for k, v in final.items()
       if k in ('round', 'train_loss', 'test_accuracy', 'heldout_accuracy')))
+  for cost in summary.get('device_cost', []):
+    where = ', '.join(([f"stage {cost['stage']}"] if cost['stage'] != 'None'
+                       else []) + [f"tier {cost['tier']}"])
+    print(f"device cost ({where}): peak "
+          f"{cost['device_peak_bytes'] / 1e6:.2f} MB, "
+          f"{cost['device_flops_per_round'] / 1e9:.3f} GFLOPs/round, "
+          f"up {cost['upload_bits'] / 8e6:.3f} MB, "
+          f"down {cost['download_bits'] / 8e6:.3f} MB per client")
   print(f"params_sha256={summary['params_sha256']}")
 
 

@@ -13,6 +13,7 @@ Registered:
   layerwise           layer-wise schedule (+ depth_dropout, its mode)
   last_n              the last n layers, one n per device tier
   budgeted_last_n     last n per tier, chosen from budgets by measured cost
+  quantize            k-bit stochastic quantization of the upload (download)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fedjax_eff.core.technique import Technique, chain, identity
 from fedjax_eff.techniques import last_n as last_n_lib
 from fedjax_eff.techniques import layerwise as layerwise_lib
 from fedjax_eff.techniques.partial import partial_training
+from fedjax_eff.techniques.quantization import quantize
 from fedjax_eff.techniques.structure import LayerStructure, structure_of
 
 
@@ -63,6 +65,7 @@ REGISTRY: dict[str, Callable[..., Technique]] = {
     'last_n': lambda ctx, n, train_head=True: last_n_lib.last_n(
         ctx.model, n if isinstance(n, int) else tuple(n), train_head),
     'budgeted_last_n': _budgeted_last_n,
+    'quantize': lambda ctx, **kw: quantize(**kw),
 }
 
 

@@ -84,7 +84,9 @@ def client_cost(model, task, technique: technique_lib.Technique,
   flops = None if f1 is None else f1 * local_steps
 
   found = technique_lib.trace_plan(tech, args[0], args[3])
-  upload = bits_lib.leaf_bits(found['view'], found['flags'])
+  upload = found['upload_bits']
+  if upload is None:  # a dynamic count: every trainable leaf in fp32
+    upload = bits_lib.leaf_bits(found['view'], found['flags'])
   download = found['download_bits']
   if download is None:
     download = bits_lib.leaf_bits(found['view'])

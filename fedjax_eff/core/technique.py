@@ -323,7 +323,9 @@ def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
   `flags` (the trainable mask with dynamic leaves as True: an upper bound),
   `forward` (the model kwargs that are Python values: `depth`, `stop_below`,
   ...; what evaluation at this stage needs) and `download_bits` (None when
-  the count is dynamic). `params`/`ctx` may be arrays or ShapeDtypeStructs.
+  the count is dynamic), `upload_bits` likewise from the encoder (so a
+  quantizer's wire format is counted). `params`/`ctx` may be arrays or
+  ShapeDtypeStructs.
   """
   found = {}
 
@@ -341,6 +343,9 @@ def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
     found['forward'] = {k: v for k, v in tech.forward(plan).items()
                         if isinstance(v, (bool, int, float, type(None)))}
     found['download_bits'] = _static_or_none(download_bits(tech, view, plan))
+    _, up = tech.encode(jax.tree.map(jnp.zeros_like, view), trainable, plan,
+                        jax.random.key(2))
+    found['upload_bits'] = _static_or_none(up)
     return 0
   jax.eval_shape(probe, params, ctx)
   return found

@@ -59,7 +59,7 @@ class RunCheckpointer:
       try:
         item = self._manager.restore(step,
                                      args=ocp.args.StandardRestore(abstract))
-        _check_structure(item, target)
+        check_structure(item, target)
         result = (item, step)
         break
       except Exception as e:  # pylint: disable=broad-except
@@ -85,7 +85,7 @@ class RunCheckpointer:
     self._manager.close()
 
 
-def _check_structure(item: Any, target: Any) -> None:
+def check_structure(item: Any, target: Any) -> None:
   """Raises if the restored tree does not match the expected shapes."""
   a, b = jax.tree.leaves(item), jax.tree.leaves(target)
   if len(a) != len(b) or any(np.shape(x) != np.shape(y)

@@ -70,6 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
   # device pays (device_peak_bytes, device_flops_per_round) in the metrics.
   c.accounting = True
 
+  # Start from parameters exported by launch/pretrain.py (its workdir); ''
+  # = a fresh initialisation.
+  c.init_checkpoint = ''
+  # Central pretraining (launch/pretrain.py) on the pooled training clients.
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=500, batch_size=64, optimizer='adam', learning_rate=1e-3,
+      log_every=50, checkpoint_every=100))
+
   c.eval_every = 10
   c.eval_batch_size = 256
   c.checkpoint_every = 10

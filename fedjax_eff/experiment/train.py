@@ -100,6 +100,10 @@ class Experiment:
     self.init_params = self.model.init(
         jax.random.fold_in(self.base_key, 0x1417),
         np.zeros((1,) + tuple(self.data.input_shape), np.float32))['params']
+    if config.init_checkpoint:
+      from fedjax_eff.experiment import pretrain  # pylint: disable=g-import-not-at-top
+      self.init_params = pretrain.load_params(config.init_checkpoint,
+                                              self.init_params)
     self.technique = techniques_lib.build(
         config.techniques, techniques_lib.TechniqueContext(
             self.model, self.init_params, self.device_cost))

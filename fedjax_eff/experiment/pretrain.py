@@ -48,12 +48,21 @@ def load_params(path: str, like: Any) -> Any:
   if not os.path.isdir(path):
     raise ValueError(f'config.init_checkpoint={path!r} does not exist; '
                      'write it with launch/pretrain.py.')
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  try:
-    restored = ocp.StandardCheckpointer().restore(path, abstract)
-  except Exception as e:  # pylint: disable=broad-except
+  ckpt = ocp.StandardCheckpointer()
+  # Compare shapes from the metadata first: a failed restore of a wrong
+  # tree leaves orbax's reads half done.
+  meta = ckpt.metadata(path).item_metadata
+  meta = getattr(meta, 'tree', meta)
+  saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+           jax.tree_util.tree_flatten_with_path(meta)[0]}
+  wanted = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in
+            jax.tree_util.tree_flatten_with_path(like)[0]}
+  if saved != wanted:
+    diff = sorted(set(saved.items()) ^ set(wanted.items()))[:4]
     raise ValueError(f'config.init_checkpoint={path!r} does not fit this '
-                     f'model: {str(e).splitlines()[0][:300]}') from e
+                     f'model (first differences, saved vs model: {diff}).')
+  restored = ckpt.restore(
+      path, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
   checkpoints.check_structure(restored, like)
   return restored
 

@@ -10,16 +10,14 @@ workdir/metrics.jsonl, workdir/summary.json and resumable checkpoints; the
 same command resumes. Bad input ends with one line and exit status 2.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from fedjax_eff.data.sources import DatasetNotPreparedError
+from fedjax_eff.experiment import cli
 from fedjax_eff.experiment.pretrain import pretrain
-from fedjax_eff.experiment.validation import find_unknown_overrides
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py).',
@@ -29,23 +27,6 @@ _WORKDIR = flags.DEFINE_string('workdir', None,
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _fail(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  unknown = find_unknown_overrides(argv)
-  if unknown:
-    _fail('unknown config key(s): ' + ', '.join(
-        f'config.{k}' for k in unknown) + '; see fedjax_eff/experiment/'
-          'defaults.py for the keys a config has.')
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -53,7 +34,7 @@ def main(argv):
   try:
     summary = pretrain(_CONFIG.value, _WORKDIR.value)
   except (ValueError, DatasetNotPreparedError) as e:
-    _fail(str(e))
+    cli.fail(str(e))
   print('pretrained: ' + ', '.join(
       f'{k}={summary[k]:.4f}' for k in ('test_accuracy', 'heldout_accuracy')
       if k in summary) + f", steps={summary['steps']}")
@@ -61,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -82,6 +82,23 @@ def _vit(**kwargs):
   return m, params
 
 
+def _round_vs_reference(kw, params, cohort, rng, chunk_size=3, num_tiers=1,
+                        round_num=None):
+  """One vectorised round and its reference twin from the same state;
+  asserts equal params (1e-5) and equal per-client upload bits."""
+  fns = core.build_round(**kw, chunk_size=chunk_size, num_tiers=num_tiers,
+                         donate=False)
+  state, metrics = fns.round_step(fns.init(params), cohort, rng,
+                                  round_num=round_num)
+  ref_state, ref = core.build_reference_round(
+      **kw, chunk_size=chunk_size, num_tiers=num_tiers)(
+          fns.init(params), cohort, rng, round_num=round_num)
+  assert helpers.max_abs_diff(state.params, ref_state.params) < 1e-5
+  np.testing.assert_array_equal(np.asarray(metrics.client_upload_bits),
+                                ref['client_upload_bits'])
+  return fns, state, metrics, ref_state, ref
+
+
 def _kw(model, technique, client_optimizer=None, server='fedavg',
         server_lr=1.0):
   return dict(model=model, task=core.classification(), technique=technique,
@@ -200,14 +217,8 @@ def test_partial_training_per_client_equals_reference_and_hand_mean(
     vit, cohorts):
   m, params = vit
   kw = _kw(m, partial.partial_training(m, mode='per_client', num_layers=1))
-  fns = core.build_round(**kw, chunk_size=3, donate=False)
   cohort, rng = cohorts[0], jax.random.key(2)
-  state, metrics = fns.round_step(fns.init(params), cohort, rng)
-  ref_state, ref = core.build_reference_round(**kw)(fns.init(params),
-                                                    cohort, rng)
-  assert helpers.max_abs_diff(state.params, ref_state.params) < 1e-5
-  np.testing.assert_array_equal(np.asarray(metrics.client_upload_bits),
-                                ref['client_upload_bits'])
+  fns, _, _, ref_state, ref = _round_vs_reference(kw, params, cohort, rng)
   one_block = 32 * _values(params, ('block_0', 'head'))
   np.testing.assert_array_equal(ref['client_upload_bits'],
                                 np.full(7, one_block))
@@ -249,14 +260,10 @@ def test_partial_training_per_round_equals_reference_one_block_moves(
     vit, cohorts):
   m, params = vit
   kw = _kw(m, partial.partial_training(m, mode='per_round', num_layers=1))
-  fns = core.build_round(**kw, chunk_size=3, donate=False)
   cohort, rng = cohorts[0], jax.random.key(3)
-  state, metrics = fns.round_step(fns.init(params), cohort, rng)
-  ref_state, ref = core.build_reference_round(**kw)(fns.init(params),
-                                                    cohort, rng)
-  assert helpers.max_abs_diff(state.params, ref_state.params) < 1e-5
+  _, state, metrics, ref_state, ref = _round_vs_reference(kw, params, cohort,
+                                                          rng)
   up = np.asarray(metrics.client_upload_bits)
-  np.testing.assert_array_equal(up, ref['client_upload_bits'])
   np.testing.assert_array_equal(up, np.full(7, 32 * _values(
       params, ('block_0', 'head'))))
 
@@ -435,13 +442,8 @@ def test_depth_dropout_client_mode_equals_reference(
   m, params = vit
   cohort, rng, r = cohorts[4], jax.random.key(5), 4  # stage: layer 2
   kw = _dropout_kw(m, schedule, 0.5, 'client')
-  fns = core.build_round(**kw, chunk_size=3, donate=False)
-  state, metrics = fns.round_step(fns.init(params), cohort, rng, round_num=r)
-  ref_state, ref = core.build_reference_round(**kw)(
-      fns.init(params), cohort, rng, round_num=r)
-  assert helpers.max_abs_diff(state.params, ref_state.params) < 1e-5
-  np.testing.assert_array_equal(np.asarray(metrics.client_upload_bits),
-                                ref['client_upload_bits'])
+  fns, state, metrics, ref_state, ref = _round_vs_reference(
+      kw, params, cohort, rng, round_num=r)
   plain, _ = carry.round_step(carry.init(params), cohort, rng, round_num=r)
   assert helpers.max_abs_diff(state.params, plain.params) > 1e-4
   # Chained after layer-wise, depth dropout leaves the download to it: the
@@ -469,14 +471,8 @@ def test_depth_dropout_chunk_mode_equals_reference_and_shares_gates(
   kw = _dropout_kw(m, schedule, 0.5, 'chunk')
   out = {}
   for c in (1, 2):
-    fns = core.build_round(**kw, chunk_size=c, donate=False)
-    state, metrics = fns.round_step(fns.init(params), cohort, rng,
-                                    round_num=r)
-    ref_state, ref = core.build_reference_round(**kw, chunk_size=c)(
-        fns.init(params), cohort, rng, round_num=r)
-    assert helpers.max_abs_diff(state.params, ref_state.params) < 1e-5, c
-    np.testing.assert_array_equal(np.asarray(metrics.client_upload_bits),
-                                  ref['client_upload_bits'])
+    fns, state, metrics, ref_state, ref = _round_vs_reference(
+        kw, params, cohort, rng, chunk_size=c, round_num=r)
     out[c] = (state, ref_state)
   # C = 2 shares one draw per chunk: a reference drawing per client
   # (C = 1) disagrees with it.
@@ -562,11 +558,8 @@ def test_last_n_tiers_in_one_round(vit, cohorts):
   cohort = cohorts[0]._replace(ctx=dict(cohorts[0].ctx, tier=tiers))
   rng = jax.random.key(6)
   kw = _kw(m, last_n_lib.last_n(m, (1, 3)))
-  fns = core.build_round(**kw, chunk_size=2, num_tiers=2, donate=False)
-  state, metrics = fns.round_step(fns.init(params), cohort, rng)
-  ref_state, ref = core.build_reference_round(**kw, num_tiers=2)(
-      fns.init(params), cohort, rng)
-  assert helpers.max_abs_diff(state.params, ref_state.params) < 1e-5
+  fns, state, metrics, ref_state, ref = _round_vs_reference(
+      kw, params, cohort, rng, chunk_size=2, num_tiers=2)
   up = np.asarray(metrics.client_upload_bits)
   np.testing.assert_array_equal(up, ref['client_upload_bits'])
   bits = [32 * _values(params, ('block_2', 'head')),

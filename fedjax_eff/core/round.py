@@ -386,14 +386,13 @@ def build_round(model: nn.Module, task: Task,
     keys = keys.reshape((num_chunks, c) + keys.shape[1:])
     xs = ((batches, mask, weight, ctx), keys,
           present.reshape(num_chunks, c))
+    xs = (xs, chunk_tier)
     if tiered:
       branches = [functools.partial(run_chunk, stage, t)
                   for t in range(num_tiers)] + [skip_chunk]
       body = lambda ct, chunk: jax.lax.switch(ct, branches, state, chunk)
-      xs = (xs, chunk_tier)
     else:
       body = lambda _, chunk: run_chunk(stage, 0, state, chunk)
-      xs = (xs, chunk_tier)
 
     def chunk_body(acc, xs_i):
       chunk, ct = xs_i

@@ -28,6 +28,9 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     raise ValueError(f'model.name={name!r} is not one of {sorted(MODELS)}.')
   if name in PRESETS:
     kwargs = {**PRESETS[name](kwargs.pop('preset', 'tiny')), **kwargs}
+  # Config lists (ml_collections) become tuples: Flax fields must hash.
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in kwargs.items()}
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 

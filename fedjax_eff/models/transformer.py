@@ -20,7 +20,8 @@ against `nn.scan` in compile time and step time.
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -59,44 +60,206 @@ def vit_preset(name: str) -> dict[str, Any]:
   return dict(transformer_preset(name), patch_size=4)
 
 
+# Where LoRA may attach inside a block: these kernel paths, matched by
+# `lora_targets` (a regex), e.g. 'attn/(query|value)' (Hu et al.'s default).
+LORA_SITES = ('attn/query', 'attn/key', 'attn/value', 'attn/out', 'mlp_in',
+              'mlp_out')
+ADAPTER_SITES = ('attn', 'mlp')
+
+
+def module_pattern(kind: str, task: int) -> str:
+  """Regex over parameter paths for the PEFT modules of `kind` and `task`.
+
+  Modules are named `lora_<site>_t<task>` (inside the block / its `attn`),
+  `adapter_<site>_t<task>` (inside the block) and `prompt_t<task>` (top
+  level), so a technique can train exactly one task's modules with a static
+  mask.
+  """
+  if kind == 'lora':
+    return rf'(^|/)lora_[a-z_]+_t{task}/'
+  if kind == 'adapter':
+    return rf'(^|/)adapter_[a-z]+_t{task}/'
+  if kind == 'prompt':
+    return rf'^prompt_t{task}$'
+  raise ValueError(f"module kind {kind!r} is not 'lora', 'adapter' or "
+                   "'prompt'.")
+
+
+class LoRA(nn.Module):
+  """Low-rank update `(x @ a) @ b * alpha / rank` of one Dense kernel.
+
+  `b` starts at zero (Hu et al. 2021), so a fresh module leaves the
+  pretrained function unchanged; `a` is He-uniform. `x` is `[..., d_in]`,
+  the output `[..., *out_shape]`.
+  """
+  rank: int
+  alpha: float
+  out_shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x):
+    a = self.param('a', nn.initializers.he_uniform(),
+                   (x.shape[-1], self.rank))
+    b = self.param('b', nn.initializers.zeros,
+                   (self.rank, int(np.prod(self.out_shape))))
+    y = (x @ a) @ b * (self.alpha / self.rank)
+    return y.reshape(x.shape[:-1] + tuple(self.out_shape))
+
+
+class Adapter(nn.Module):
+  """Bottleneck adapter (Houlsby et al. 2019): `x + up(gelu(down(x)))`.
+
+  `up` starts at zero, so a fresh adapter is the identity.
+  """
+  dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.gelu(nn.Dense(self.dim, name='down')(x))
+    return x + nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros,
+                        name='up')(y)
+
+
+class PeftSpec(NamedTuple):
+  """Which PEFT modules a block carries, one set per task (all created at
+  init; `task` picks the set a call uses)."""
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_targets: str = 'attn/(query|value)'
+  adapter_dim: int = 0
+  adapter_sites: str = 'mlp'   # 'attn' | 'mlp' | 'attn,mlp'
+  num_tasks: int = 1
+
+  def lora_on(self, site: str) -> bool:
+    return bool(self.lora_rank) and re.fullmatch(self.lora_targets,
+                                                 site) is not None
+
+  def adapter_on(self, site: str) -> bool:
+    return bool(self.adapter_dim) and site in self.adapter_sites.split(',')
+
+
+def _per_task(spec: PeftSpec, task: int, init: bool, make, x):
+  """`make(t)(x)` for the call's task; at init every task's module is
+  created (one tree for every call), only `task`'s output is used."""
+  out = None
+  for t in (range(spec.num_tasks) if init else (task,)):
+    y = make(t)(x)
+    if t == task:
+      out = y
+  return out
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with the parameter layout of
+  `nn.MultiHeadDotProductAttention` (`query/key/value` kernels
+  `[d, heads, head_dim]`, `out` kernel `[heads, head_dim, d]`) and optional
+  LoRA updates on any of its four projections.
+  """
+  num_heads: int
+  peft: PeftSpec = PeftSpec()
+
+  @nn.compact
+  def __call__(self, x, mask=None, task: int = 0):
+    d = x.shape[-1]
+    h = self.num_heads
+    if d % h:
+      raise ValueError(f'd_model={d} is not divisible by num_heads={h}.')
+    shape = (h, d // h)
+    init = self.is_initializing()
+    spec = self.peft
+
+    def proj(name, y, out_shape, axis=-1):
+      out = nn.DenseGeneral(out_shape, axis=axis, name=name)(y)
+      if spec.lora_on(f'attn/{name}'):
+        flat = y.reshape(y.shape[:-2] + (-1,)) if axis != -1 else y
+        out = out + _per_task(
+            spec, task, init,
+            lambda t: LoRA(spec.lora_rank, spec.lora_alpha or spec.lora_rank,
+                           tuple(np.atleast_1d(out_shape)),
+                           name=f'lora_{name}_t{t}'), flat)
+      return out
+
+    q, k, v = (proj(n, x, shape) for n in ('query', 'key', 'value'))
+    y = nn.dot_product_attention(q, k, v, mask=mask)
+    return proj('out', y, d, axis=(-2, -1))
+
+
 class Block(nn.Module):
-  """Pre-LN block: `x + MHA(LN(x))`, then `x + MLP(LN(x))` (GELU).
+  """Transformer block, pre-LN (default) or post-LN (BERT).
+
+  pre:  `x + MHA(LN(x))`, then `x + MLP(LN(x))`;
+  post: `LN(x + MHA(x))`, then `LN(x + MLP(x))` (`ln1`, `ln2` as BERT's
+  attention-output and output LayerNorms).
 
   `mask` is a boolean attention mask broadcastable to `[B, heads, T, T]`
   (True = may attend), e.g. a padding and/or causal mask; None = full.
   Dropout (the 'dropout' rng) acts on the attention and MLP outputs and the
-  MLP hidden layer, only when `train`.
+  MLP hidden layer, only when `train`. `peft` adds LoRA updates and
+  bottleneck adapters (after the attention and/or MLP output, before the
+  residual sum) per task; `task` picks the set.
   """
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
+  norm_position: str = 'pre'
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = True
+  peft: PeftSpec = PeftSpec()
 
   @nn.compact
-  def __call__(self, x, mask=None, train: bool = False):
+  def __call__(self, x, mask=None, train: bool = False, task: int = 0):
     d = x.shape[-1]
+    spec = self.peft
+    init = self.is_initializing()
     drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.LayerNorm(name='ln1')(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, name='attn')(y, y, mask=mask)
-    x = x + drop(y)
-    y = nn.LayerNorm(name='ln2')(x)
-    y = nn.gelu(nn.Dense(self.mlp_dim, name='mlp_in')(y))
-    y = nn.Dense(d, name='mlp_out')(drop(y))
-    return x + drop(y)
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, name=name)
+    pre = self.norm_position == 'pre'
+
+    def adapt(site, y):
+      if not spec.adapter_on(site):
+        return y
+      return _per_task(spec, task, init,
+                       lambda t: Adapter(spec.adapter_dim,
+                                         name=f'adapter_{site}_t{t}'), y)
+
+    def dense(name, y, out):
+      z = nn.Dense(out, name=name)(y)
+      if spec.lora_on(name):
+        z = z + _per_task(
+            spec, task, init,
+            lambda t: LoRA(spec.lora_rank, spec.lora_alpha or spec.lora_rank,
+                           (out,), name=f'lora_{name}_t{t}'), y)
+      return z
+
+    y = norm('ln1')(x) if pre else x
+    y = Attention(self.num_heads, spec, name='attn')(y, mask, task)
+    x = x + drop(adapt('attn', y))
+    if not pre:
+      x = norm('ln1')(x)
+    y = norm('ln2')(x) if pre else x
+    y = nn.gelu(dense('mlp_in', y, self.mlp_dim),
+                approximate=self.gelu_approximate)
+    y = dense('mlp_out', drop(y), d)
+    x = x + drop(adapt('mlp', y))
+    return x if pre else norm('ln2')(x)
 
 
 class Head(nn.Module):
-  """Final LayerNorm, then a linear or an MLP head (`hidden` > 0).
+  """Final LayerNorm (`norm`), then a linear or an MLP head (`hidden` > 0).
 
   `out` = 0 stops after the LayerNorm (the tied LM head, whose projection is
   the token embedding). Returns (features after the LayerNorm, logits).
+  Post-LN stacks (BERT) end normalised already: `norm=False`.
   """
   out: int
   hidden: int = 0
+  norm: bool = True
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x):
-    feats = nn.LayerNorm(name='ln')(x)
+    feats = (nn.LayerNorm(epsilon=self.layer_norm_eps, name='ln')(x)
+             if self.norm else x)
     if not self.out:
       return feats, feats
     y = feats
@@ -106,22 +269,37 @@ class Head(nn.Module):
 
 
 class TokenEmbed(nn.Module):
-  """Token embedding plus learned position embedding (`max_len` positions)."""
+  """Token embedding plus learned position embedding (`max_len` positions).
+
+  BERT adds a token-type embedding (`type_vocab_size` > 0; every token is
+  type 0 here: single-segment inputs) and a LayerNorm (`norm`).
+  """
   vocab_size: int
   d_model: int
   max_len: int
+  type_vocab_size: int = 0
+  norm: bool = False
+  layer_norm_eps: float = 1e-6
 
   def setup(self):
     self.tok = nn.Embed(self.vocab_size, self.d_model,
                         embedding_init=nn.initializers.normal(0.02))
     self.pos = self.param('pos', nn.initializers.normal(0.02),
                           (self.max_len, self.d_model))
+    if self.type_vocab_size:
+      self.type = self.param('type', nn.initializers.normal(0.02),
+                             (self.type_vocab_size, self.d_model))
+    if self.norm:
+      self.ln = nn.LayerNorm(epsilon=self.layer_norm_eps)
 
   def __call__(self, tokens):
     t = tokens.shape[1]
     if t > self.max_len:
       raise ValueError(f'sequence length {t} > max_len={self.max_len}.')
-    return self.tok(tokens) + self.pos[:t]
+    h = self.tok(tokens) + self.pos[:t]
+    if self.type_vocab_size:
+      h = h + self.type[0]
+    return self.ln(h) if self.norm else h
 
   def attend(self, h, frozen: bool = False):
     """Logits against the token embedding (tied output projection)."""
@@ -166,12 +344,73 @@ def _is_static(v) -> bool:
 
 
 class _LayerStack(nn.Module):
-  """What `Transformer` and `ViT` share: the block loop and the heads.
+  """What `Transformer` and `ViT` share: fields, the block loop, the heads.
 
   Subclasses define `_embed(x, train) -> (embed module, h [B, T, d],
   key_mask [B, T] or None)`, `_out_dim`, `_pool(h, key_mask)` and
   optionally `_project` (logits from the head's output).
+
+  PEFT modules (FedYolo; see `module_pattern` for their names), one set per
+  task, all created at init:
+  * `lora_rank` > 0: LoRA on the block kernels matching `lora_targets` (a
+    regex over `LORA_SITES`), scaled by `lora_alpha / lora_rank` (alpha 0 =
+    rank);
+  * `adapter_dim` > 0: bottleneck adapters at `adapter_sites` ('attn',
+    'mlp' or 'attn,mlp');
+  * `prompt_len` > 0: learned prompt tokens prepended to the embedded
+    sequence (VPT-shallow / prompt tuning; dropped again before pooling).
+  With `num_tasks` > 1 each task also has its own head `head_t<task>`
+  (`task_classes[task]` outputs, default `num_classes`), and `__call__`'s
+  static `task` picks the module set and head.
   """
+  num_classes: int = 0
+  d_model: int = 32
+  num_heads: int = 2
+  mlp_dim: int = 64
+  num_layers: int = 2
+  dropout: float = 0.0
+  pooling: str = 'mean'
+  head_hidden: int = 0
+  per_layer_heads: bool = False
+  norm_position: str = 'pre'
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = True
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_targets: str = 'attn/(query|value)'
+  adapter_dim: int = 0
+  adapter_sites: str = 'mlp'
+  prompt_len: int = 0
+  num_tasks: int = 1
+  task_classes: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.pooling not in ('mean', 'cls'):
+      raise ValueError(f"pooling={self.pooling!r} is not 'mean' or 'cls'.")
+    if self.norm_position not in ('pre', 'post'):
+      raise ValueError(f"norm_position={self.norm_position!r} is not 'pre' "
+                       "or 'post'.")
+    if self.lora_rank and not any(re.fullmatch(self.lora_targets, site)
+                                  for site in LORA_SITES):
+      raise ValueError(f'lora_targets={self.lora_targets!r} matches none of '
+                       f'{LORA_SITES}.')
+    bad = set(self.adapter_sites.split(',')) - set(ADAPTER_SITES)
+    if self.adapter_dim and bad:
+      raise ValueError(f'adapter_sites={self.adapter_sites!r}: {sorted(bad)} '
+                       f'not in {ADAPTER_SITES}.')
+    if self.num_tasks < 1:
+      raise ValueError(f'num_tasks={self.num_tasks} must be >= 1.')
+    if self.task_classes and len(self.task_classes) != self.num_tasks:
+      raise ValueError(f'task_classes={self.task_classes} needs one entry '
+                       f'per task (num_tasks={self.num_tasks}).')
+    if self.num_tasks > 1 and self.per_layer_heads:
+      raise ValueError('per_layer_heads and num_tasks > 1 do not combine.')
+    super().__post_init__()
+
+  @property
+  def peft(self) -> PeftSpec:
+    return PeftSpec(self.lora_rank, self.lora_alpha, self.lora_targets,
+                    self.adapter_dim, self.adapter_sites, self.num_tasks)
 
   @property
   def layer_names(self) -> tuple[str, ...]:
@@ -181,6 +420,8 @@ class _LayerStack(nn.Module):
   def head_names(self) -> tuple[str, ...]:
     if self.per_layer_heads:
       return tuple(f'head_{i}' for i in range(self.num_layers))
+    if self.num_tasks > 1:
+      return tuple(f'head_t{t}' for t in range(self.num_tasks))
     return ('head',)
 
   @property
@@ -203,13 +444,34 @@ class _LayerStack(nn.Module):
     del feats, embed, stop_below
     return logits
 
+  def _task_out_dim(self, task: int) -> int:
+    if self.task_classes:
+      return int(self.task_classes[task])
+    return self._out_dim
+
+  def _prompt(self, h, key_mask, task, init):
+    """Prepends task `task`'s prompt tokens (no position embedding)."""
+    p = self.prompt_len
+    prompts = [self.param(f'prompt_t{t}', nn.initializers.normal(0.02),
+                          (p, h.shape[-1]))
+               for t in (range(self.num_tasks) if init else (task,))]
+    prompt = prompts[task if init else 0].astype(h.dtype)
+    h = jnp.concatenate([jnp.broadcast_to(prompt, (h.shape[0],) +
+                                          prompt.shape), h], 1)
+    if key_mask is not None:
+      key_mask = jnp.concatenate(
+          [jnp.ones((h.shape[0], p), bool), key_mask], 1)
+    return h, key_mask
+
   def _run(self, x, train, depth, layer_gates, stop_below, features,
-           layer_drop_rate=None):
+           layer_drop_rate=None, task=0):
     n = self.num_layers
     init = self.is_initializing()
     depth = n if depth is None else depth
     if not 1 <= depth <= n:
       raise ValueError(f'depth={depth} is not in [1, {n}].')
+    if not 0 <= task < self.num_tasks:
+      raise ValueError(f'task={task} is not in [0, {self.num_tasks}).')
     if layer_gates is not None and np.shape(layer_gates) != (n,):
       raise ValueError(f'layer_gates shape {np.shape(layer_gates)} != ({n},).')
     if init:  # One tree for every call: create all blocks and heads.
@@ -222,36 +484,51 @@ class _LayerStack(nn.Module):
       layer_gates = keep if layer_gates is None else keep & (
           jnp.asarray(layer_gates) > 0)
     embed, h, key_mask = self._embed(x, train)
+    seq_mask = key_mask
+    if self.prompt_len:
+      h, key_mask = self._prompt(h, key_mask, task, init)
     mask = self._attn_mask(key_mask, h.shape[1])
     for i in range(depth):
       if i == stop_below:
         h = jax.lax.stop_gradient(h)
       block = Block(self.num_heads, self.mlp_dim, self.dropout,
-                    name=f'block_{i}')
+                    self.norm_position, self.layer_norm_eps,
+                    self.gelu_approximate, self.peft, name=f'block_{i}')
       gate = None if layer_gates is None else layer_gates[i]
       if gate is None:
-        h = block(h, mask, train)
+        h = block(h, mask, train, task)
       elif _is_static(gate):
-        h = block(h, mask, train) if gate else h
+        h = block(h, mask, train, task) if gate else h
       else:
         # A real skip when the gate is unbatched; a select under vmap.
         h = nn.cond(gate > 0,
-                    lambda mdl, h, mask: mdl(h, mask, train),
+                    lambda mdl, h, mask: mdl(h, mask, train, task),
                     lambda mdl, h, mask: h,
                     block, h, mask)
     if stop_below is not None and stop_below >= depth:
       h = jax.lax.stop_gradient(h)
+    if self.prompt_len:
+      h = h[:, self.prompt_len:]
+    key_mask = seq_mask
     pooled = self._pool(h, key_mask)
-    out_dim = self._out_dim
+    make_head = lambda name, out: Head(out, self.head_hidden,
+                                       self.norm_position == 'pre',
+                                       self.layer_norm_eps, name=name)
     if self.per_layer_heads:
-      heads = [Head(out_dim, self.head_hidden, name=f'head_{i}')
-               for i in range(n)]
+      heads = [make_head(f'head_{i}', self._out_dim) for i in range(n)]
       if init:
         for hd in heads:
           hd(pooled)
       head = heads[depth - 1]
+    elif self.num_tasks > 1:
+      heads = {t: make_head(f'head_t{t}', self._task_out_dim(t))
+               for t in (range(self.num_tasks) if init else (task,))}
+      if init:
+        for hd in heads.values():
+          hd(pooled)
+      head = heads[task]
     else:
-      head = Head(out_dim, self.head_hidden, name='head')
+      head = make_head('head', self._out_dim)
     feats, logits = head(pooled)
     if features:
       return feats
@@ -286,25 +563,21 @@ class Transformer(_LayerStack):
   * `layer_drop_rate` (`[num_layers]` probabilities, static): in training,
     block i is skipped with probability rate i, drawn afresh at every call
     from the 'dropout' rng (depth dropout per local step).
+  * `task` (static int): the task whose PEFT modules and head run.
+
+  BERT-style checkpoints (`models/hf.py`) set `norm_position='post'`,
+  `layer_norm_eps=1e-12`, `gelu_approximate=False`, `type_vocab_size=2` and
+  `embed_norm=True`.
   """
-  num_classes: int
   vocab_size: int = 10_000
-  d_model: int = 32
-  num_heads: int = 2
-  mlp_dim: int = 64
-  num_layers: int = 2
   max_len: int = 256
   causal: bool = False
   tied_embeddings: bool = False
-  pooling: str = 'mean'
   pad_id: int = 0
-  dropout: float = 0.0
-  head_hidden: int = 0
-  per_layer_heads: bool = False
+  type_vocab_size: int = 0
+  embed_norm: bool = False
 
   def __post_init__(self):
-    if self.pooling not in ('mean', 'cls'):
-      raise ValueError(f"pooling={self.pooling!r} is not 'mean' or 'cls'.")
     if self.causal and self.tied_embeddings and self.head_hidden:
       raise ValueError('a tied LM head has no hidden layer (head_hidden=0).')
     super().__post_init__()
@@ -321,7 +594,8 @@ class Transformer(_LayerStack):
 
   def _embed(self, tokens, train):
     embed = TokenEmbed(self.vocab_size, self.d_model, self.max_len,
-                       name='embed')
+                       self.type_vocab_size, self.embed_norm,
+                       self.layer_norm_eps, name='embed')
     h = embed(tokens)
     if self.dropout:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -343,9 +617,9 @@ class Transformer(_LayerStack):
   @nn.compact
   def __call__(self, tokens, train: bool = False, *, depth: int | None = None,
                layer_gates=None, stop_below: int | None = None,
-               features: bool = False, layer_drop_rate=None):
+               features: bool = False, layer_drop_rate=None, task: int = 0):
     return self._run(tokens, train, depth, layer_gates, stop_below, features,
-                     layer_drop_rate)
+                     layer_drop_rate, task)
 
 
 class ViT(_LayerStack):
@@ -354,23 +628,9 @@ class ViT(_LayerStack):
   Input float images `[B, H, W]` or `[B, H, W, C]` (H, W divisible by
   `patch_size`); output `[B, num_classes]`. 'cls' pooling prepends a learned
   token and reads it; 'mean' averages the patch tokens. `depth`,
-  `layer_gates`, `stop_below` and `features` as in `Transformer`.
+  `layer_gates`, `stop_below`, `features` and `task` as in `Transformer`.
   """
-  num_classes: int
   patch_size: int = 4
-  d_model: int = 32
-  num_heads: int = 2
-  mlp_dim: int = 64
-  num_layers: int = 2
-  dropout: float = 0.0
-  pooling: str = 'mean'
-  head_hidden: int = 0
-  per_layer_heads: bool = False
-
-  def __post_init__(self):
-    if self.pooling not in ('mean', 'cls'):
-      raise ValueError(f"pooling={self.pooling!r} is not 'mean' or 'cls'.")
-    super().__post_init__()
 
   @property
   def _out_dim(self) -> int:
@@ -391,6 +651,6 @@ class ViT(_LayerStack):
   @nn.compact
   def __call__(self, x, train: bool = False, *, depth: int | None = None,
                layer_gates=None, stop_below: int | None = None,
-               features: bool = False, layer_drop_rate=None):
+               features: bool = False, layer_drop_rate=None, task: int = 0):
     return self._run(x, train, depth, layer_gates, stop_below, features,
-                     layer_drop_rate)
+                     layer_drop_rate, task)

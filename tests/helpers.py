@@ -46,3 +46,27 @@ def max_abs_diff(a, b) -> float:
   return max((float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
              default=0.0)
+
+
+def round_vs_reference(kw, params, cohort, rng, chunk_size=3, num_tiers=1,
+                       round_num=None):
+  """One vectorised round and its reference twin from the same state;
+  asserts equal params (1e-5) and equal per-client upload bits."""
+  fns = core.build_round(**kw, chunk_size=chunk_size, num_tiers=num_tiers,
+                         donate=False)
+  state, metrics = fns.round_step(fns.init(params), cohort, rng,
+                                  round_num=round_num)
+  ref_state, ref = core.build_reference_round(
+      **kw, chunk_size=chunk_size, num_tiers=num_tiers)(
+          fns.init(params), cohort, rng, round_num=round_num)
+  assert max_abs_diff(state.params, ref_state.params) < 1e-5
+  np.testing.assert_array_equal(np.asarray(metrics.client_upload_bits),
+                                ref['client_upload_bits'])
+  return fns, state, metrics, ref_state, ref
+
+
+def round_kw(model, technique, client_optimizer=None, server='fedavg',
+             server_lr=1.0):
+  return dict(model=model, task=core.classification(), technique=technique,
+              client_optimizer=client_optimizer or optax.sgd(0.1),
+              server_optimizer=core.make_optimizer(server, server_lr))

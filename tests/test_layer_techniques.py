@@ -32,7 +32,7 @@ What these tests prove (each assertion can fail):
 
 XLA:CPU compile time dominates these tests, so the module compiles with
 `jax_disable_most_optimizations` (restored, and caches cleared, afterwards;
-see `_fast_compiles`; conftest selects XLA:CPU's faster-compiling legacy
+see conftest's `fast_compiles`; conftest selects XLA:CPU's faster-compiling legacy
 emitters for the whole suite) and reuses compiled
 round functions through module-level fixtures.
 """
@@ -60,17 +60,7 @@ VIT = dict(preset='tiny', patch_size=2, num_layers=L)
 BLOCKS = tuple(f'block_{i}' for i in range(L))
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compiles():
-  """Cheaper XLA compiles for this module only: compile time dominates
-  these tests, and what is compared (round vs reference, costs vs costs)
-  is compiled the same way. Restored, and compiled programs dropped, at the
-  end of the module."""
-  old = jax.config.values['jax_disable_most_optimizations']
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
-  jax.clear_caches()
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _vit(**kwargs):
@@ -82,28 +72,8 @@ def _vit(**kwargs):
   return m, params
 
 
-def _round_vs_reference(kw, params, cohort, rng, chunk_size=3, num_tiers=1,
-                        round_num=None):
-  """One vectorised round and its reference twin from the same state;
-  asserts equal params (1e-5) and equal per-client upload bits."""
-  fns = core.build_round(**kw, chunk_size=chunk_size, num_tiers=num_tiers,
-                         donate=False)
-  state, metrics = fns.round_step(fns.init(params), cohort, rng,
-                                  round_num=round_num)
-  ref_state, ref = core.build_reference_round(
-      **kw, chunk_size=chunk_size, num_tiers=num_tiers)(
-          fns.init(params), cohort, rng, round_num=round_num)
-  assert helpers.max_abs_diff(state.params, ref_state.params) < 1e-5
-  np.testing.assert_array_equal(np.asarray(metrics.client_upload_bits),
-                                ref['client_upload_bits'])
-  return fns, state, metrics, ref_state, ref
-
-
-def _kw(model, technique, client_optimizer=None, server='fedavg',
-        server_lr=1.0):
-  return dict(model=model, task=core.classification(), technique=technique,
-              client_optimizer=client_optimizer or optax.sgd(0.1),
-              server_optimizer=core.make_optimizer(server, server_lr))
+_round_vs_reference = helpers.round_vs_reference
+_kw = helpers.round_kw
 
 
 def _values(params, names) -> int:

@@ -37,6 +37,15 @@ class DataBundle(NamedTuple):
   test: dict[str, np.ndarray] | None
   num_classes: int
   input_shape: tuple
+  # Multi-task data (`data.tasks`): one bundle per task, and each training
+  # client's task. `train`/`heldout` are then the union of the tasks'
+  # clients (ids 't<k>/<id>'), `test` is None (each task has its own).
+  tasks: tuple['DataBundle', ...] = ()
+  client_task: np.ndarray | None = None
+
+  @property
+  def task_classes(self) -> tuple[int, ...]:
+    return tuple(t.num_classes for t in self.tasks)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -59,6 +68,13 @@ def default_config() -> ml_collections.ConfigDict:
       synthetic_beta=1.0,
       synthetic_dim=60,
       synthetic_classes=10,
+      # Keep only these labels (relabelled 0..n-1 in this order); [] = all.
+      # E.g. split digits: tasks of classes [0..4] and [5..9].
+      classes=[],
+      # Multi-task: one entry per task, each a dict of the keys above that
+      # differ for that task (e.g. [dict(classes=[0, 1, 2, 3, 4]),
+      # dict(classes=[5, 6, 7, 8, 9])]); [] = one task.
+      tasks=[],
       seed=0,
   ))
 
@@ -97,6 +113,54 @@ def _split_heldout(data: FederatedData, num_heldout: int
   return data.subset(ids[:-num_heldout]), data.subset(ids[-num_heldout:])
 
 
+def _keep_classes(arrays, classes):
+  """Rows whose label is in `classes`, relabelled to their index there."""
+  if arrays is None:
+    return None
+  lut = np.full(int(max(classes)) + 1 if classes else 0, -1, np.int64)
+  lut[list(classes)] = np.arange(len(classes))
+  y = np.asarray(arrays['y'])
+  keep = (y < len(lut)) & (lut[np.minimum(y, len(lut) - 1)] >= 0)
+  out = {k: np.asarray(v)[keep] for k, v in arrays.items()}
+  out['y'] = lut[y[keep]].astype(y.dtype)
+  return out
+
+
+def _union(parts: list[FederatedData | None]) -> FederatedData | None:
+  parts_ = [(k, p) for k, p in enumerate(parts) if p is not None]
+  if not parts_:
+    return None
+  ids = [f't{k}/{cid}' for k, p in parts_ for cid in p.client_ids]
+  clients = {f't{k}/{cid}': p.client(cid) for k, p in parts_
+             for cid in p.client_ids}
+  return FederatedData(clients, order=ids)
+
+
+def load_tasks(cfg: Any) -> DataBundle:
+  """One bundle per `cfg.tasks` entry (each the parent config with that
+  entry's keys overridden), and their union as the training clients."""
+  base = dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg)
+  base['tasks'] = []
+  bundles = []
+  for k, entry in enumerate(cfg.tasks):
+    entry = dict(entry.to_dict() if hasattr(entry, 'to_dict') else entry)
+    unknown = set(entry) - set(_DEFAULTS)
+    if unknown or 'tasks' in entry:
+      raise ValueError(f'data.tasks[{k}] has unknown keys '
+                       f'{sorted(unknown | ({"tasks"} & set(entry)))}.')
+    bundles.append(load(ml_collections.ConfigDict({**base, **entry})))
+  shapes = {b.input_shape for b in bundles}
+  if len(shapes) > 1:
+    raise ValueError(f'data.tasks have different input shapes {shapes}; '
+                     'one model serves every task.')
+  client_task = np.concatenate([np.full(b.train.num_clients, k, np.int32)
+                                for k, b in enumerate(bundles)])
+  return DataBundle(_union([b.train for b in bundles]),
+                    _union([b.heldout for b in bundles]), None,
+                    max(b.num_classes for b in bundles),
+                    bundles[0].input_shape, tuple(bundles), client_task)
+
+
 def load(cfg: Any) -> DataBundle:
   """Builds the `DataBundle` that `cfg` (see `default_config`) describes.
 
@@ -116,7 +180,10 @@ def load(cfg: Any) -> DataBundle:
   training clients do not change with `heldout_clients`; partitions of a
   central set do change (they have more parts).
   """
+  if _get(cfg, 'tasks'):
+    return load_tasks(cfg)
   source = _get(cfg, 'source')
+  classes = [int(c) for c in _get(cfg, 'classes')]
   num_clients = int(_get(cfg, 'num_clients'))
   num_heldout = int(_get(cfg, 'heldout_clients'))
   seed = int(_get(cfg, 'seed'))
@@ -128,6 +195,9 @@ def load(cfg: Any) -> DataBundle:
   total = num_clients + num_heldout
 
   if source == 'synthetic':
+    if classes:
+      raise ValueError("data.classes is not supported for "
+                       "data.source='synthetic' (use synthetic_classes).")
     kind = _get(cfg, 'partition')
     if kind not in ('natural', 'iid'):
       raise ValueError(
@@ -165,6 +235,14 @@ def load(cfg: Any) -> DataBundle:
   else:
     raise ValueError(f'Unknown data.source={source!r}; expected one of '
                      f'{SOURCES}.')
+  if classes:
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad or len(set(classes)) != len(classes):
+      raise ValueError(f'data.classes={classes} must be distinct labels in '
+                       f'[0, {num_classes}).')
+    central, test = _keep_classes(central, classes), _keep_classes(test,
+                                                                   classes)
+    num_classes = len(classes)
   parts = _partition(cfg, central['y'], total, seed)
   train, heldout = _split_heldout(
       FederatedData.from_partition(central, parts), num_heldout)

@@ -20,6 +20,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Clients per vmapped chunk; 0 = per-backend default (1 on CPU, where a
   # scan over clients is fastest; up to 128 on GPU/TPU).
   c.chunk_size = 0
+  # 'federated' (the rounds above) or 'local': every client trains only on
+  # its own data, nothing is averaged or communicated (experiment/local.py;
+  # FedYolo's baseline). local.num_clients: clients simulated, drawn once
+  # from the training clients (0 = clients_per_round).
+  c.mode = 'federated'
+  c.local = ml_collections.ConfigDict(dict(num_clients=0))
 
   c.data = data_registry.default_config()  # the data contract, one place
 
@@ -73,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Start from parameters exported by launch/pretrain.py (its workdir); ''
   # = a fresh initialisation.
   c.init_checkpoint = ''
+  # Regex over checkpoint leaf paths not to load (e.g. '^head': fine-tune
+  # with a fresh head); leaves the checkpoint lacks always start fresh.
+  c.init_checkpoint_skip = ''
   # Central pretraining (launch/pretrain.py) on the pooled training clients.
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=500, batch_size=64, optimizer='adam', learning_rate=1e-3,

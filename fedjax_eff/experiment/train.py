@@ -80,6 +80,13 @@ class Experiment:
     self.config = config
     self.data = data_registry.load(config.data)
     kwargs = dict(config.model.kwargs)
+    if self.data.tasks:  # one head (and module set) per task
+      if config.model.name not in ('transformer', 'vit'):
+        raise ValueError(f'config.data.tasks needs a model with per-task '
+                         f'heads (transformer, vit), not '
+                         f'config.model.name={config.model.name!r}.')
+      kwargs.setdefault('num_tasks', len(self.data.tasks))
+      kwargs.setdefault('task_classes', self.data.task_classes)
     # The output size is the number of classes unless the config says
     # otherwise (e.g. a contrastive projection's dimension).
     self.model = get_model(config.model.name,
@@ -102,15 +109,27 @@ class Experiment:
         np.zeros((1,) + tuple(self.data.input_shape), np.float32))['params']
     if config.init_checkpoint:
       from fedjax_eff.experiment import pretrain  # pylint: disable=g-import-not-at-top
-      self.init_params = pretrain.load_params(config.init_checkpoint,
-                                              self.init_params)
+      self.init_params = pretrain.load_params(
+          config.init_checkpoint, self.init_params,
+          skip=config.init_checkpoint_skip)
     self.technique = techniques_lib.build(
         config.techniques, techniques_lib.TechniqueContext(
             self.model, self.init_params, self.device_cost))
+    if self.data.tasks:
+      self.technique = core.chain(self.technique,
+                                  techniques_lib.task_routing(self.model))
     self.tier_of = client_tiers(self.data.train.num_clients,
                                 list(config.devices.tier_fractions),
                                 config.seed)
     self.num_tiers = max(1, len(config.devices.tier_fractions))
+    if self.data.tasks:
+      # A client's task is its static program, dispatched like a tier.
+      if config.devices.tier_fractions:
+        raise ValueError('config.data.tasks and config.devices.'
+                         'tier_fractions do not combine: a client\'s tier '
+                         'is its task.')
+      self.tier_of = self.data.client_task
+      self.num_tiers = len(self.data.tasks)
     self.round_fns = core.build_round(
         self.model, self.task, self.technique, self.client_optimizer,
         self.server_optimizer, chunk_size=config.chunk_size or None,
@@ -207,6 +226,8 @@ class Experiment:
                           'tier': np.int32(0)})['forward']
     if self.config.task.name == 'contrastive':
       return self.probe_metrics(params, fwd)
+    if self.data.tasks:
+      return self.task_metrics(params, round_num)
     out = {}
     evaluate = functools.partial(self.evaluate, **fwd)
     if self.data.test is not None:
@@ -221,6 +242,30 @@ class Experiment:
                      [p['accuracy'] for p in per_client])))
     return out
 
+
+  def task_metrics(self, params, round_num: int) -> dict[str, float]:
+    """Each task's test (and held-out) metrics with that task's program
+    (its modules and head); `test_accuracy` is the mean over tasks."""
+    out = {}
+    for t, bundle in enumerate(self.data.tasks):
+      _, program = self.program(max(round_num - 1, 0), t)
+      fwd = core.technique.trace_plan(
+          program, params, {'client_index': np.int32(0),
+                            'tier': np.int32(t)})['forward']
+      fwd.setdefault('task', t)
+      evaluate = functools.partial(self.evaluate, **fwd)
+      for split, arrays in (('test', bundle.test),
+                            ('heldout', bundle.heldout.concatenated()
+                             if bundle.heldout is not None else None)):
+        if arrays is not None:
+          m = evaluate(params, arrays)
+          out[f'task{t}/{split}_loss'] = m['loss']
+          out[f'task{t}/{split}_accuracy'] = m['accuracy']
+    for split in ('test', 'heldout'):
+      accs = [v for k, v in out.items() if k.endswith(f'/{split}_accuracy')]
+      if accs:
+        out[f'{split}_accuracy'] = float(np.mean(accs))
+    return out
 
   def probe_metrics(self, params, fwd) -> dict[str, float]:
     """Linear probe on frozen features: fit on the labelled training
@@ -275,6 +320,9 @@ def client_tiers(num_clients: int, fractions, seed: int) -> np.ndarray:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, progress: bool | None = None) -> dict[str, Any]:
   """Runs (or resumes) the experiment in `workdir`; returns the summary."""
+  if config.get('mode') == 'local':  # no server: experiment/local.py
+    from fedjax_eff.experiment import local  # pylint: disable=g-import-not-at-top
+    return local.train_local(config, workdir, progress=progress)
   t0 = time.time()
   os.makedirs(workdir, exist_ok=True)
   exp = Experiment(config)
@@ -368,6 +416,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       for (stage, tier), cost in exp.costs.items()],
       'num_params': int(sum(np.size(x)
                             for x in jax.tree.leaves(state.params))),
+      # The model every client downloads once before its first round (per
+      # round downloads are in metrics.jsonl).
+      'initial_download_bits': core.technique.tree_bits(state.params),
       'config': json.loads(config.to_json_best_effort()),
       'versions': versions(),
   }

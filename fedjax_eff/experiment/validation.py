@@ -8,11 +8,13 @@ from ml_collections.config_flags import config_path
 _POSITIVE_INTS = ('num_rounds', 'clients_per_round', 'client.local_steps',
                   'client.batch_size', 'eval_every', 'checkpoint_every',
                   'eval_batch_size', 'data.num_clients')
-_NON_NEGATIVE = ('chunk_size', 'client.prox_mu', 'data.heldout_clients')
+_NON_NEGATIVE = ('chunk_size', 'client.prox_mu', 'data.heldout_clients',
+                 'local.num_clients')
 _CHOICES = {
     'client.policy_large': ('subsample', 'error'),
     'client.policy_small': ('pad', 'repeat'),
     'client.weighting': ('num_examples', 'uniform'),
+    'mode': ('federated', 'local'),
 }
 
 
@@ -39,6 +41,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     v = _get(config, key)
     if v not in choices:
       raise ValueError(f'config.{key} must be one of {choices}, got {v!r}.')
+  if config.local.num_clients > config.data.num_clients:
+    raise ValueError(
+        f'config.local.num_clients={config.local.num_clients} is more than '
+        f'config.data.num_clients={config.data.num_clients}.')
   if config.clients_per_round > config.data.num_clients:
     raise ValueError(
         f'config.clients_per_round={config.clients_per_round} is more than '

@@ -14,6 +14,8 @@ Registered:
   last_n              the last n layers, one n per device tier
   budgeted_last_n     last n per tier, chosen from budgets by measured cost
   quantize            k-bit stochastic quantization of the upload (download)
+  modules             FedYolo: per-task LoRA / adapter / prompt modules and
+                      heads on a frozen backbone (head-only, full baselines)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 from fedjax_eff.core.technique import Technique, chain, identity
 from fedjax_eff.techniques import last_n as last_n_lib
 from fedjax_eff.techniques import layerwise as layerwise_lib
+from fedjax_eff.techniques.task_modules import modules, task_routing
 from fedjax_eff.techniques.partial import partial_training
 from fedjax_eff.techniques.quantization import quantize
 from fedjax_eff.techniques.structure import LayerStructure, structure_of
@@ -66,6 +69,9 @@ REGISTRY: dict[str, Callable[..., Technique]] = {
         ctx.model, n if isinstance(n, int) else tuple(n), train_head),
     'budgeted_last_n': _budgeted_last_n,
     'quantize': lambda ctx, **kw: quantize(**kw),
+    'modules': lambda ctx, kinds=('lora',), **kw: modules(
+        ctx.model, ctx.init_params,
+        kinds if isinstance(kinds, str) else tuple(kinds), **kw),
 }
 
 
@@ -88,4 +94,4 @@ def build(entries: Iterable[Any] | None,
 
 
 __all__ = ['REGISTRY', 'LayerStructure', 'TechniqueContext', 'build',
-           'structure_of']
+           'structure_of', 'task_routing']

@@ -252,3 +252,50 @@ def test_per_task_modules_do_not_forget(technique, forgets):
       np.testing.assert_array_equal(np.asarray(v), np.asarray(mid[p]))
       if not (_is_head(p) or _is_module(p)):
         np.testing.assert_array_equal(np.asarray(v), np.asarray(before[p]))
+
+
+def test_fedyolo_configs_pretrain_then_multitask_and_local(tmp_path):
+  """The configs as a user runs them (shrunk): pretrain the backbone on
+  digits 0-4, fine-tune per-task LoRA on split digits from it (the
+  backbone's head is skipped; the modules and task heads start fresh), then
+  the fully-local baseline on the same tasks."""
+  from fedjax_eff.experiment import pretrain as pretrain_lib  # pylint: disable=g-import-not-at-top
+  from tests.test_experiment import load_config  # pylint: disable=g-import-not-at-top
+  small = dict(d_model=32, num_heads=2, mlp_dim=64, num_layers=2)
+  pre = load_config('fedyolo_backbone')
+  pre.model.kwargs.update(small)
+  pre.pretrain.steps, pre.pretrain.checkpoint_every = 30, 30
+  pre.data.num_clients, pre.progress = 20, False
+  pretrain_lib.pretrain(pre, str(tmp_path / 'backbone'))
+
+  c = load_config('fedyolo_multitask')
+  c.model.kwargs.update(small)
+  c.num_rounds, c.eval_every, c.checkpoint_every = 2, 2, 2
+  c.data.num_clients, c.data.heldout_clients = 10, 2
+  c.progress, c.tensorboard = False, False
+  c.init_checkpoint = str(tmp_path / 'backbone')
+  exp = train_lib.Experiment(c)
+  loaded = _paths(exp.init_params)
+  with pytest.raises(ValueError, match='leaf head has no place'):
+    pretrain_lib.load_params(str(tmp_path / 'backbone'), exp.init_params)
+  saved = _paths(pretrain_lib.load_params(
+      str(tmp_path / 'backbone'), exp.init_params, skip='^head'))
+  assert np.array_equal(loaded['block_1/mlp_out/kernel'],
+                        saved['block_1/mlp_out/kernel'])
+  summary = train_lib.train_and_evaluate(c, str(tmp_path / 'fedyolo'))
+  m = summary['final_metrics']
+  lora_and_head = sum(
+      x.size for p, x in loaded.items()
+      if re.search(module_pattern('lora', 0), p) or p.startswith('head_t0'))
+  assert m['tier0/upload_bits'] == 32 * lora_and_head
+  assert m['download_bits'] == m['upload_bits']
+  assert summary['initial_download_bits'] == 32 * sum(
+      x.size for x in loaded.values())
+  for t in (0, 1):
+    assert 0.0 <= m[f'task{t}/test_accuracy'] <= 1.0
+    assert f'task{t}/heldout_accuracy' in m
+
+  c.mode = 'local'
+  local = train_lib.train_and_evaluate(c, str(tmp_path / 'local'))
+  assert local['final_metrics']['upload_bits'] == 0.0
+  assert 0.0 <= local['final_metrics']['test_accuracy'] <= 1.0

@@ -324,4 +324,38 @@ def test_default_config_is_the_contract():
       'source', 'name', 'data_dir', 'cache_dir', 'partition', 'num_clients',
       'heldout_clients', 'dirichlet_alpha', 'shards_per_client',
       'test_fraction', 'synthetic_alpha', 'synthetic_beta', 'synthetic_dim',
-      'synthetic_classes', 'seed'}
+      'synthetic_classes', 'classes', 'tasks', 'seed'}
+
+
+def test_classes_keep_and_relabel():
+  cfg = registry.default_config()
+  cfg.num_clients, cfg.heldout_clients = 10, 0
+  full = registry.load(cfg)
+  cfg.classes = [7, 2]
+  b = registry.load(cfg)
+  assert b.num_classes == 2
+  x = b.train.concatenated()
+  assert set(np.unique(x['y'])) == {0, 1}
+  # Relabelled in the order given: 7 -> 0, 2 -> 1; and no example lost.
+  assert (x['y'] == 0).sum() + (b.test['y'] == 0).sum() == (
+      (full.train.concatenated()['y'] == 7).sum() + (full.test['y'] == 7).sum())
+  with pytest.raises(ValueError, match='data.classes'):
+    registry.load(ml_collections.ConfigDict(dict(cfg, classes=[3, 3])))
+  with pytest.raises(ValueError, match='data.classes'):
+    registry.load(ml_collections.ConfigDict(dict(cfg, classes=[10])))
+
+
+def test_tasks_union_their_clients():
+  cfg = registry.default_config()
+  cfg.num_clients, cfg.heldout_clients = 6, 1
+  cfg.tasks = [dict(classes=[0, 1, 2]), dict(classes=[5, 6], num_clients=4)]
+  b = registry.load(cfg)
+  assert b.task_classes == (3, 2) and b.test is None
+  assert b.train.num_clients == 10 and b.heldout.num_clients == 2
+  np.testing.assert_array_equal(b.client_task, [0] * 6 + [1] * 4)
+  for i, cid in enumerate(b.train.client_ids):
+    task = b.tasks[b.client_task[i]]
+    np.testing.assert_array_equal(b.train.client(i)['y'],
+                                  task.train.client(cid.split('/', 1)[1])['y'])
+  with pytest.raises(ValueError, match=r'data.tasks\[0\] has unknown keys'):
+    registry.load(ml_collections.ConfigDict(dict(cfg, tasks=[dict(clases=[1])])))

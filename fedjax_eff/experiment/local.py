@@ -138,20 +138,22 @@ def client_eval_metrics(exp: train_lib.Experiment, params: PyTree,
   """One client's model, run as its program runs it (`fwd`), evaluated.
 
   On the central test set and on the held-out clients (pooled, and the mean
-  over held-out clients), with the keys of `Experiment.eval_metrics`. The one
-  place per-client evaluation lives: per-task evaluation (the test set of
-  the client's task, `exp.task_of_client(client_index)` or a multi-task
-  data bundle) extends here.
+  over held-out clients), with the keys of `Experiment.eval_metrics`; with
+  several tasks (`data.tasks`), on the test set and held-out clients of the
+  client's own task, with its task's head.
   """
-  del client_index  # per-task evaluation will read it
   if exp.config.task.name == 'contrastive':
     return exp.probe_metrics(params, fwd)
+  data = exp.data
+  if data.tasks:
+    task = int(data.client_task[client_index])
+    data, fwd = data.tasks[task], dict(fwd, task=task)
   evaluate = functools.partial(exp.evaluate, **fwd)
   out = {}
-  if exp.data.test is not None:
-    m = evaluate(params, exp.data.test)
+  if data.test is not None:
+    m = evaluate(params, data.test)
     out.update(test_loss=m['loss'], test_accuracy=m['accuracy'])
-  heldout = exp.data.heldout
+  heldout = data.heldout
   if heldout is not None and heldout.num_clients:
     m = evaluate(params, heldout.concatenated())
     per_client = [evaluate(params, heldout.client(i))['accuracy']

@@ -46,7 +46,6 @@ checkpoints of the stacked params; a resumed run ends with the same
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import json
 import os
@@ -59,12 +58,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from fedjax_eff import core
 from fedjax_eff.core import round as round_lib
 from fedjax_eff.data import cohort as cohort_lib
 from fedjax_eff.experiment import checkpoints
+from fedjax_eff.experiment import loop as loop_lib
 from fedjax_eff.experiment import metrics as metrics_lib
 from fedjax_eff.experiment import train as train_lib
 from fedjax_eff.experiment.validation import validate_config
@@ -350,58 +349,33 @@ def train_local(config: ml_collections.ConfigDict, workdir: str, *,
                  workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  writer = metrics_lib.MetricWriter(workdir, resume_round=start,
-                                    tensorboard=config.tensorboard)
-  show = config.progress if progress is None else progress
-  bar = tqdm.tqdm(total=config.num_rounds, initial=start, unit='round',
-                  disable=not show, dynamic_ncols=True, desc='local rounds')
-  last: dict[str, Any] = {}
-  per_client: list[dict[str, float]] = []
-  compile_s = None
-  done = start
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  current = {'params': params, 'per_client': []}
+
+  def step(r, cohort):
+    current['params'], stats = trainer.round(current['params'], cohort, r)
+    record = trainer.round_metrics(stats)
+    t_acc = time.time()
+    record.update(trainer.device_metrics(r, cohort))
+    return record, time.time() - t_acc
+
+  def evaluate(done):
+    metrics, current['per_client'] = trainer.evaluate(current['params'], done)
+    return metrics
+
+  def save(done):
+    ckpt.save(done, {'state': {'params': current['params'],
+                               'round': np.asarray(done, np.int32)},
+                     'rng': rng_data, 'clients': trainer.clients,
+                     'sampler': np.asarray([config.seed, done], np.int64)})
+
   try:
-    pending = (pool.submit(trainer.cohort, start)
-               if start < config.num_rounds else None)
-    for r in range(start, config.num_rounds):
-      cohort = pending.result()
-      pending = (pool.submit(trainer.cohort, r + 1)
-                 if r + 1 < config.num_rounds else None)
-      t_round = time.time()
-      params, stats = trainer.round(params, cohort, r)
-      record = trainer.round_metrics(stats)
-      t_acc = time.time()
-      record.update(trainer.device_metrics(r, cohort))
-      t_round += time.time() - t_acc  # accounting compiles: not the round
-      if compile_s is None:
-        compile_s = time.time() - t_round
-      done = r + 1
-      if done % config.eval_every == 0 or done == config.num_rounds:
-        metrics, per_client = trainer.evaluate(params, done)
-        record.update(metrics)
-      record['round_seconds'] = time.time() - t_round
-      writer.write(done, record)
-      last = {'round': done, **record}
-      postfix = {'loss': f"{record['train_loss']:.3f}",
-                 'acc': f"{record['train_accuracy']:.3f}"}
-      if 'test_accuracy' in last:
-        postfix['test_acc'] = f"{last['test_accuracy']:.3f}"
-      bar.set_postfix(postfix, refresh=False)
-      bar.update(1)
-      if not show and ('test_accuracy' in record or done == start + 1):
-        logging.info('round %d: %s', done, record)
-      if done % config.checkpoint_every == 0 or done == config.num_rounds:
-        ckpt.save(done, {'state': {'params': params,
-                                   'round': np.asarray(done, np.int32)},
-                         'rng': rng_data, 'clients': trainer.clients,
-                         'sampler': np.asarray([config.seed, done],
-                                               np.int64)})
+    last, compile_s = loop_lib.run_rounds(
+        config, workdir, start, cohort=trainer.cohort, step=step,
+        evaluate=evaluate, save=save, progress=progress, desc='local rounds')
   finally:
-    pool.shutdown(wait=False, cancel_futures=True)
-    bar.close()
-    writer.close()
     ckpt.close()
-  rounds = max(done, start)
+  params, per_client = current['params'], current['per_client']
+  rounds = last.get('round', start)
   history = metrics_lib.read_metrics(workdir)
   if not last and history:  # resumed a finished run: report its last round
     last = dict(history[-1])

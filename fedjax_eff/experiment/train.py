@@ -17,7 +17,6 @@ a resumed run ends with the same `params_sha256` as an unbroken one.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
 import json
@@ -31,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from fedjax_eff import accounting
 from fedjax_eff import core
@@ -41,6 +39,7 @@ from fedjax_eff.core import evaluation
 from fedjax_eff.data import cohort as cohort_lib
 from fedjax_eff.data import registry as data_registry
 from fedjax_eff.experiment import checkpoints
+from fedjax_eff.experiment import loop as loop_lib
 from fedjax_eff.experiment import metrics as metrics_lib
 from fedjax_eff.experiment.validation import validate_config
 from fedjax_eff.models import get_model
@@ -332,9 +331,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   target = {'state': state,
             'rng': jax.random.key_data(exp.base_key),
             'sampler': np.asarray([config.seed, 0], np.int64)}
-  restored, step = ckpt.restore_latest(target)
+  restored, saved_round = ckpt.restore_latest(target)
   start = 0
-  if step is not None:
+  if saved_round is not None:
     if not np.array_equal(np.asarray(restored['rng']),
                           np.asarray(target['rng'])):
       raise ValueError(f'The checkpoint in {workdir} was written with another '
@@ -344,56 +343,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Resumed from round %d in %s.', start, workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  writer = metrics_lib.MetricWriter(workdir, resume_round=start,
-                                    tensorboard=config.tensorboard)
-  show = config.progress if progress is None else progress
-  bar = tqdm.tqdm(total=config.num_rounds, initial=start, unit='round',
-                  disable=not show, dynamic_ncols=True, desc='rounds')
-  last: dict[str, Any] = {}
-  compile_s = None
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  current = {'state': state}
+
+  def step(r, cohort):
+    current['state'], m = exp.round_fns.round_step(
+        current['state'], cohort, exp.round_key(r), round_num=r)
+    record = {k: float(v) for k, v in m._asdict().items()
+              if not k.startswith('client_')}
+    t_acc = time.time()
+    record.update(exp.device_metrics(r, cohort, m))
+    return record, time.time() - t_acc
+
+  def save(done):
+    ckpt.save(done, {'state': current['state'], 'rng': target['rng'],
+                     'sampler': np.asarray([config.seed, done], np.int64)})
+
   try:
-    pending = (pool.submit(exp.cohort, start)
-               if start < config.num_rounds else None)
-    for r in range(start, config.num_rounds):
-      cohort = pending.result()
-      pending = (pool.submit(exp.cohort, r + 1)
-                 if r + 1 < config.num_rounds else None)
-      t_round = time.time()
-      state, m = exp.round_fns.round_step(state, cohort, exp.round_key(r),
-                                          round_num=r)
-      record = {k: float(v) for k, v in m._asdict().items()
-                if not k.startswith('client_')}
-      t_acc = time.time()
-      record.update(exp.device_metrics(r, cohort, m))
-      t_round += time.time() - t_acc  # accounting compiles: not the round
-      if compile_s is None:
-        compile_s = time.time() - t_round
-      done = r + 1
-      if done % config.eval_every == 0 or done == config.num_rounds:
-        record.update(exp.eval_metrics(state.params, done))
-      record['round_seconds'] = time.time() - t_round
-      writer.write(done, record)
-      last = {'round': done, **record}
-      postfix = {'loss': f"{record['train_loss']:.3f}",
-                 'acc': f"{record['train_accuracy']:.3f}"}
-      for k in ('test_accuracy', 'heldout_accuracy'):
-        if k in last:
-          postfix[k.split('_')[0] + '_acc'] = f'{last[k]:.3f}'
-      bar.set_postfix(postfix, refresh=False)
-      bar.update(1)
-      if not show and ('test_accuracy' in record or done == start + 1):
-        logging.info('round %d: %s', done, record)
-      if (done % config.checkpoint_every == 0 or
-          done == config.num_rounds):
-        ckpt.save(done, {'state': state, 'rng': target['rng'],
-                         'sampler': np.asarray([config.seed, done],
-                                               np.int64)})
+    last, compile_s = loop_lib.run_rounds(
+        config, workdir, start, cohort=exp.cohort, step=step,
+        evaluate=lambda done: exp.eval_metrics(current['state'].params,
+                                               done),
+        save=save, progress=progress)
   finally:
-    pool.shutdown(wait=False, cancel_futures=True)
-    bar.close()
-    writer.close()
     ckpt.close()
+  state = current['state']
   history = metrics_lib.read_metrics(workdir)
   if not last and history:  # resumed a finished run: report its last round
     last = dict(history[-1])

@@ -24,6 +24,8 @@ modules and head too.
 
   python benchmarks/communication.py                 # ~25 min on 2 CPU cores
   python benchmarks/communication.py --rounds 5 --variants full,lora_r4
+  python benchmarks/communication.py --rounds 120 --seeds 0,1,2 \
+      --variants full,lora_r4                        # mean over seeds
 
 Last line: one JSON object with `upload_ratio` and `accuracy` per variant
 (and `upload_bits`, `download_bits`, `accuracy_gap`, `seconds`).
@@ -40,6 +42,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from fedjax_eff.experiment import pretrain as pretrain_lib
 from fedjax_eff.experiment import train as train_lib
@@ -109,10 +112,38 @@ def downstream_config(name: str, rounds: int, backbone: str):
   return c
 
 
+def plot(rows: dict, path: str) -> None:
+  """Accuracy against upload bits per client per round (log scale)."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print('matplotlib is not installed: no plot')
+    return
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, r in rows.items():
+    if r['upload_bits']:
+      ax.scatter(r['upload_bits'] / 8e3, r['accuracy'])
+      ax.annotate(name, (r['upload_bits'] / 8e3, r['accuracy']),
+                  textcoords='offset points', xytext=(4, 4), fontsize=8)
+  ax.set_xscale('log')
+  ax.set_xlabel('upload per client per round (kB)')
+  ax.set_ylabel('test accuracy')
+  ax.set_title('Fine-tuning a pretrained ViT: upload vs accuracy')
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  print(f'plot: {path}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=60)
   parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--seeds', default='0',
+                      help='comma-separated config.seed values; accuracy is '
+                      'their mean (cohorts, local shuffles, head init)')
   parser.add_argument('--workdir', default='/tmp/fedjax_eff_communication')
   parser.add_argument('--out', default=os.path.join(
       ROOT, 'benchmarks', 'results', 'communication.json'))
@@ -132,24 +163,32 @@ def main():
         f"{pre.get('test_accuracy', float('nan')):.3f} "
         f'({time.time() - t0:.0f} s)', flush=True)
 
+  seeds = [int(x) for x in args.seeds.split(',')]
   rows = {}
   for name in names:
-    t = time.time()
-    s = train_lib.train_and_evaluate(
-        downstream_config(name, args.rounds, backbone),
-        os.path.join(args.workdir, name))
-    m = s['final_metrics']
+    runs = []
+    for seed in seeds:
+      t = time.time()
+      c = downstream_config(name, args.rounds, backbone)
+      c.seed = seed
+      s = train_lib.train_and_evaluate(c, os.path.join(
+          args.workdir, name if seed == 0 else f'{name}_seed{seed}'))
+      runs.append((s, time.time() - t))
+    m = runs[0][0]['final_metrics']
+    accs = [float(s['final_metrics']['test_accuracy']) for s, _ in runs]
     rows[name] = dict(
         upload_bits=float(m.get('upload_bits', 0.0)),
         download_bits=float(m.get('download_bits', 0.0)),
-        accuracy=float(m['test_accuracy']),
-        initial_download_bits=float(s['initial_download_bits']),
-        num_params=int(s['num_params']),
-        seconds=time.time() - t)
+        accuracy=float(np.mean(accs)),
+        accuracy_per_seed=accs,
+        initial_download_bits=float(runs[0][0]['initial_download_bits']),
+        num_params=int(runs[0][0]['num_params']),
+        seconds=float(np.mean([t for _, t in runs])))
     print(f"{name:8s} up {rows[name]['upload_bits'] / 8e3:10.1f} kB  "
           f"down {rows[name]['download_bits'] / 8e3:10.1f} kB  "
-          f"acc {rows[name]['accuracy']:.3f}  "
-          f"({rows[name]['seconds']:.0f} s)", flush=True)
+          f"acc {rows[name]['accuracy']:.3f} "
+          f"({', '.join(f'{a:.3f}' for a in accs)})  "
+          f"({rows[name]['seconds']:.0f} s per run)", flush=True)
 
   full = rows.get('full')
   print(f"\n{'variant':8s} {'upload kB':>10s} {'upload_ratio':>12s} "
@@ -166,8 +205,10 @@ def main():
     print(f"{name:8s} {r['upload_bits'] / 8e3:10.1f} {ratio} "
           f"{r['accuracy']:8.3f} {gap}")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  plot(rows, os.path.splitext(args.out)[0] + '.png')
   with open(args.out, 'w') as f:
-    json.dump({'rounds': args.rounds, 'backbone_test_accuracy':
+    json.dump({'rounds': args.rounds, 'seeds': seeds,
+               'backbone_test_accuracy':
                pre.get('test_accuracy'), 'variants': rows,
                'jax': jax.__version__, 'backend': jax.default_backend()},
               f, indent=2)

@@ -189,3 +189,16 @@ def test_tiered_programs_each_client_trains_its_tiers_layers():
     tops = {k.split("'")[1] for k in _changed_leaves(
         local.unstack(start, i), local.unstack(params, i))}
     assert tops == ({'head'} if tier == 0 else {'head', 'dense1'})
+
+
+def test_local_mode_runs_no_upload_codec(tmp_path):
+  """Nothing is uploaded, so a quantizer must not touch local updates: the
+  run equals the same run without it, bit for bit."""
+  plain = train_and_evaluate(_local_config(num_rounds=2),
+                             str(tmp_path / 'plain'))
+  quantized = train_and_evaluate(
+      _local_config(num_rounds=2, techniques=[ml_collections.ConfigDict(
+          dict(name='quantize', bits=1, block_size=0))]),
+      str(tmp_path / 'q1'))
+  assert quantized['params_sha256'] == plain['params_sha256']
+  assert quantized['final_metrics']['upload_bits'] == 0.0

@@ -14,7 +14,7 @@ a federated run isolates exactly one thing (the averaging):
   drawn once (seeded) and kept for the whole run.
 * Each starts from `exp.init_params` (so `init_checkpoint` applies) and each
   round runs the technique's single-client update of its stage and device
-  tier (`round_fns.client_update_for(stage, tier)`: `local_steps` steps on a
+  tier (`core.build_client_update` of that program: `local_steps` steps on a
   batch packed from its own data by `cohort_lib.pack(..., round_num=r)`),
   then applies its own update to its own params: `x <- x - Δ`, since
   `ClientOutput.delta` is `x_start - x_trained`. That is a federated round
@@ -24,10 +24,9 @@ a federated run isolates exactly one thing (the averaging):
   dropped (the client keeps its params), as the federated round drops it.
 * No server, no averaging, no communication: each client downloads the
   initial model once (recorded in the summary) and nothing travels after
-  that (`upload_bits` = `download_bits` = 0 every round). One caveat: the
-  update a client applies is what `client_update` returns, i.e. after the
-  technique's encode/decode, so an upload codec (`quantize`) still rounds
-  each local update although nothing is uploaded.
+  that (`upload_bits` = `download_bits` = 0 every round). The technique's
+  upload codec is left out (nothing is uploaded, so e.g. `quantize` does
+  not round the local updates).
 
 Execution: client params live stacked on a leading axis `[N, ...]`; per
 round, one jitted call per device tier gathers that tier's clients, runs the
@@ -207,9 +206,17 @@ class LocalTrainer:
     if (stage, tier) not in self._steps:
       tech = self.exp.round_fns.technique
       program = tech.specialize(stage, tier) if self.tiered else tech
-      step = build_local_step(
-          self.exp.round_fns.client_update_for(stage, tier),
-          program.chunk_plan, self.exp.config.chunk_size or None)
+      # Nothing is uploaded, so no codec runs: a client applies its own
+      # update exactly as trained (a quantizer would only add noise).
+      local_program = program._replace(
+          encode=lambda delta, mask, plan, rng: (delta, 0.0),
+          decode=lambda msg, plan: msg)
+      exp = self.exp
+      client_update = round_lib.build_client_update(
+          exp.model, exp.task, local_program, exp.client_optimizer,
+          exp.config.client.prox_mu)
+      step = build_local_step(client_update, program.chunk_plan,
+                              exp.config.chunk_size or None)
 
       @functools.partial(jax.jit, donate_argnums=(0,))
       def tier_step(params, sel, batches, mask, ctx, keys, round_num):

@@ -27,6 +27,7 @@ import optax
 import pytest
 
 from fedjax_eff import accounting, core, techniques
+from fedjax_eff.data import cohort as cohort_lib
 from fedjax_eff.experiment import train as train_lib
 from fedjax_eff.models import get_model
 from fedjax_eff.models.transformer import module_pattern
@@ -178,7 +179,8 @@ def test_device_cost_of_modules():
     c, f = cost[name], cost['full']
     assert c.upload_bits * 20 < f.upload_bits
     assert c.analytic.gradient_bytes * 20 < f.analytic.gradient_bytes
-    assert c.analytic.optimizer_state_bytes * 20 < f.analytic.optimizer_state_bytes
+    assert (c.analytic.optimizer_state_bytes * 20
+            < f.analytic.optimizer_state_bytes)
   # Head-only never runs backward through the blocks; LoRA must.
   assert cost['head'].flops_per_round < 0.6 * cost['full'].flops_per_round
   assert cost['lora'].flops_per_round > cost['head'].flops_per_round
@@ -207,15 +209,14 @@ def _train_task(exp, state, task, rounds, offset):
   ids = np.flatnonzero(exp.data.client_task == task)
   for r in range(rounds):
     chosen = np.random.default_rng(r + offset).choice(ids, 5, replace=False)
-    cohort = core_pack(exp, chosen, r + offset)
+    cohort = _pack(exp, chosen, r + offset)
     state, _ = exp.round_fns.round_step(state, cohort,
                                         exp.round_key(r + offset),
                                         round_num=r + offset)
   return state
 
 
-def core_pack(exp, ids, round_num):
-  from fedjax_eff.data import cohort as cohort_lib  # pylint: disable=g-import-not-at-top
+def _pack(exp, ids, round_num):
   c = exp.config.client
   cohort = cohort_lib.pack(exp.data.train, ids, steps=c.local_steps,
                            batch_size=c.batch_size, seed=0,

@@ -324,7 +324,9 @@ def test_default_config_is_the_contract():
       'source', 'name', 'data_dir', 'cache_dir', 'partition', 'num_clients',
       'heldout_clients', 'dirichlet_alpha', 'shards_per_client',
       'test_fraction', 'synthetic_alpha', 'synthetic_beta', 'synthetic_dim',
-      'synthetic_classes', 'classes', 'tasks', 'seed'}
+      'synthetic_classes', 'seq_len', 'max_sequences', 'vocab_size',
+      'max_modules', 'markov_states', 'markov_concentration',
+      'markov_heterogeneity', 'classes', 'tasks', 'seed'}
 
 
 def test_classes_keep_and_relabel():

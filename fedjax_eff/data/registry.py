@@ -17,7 +17,7 @@ import numpy as np
 from fedjax_eff.data import partitions, sources
 from fedjax_eff.data.federated import FederatedData
 
-SOURCES = ('digits', 'tfds', 'synthetic')
+SOURCES = ('digits', 'tfds', 'synthetic', 'stdlib', 'markov')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
 
 
@@ -51,23 +51,35 @@ class DataBundle(NamedTuple):
 def default_config() -> ml_collections.ConfigDict:
   """The data config contract with its defaults (`cfg.data` of experiments)."""
   return ml_collections.ConfigDict(dict(
-      source='digits',        # 'digits' | 'tfds' | 'synthetic'
+      source='digits',        # 'digits' | 'tfds' | 'synthetic' | 'stdlib' |
+                              # 'markov' (the last two: next-token text)
       name='',                # tfds name: 'mnist', 'emnist/byclass', ...
       # tfds data_dir (None: TFDS default) and .npz cache of converted
       # arrays; typed so `--config.data.data_dir=DIR` can override None.
       data_dir=ml_collections.FieldReference(None, field_type=str),
+      # (stdlib: the built corpus, default ~/.cache/fedjax_eff/stdlib)
       cache_dir=ml_collections.FieldReference(None, field_type=str),
       partition='dirichlet',  # 'iid' | 'dirichlet' | 'shards' | 'natural'
       num_clients=100,        # training clients
       heldout_clients=10,     # extra clients held out for evaluation
       dirichlet_alpha=0.5,
       shards_per_client=2,
-      test_fraction=0.2,      # digits: central test split; synthetic: per
-                              # client test portion
+      test_fraction=0.2,      # digits: central test split; synthetic,
+                              # markov: per client test portion; stdlib:
+                              # fraction of modules held out
       synthetic_alpha=1.0,
       synthetic_beta=1.0,
       synthetic_dim=60,
       synthetic_classes=10,
+      # Next-token text ('stdlib', 'markov'): Stack Overflow conventions,
+      # ids pad=0 bos=1 eos=2 oov=3, x/y int32 [n, seq_len].
+      seq_len=20,
+      max_sequences=1000,     # per client
+      vocab_size=10_000,      # stdlib: SentencePiece vocabulary
+      max_modules=0,          # stdlib: first N modules only (0 = all)
+      markov_states=32,       # markov: chain states (vocab = 4 + states)
+      markov_concentration=0.5,  # markov: shared prior's Dirichlet parameter
+      markov_heterogeneity=0.1,  # markov: client spread around the prior
       # Keep only these labels (relabelled 0..n-1 in this order); [] = all.
       # E.g. split digits: tasks of classes [0..4] and [5..9].
       classes=[],
@@ -161,6 +173,39 @@ def load_tasks(cfg: Any) -> DataBundle:
                     bundles[0].input_shape, tuple(bundles), client_task)
 
 
+def _load_text(cfg: Any, source: str, classes, num_clients: int,
+               num_heldout: int, seed: int, test_fraction: float
+               ) -> DataBundle:
+  """Next-token text; `num_classes` is the vocabulary size."""
+  if classes:
+    raise ValueError(f'data.classes is not supported for '
+                     f'data.source={source!r}.')
+  seq_len = int(_get(cfg, 'seq_len'))
+  max_sequences = int(_get(cfg, 'max_sequences'))
+  if source == 'stdlib':
+    from fedjax_eff.data import stdlib_corpus  # Deferred: sentencepiece.
+    corpus = stdlib_corpus.load_stdlib(
+        seq_len=seq_len, vocab_size=int(_get(cfg, 'vocab_size')),
+        max_sequences=max_sequences, max_modules=int(_get(cfg, 'max_modules')),
+        heldout_fraction=test_fraction, cache_dir=_get(cfg, 'cache_dir'))
+    return DataBundle(corpus.train, corpus.heldout,
+                      corpus.heldout.concatenated(),
+                      corpus.tokenizer.vocab_size, (seq_len,))
+  from fedjax_eff.data import markov_corpus
+  corpus = markov_corpus.markov_corpus(
+      num_clients + num_heldout, seed=seed,
+      num_states=int(_get(cfg, 'markov_states')), seq_len=seq_len,
+      concentration=float(_get(cfg, 'markov_concentration')),
+      heterogeneity=float(_get(cfg, 'markov_heterogeneity')),
+      max_sequences=max_sequences)
+  train, heldout = _split_heldout(corpus.data, num_heldout)
+  test = None
+  if test_fraction > 0:
+    train, test = sources.split_clients(train, test_fraction)
+    test = test.concatenated()
+  return DataBundle(train, heldout, test, corpus.vocab_size, (seq_len,))
+
+
 def load(cfg: Any) -> DataBundle:
   """Builds the `DataBundle` that `cfg` (see `default_config`) describes.
 
@@ -174,6 +219,14 @@ def load(cfg: Any) -> DataBundle:
     examples out of training, and `test` is their concatenation (an
     in-distribution test set for the training clients; None when
     `test_fraction=0`). Held-out clients keep all their examples.
+
+  * stdlib: the Python standard library's modules as next-token clients
+    (`stdlib_corpus.load_stdlib`); `test_fraction` of the modules (by a
+    hash of the name) are the held-out clients, and `test` pools them.
+    `num_clients`/`heldout_clients` do not apply (the modules are the
+    clients).
+  * markov: per-client Markov-chain text (`markov_corpus`), split like
+    synthetic; its exact loss floor comes from `markov_corpus` directly.
 
   The held-out clients are the last `heldout_clients` of the partition.
   Synthetic clients are generated independently of each other, so there the
@@ -217,6 +270,10 @@ def load(cfg: Any) -> DataBundle:
       test = test.concatenated()
     return DataBundle(train, heldout, test, kwargs['num_classes'],
                       tuple(train.client(0)['x'].shape[1:]))
+
+  if source in ('stdlib', 'markov'):
+    return _load_text(cfg, source, classes, num_clients, num_heldout, seed,
+                      test_fraction)
 
   if source == 'digits':
     central, test = sources.load_digits(test_fraction, seed)

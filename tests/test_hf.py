@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: safetensors, WordPiece, BERT (MiniLM) and ViT.
 
-References come from `scripts/make_hf_reference.py` (run once with torch,
+References come from `tests/fixtures/make_hf_reference.py` (run once with torch,
 transformers and sentence-transformers in a scratch venv): the project
 itself never imports torch. If torch and sentence-transformers happen to be
 importable, MiniLM is also compared live.

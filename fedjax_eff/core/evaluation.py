@@ -14,37 +14,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_eff.core.task import Task
+from fedjax_eff.core.task import Task, batch_sums
 
 
 def build_evaluator(model: nn.Module, task: Task, batch_size: int = 256):
   """Returns `evaluate(params, arrays, **forward) -> {'loss', 'accuracy',
-  'num_examples'}`; `forward` are static model kwargs (e.g. the `depth` of
-  a layer-wise stage), one compile per distinct set."""
+  'num_examples'}` (loss and accuracy averaged over the task's units:
+  examples, or tokens for a language model); `forward` are static model
+  kwargs (e.g. the `depth` of a layer-wise stage), one compile per distinct
+  set."""
 
   @functools.partial(jax.jit, static_argnames=('forward',))
-  def batch_sums(params, batch, mask, forward):
+  def batch_sums_fn(params, batch, mask, forward):
     out = model.apply({'params': params}, task.inputs(batch), train=False,
                       **dict(forward))
-    batch = dict(batch, _mask=mask)
-    return (jnp.sum(task.loss(out, batch) * mask),
-            jnp.sum(task.correct(out, batch) * mask))
+    return batch_sums(task, out, batch, mask)
 
   def evaluate(params, arrays: Mapping[str, np.ndarray], **forward):
     forward = tuple(sorted((k, v) for k, v in forward.items()
                            if v is not None))
     n = len(next(iter(arrays.values())))
     b = batch_size
-    loss = correct = 0.0
+    total = np.zeros(4)
     for start in range(0, n, b):
       stop = min(start + b, n)
       batch = {k: _pad_to(v[start:stop], b) for k, v in arrays.items()}
       mask = np.zeros((b,), np.float32)
       mask[:stop - start] = 1.0
-      l, c = batch_sums(params, batch, mask, forward)
-      loss += float(l)
-      correct += float(c)
-    return {'loss': loss / max(n, 1), 'accuracy': correct / max(n, 1),
+      total += np.asarray(jax.device_get(batch_sums_fn(params, batch, mask,
+                                                       forward)), np.float64)
+    loss, correct, loss_units, scored_units = total
+    return {'loss': loss / max(loss_units, 1.0),
+            'accuracy': correct / max(scored_units, 1.0),
             'num_examples': n}
 
   return evaluate

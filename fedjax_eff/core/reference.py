@@ -101,7 +101,7 @@ def build_reference_round(model, task, technique, client_optimizer,
                              state.params)
     acc_cov = jax.tree.map(lambda p: np.zeros(p.shape, np.float64),
                            state.params)
-    loss = correct = examples = 0.0
+    loss = correct = examples = scored = 0.0
     up, down = np.zeros(k), np.zeros(k)
     dropped = 0
     for i in range(k):
@@ -117,18 +117,21 @@ def build_reference_round(model, task, technique, client_optimizer,
       plan, start = client_start(state.params, ctx, key, state.round, chunk)
       train = split_of(start, plan).train
       opt_state = client_optimizer.init(train)
-      c_loss = c_correct = c_n = 0.0
+      c_sums = None
       for s in range(steps):
         mask_b = np.asarray(cohort.mask[i, s])
         if mask_b.sum() == 0:
           continue
         batch = {f: v[i, s] for f, v in cohort.batches.items()}
-        train, opt_state, (l, cr, n) = local_step(
+        train, opt_state, sums = local_step(
             train, opt_state, batch, mask_b,
             jax.random.fold_in(round_lib.split_client_key(key)[1], s), start,
             plan)
-        c_loss += l; c_correct += cr; c_n += n  # device scalars: no sync
-      c_loss, c_correct, c_n = float(c_loss), float(c_correct), float(c_n)
+        # Device scalars: no sync until the client is done.
+        c_sums = sums if c_sums is None else jax.tree.map(jnp.add, c_sums,
+                                                          sums)
+      c_loss, c_correct, c_n, c_scored = (
+          (0.0,) * 4 if c_sums is None else map(float, c_sums))
       delta, cov, bits, dbits = client_finish(state.params, start, train,
                                               plan, key)
       up[i], down[i] = float(bits), float(dbits)
@@ -143,11 +146,12 @@ def build_reference_round(model, task, technique, client_optimizer,
       acc_cov = jax.tree.map(lambda a, d: a + w * np.asarray(d, np.float64),
                              acc_cov, cov)
       loss += c_loss; correct += c_correct; examples += c_n
+      scored += c_scored
     to32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
     new_state = server_step(state, to32(acc_delta), to32(acc_cov))
-    n = max(examples, 1.0)
     metrics: dict[str, Any] = dict(
-        train_loss=loss / n, train_accuracy=correct / n, num_clients=k,
+        train_loss=loss / max(examples, 1.0),
+        train_accuracy=correct / max(scored, 1.0), num_clients=k,
         num_dropped=dropped, upload_bits=up.mean(), download_bits=down.mean(),
         client_upload_bits=up, client_download_bits=down)
     return new_state, metrics

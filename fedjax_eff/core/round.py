@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from fedjax_eff.core import technique as technique_lib
-from fedjax_eff.core.task import Task
+from fedjax_eff.core.task import Sums, Task, batch_sums
 
 PyTree = Any
 
@@ -56,7 +56,9 @@ class ClientOutput(NamedTuple):
   coverage: PyTree      # per parameter: 1 where this client trained it
   loss_sum: jax.Array   # Σ loss over real examples of all local steps
   correct_sum: jax.Array
-  num_examples: jax.Array  # real example-steps seen in local training
+  num_examples: jax.Array  # loss units seen (example-steps; LM: tokens)
+  num_scored: jax.Array    # accuracy units seen (= num_examples unless
+                           # the task's `units` differ, e.g. LM tokens)
   upload_bits: jax.Array
   download_bits: jax.Array
 
@@ -70,6 +72,10 @@ class RoundMetrics(NamedTuple):
   download_bits: jax.Array
   client_upload_bits: jax.Array   # [K] per client, in cohort order
   client_download_bits: jax.Array
+
+
+# The cohort-level sums a round accumulates over its chunks.
+SUM_NAMES = ('loss', 'correct', 'examples', 'scored', 'dropped')
 
 
 def client_keys(rng: jax.Array, num: int) -> jax.Array:
@@ -88,12 +94,14 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
 
 
 def make_loss_fn(model: nn.Module, task: Task, prox_mu: float = 0.0):
-  """loss(params, batch, mask_b, rng, anchor, fwd) -> (mean loss, stats).
+  """loss(params, batch, mask_b, rng, anchor, fwd) -> (mean loss, Sums).
 
   `task.augment` (if any) transforms the batch first (e.g. two views for
   contrastive learning); the task's loss sees the example mask as
-  `batch['_mask']`, so losses coupling examples can ignore padding. The mean is over the real examples of the batch (`mask_b`); FedProx adds
-  `μ/2 ||x - x_server||²` (Li et al. 2020) with `anchor` the server model.
+  `batch['_mask']`, so losses coupling examples can ignore padding. The
+  mean is over the loss units of the real examples (`mask_b`): examples,
+  or target tokens for a language model. FedProx adds `μ/2 ||x -
+  x_server||²` (Li et al. 2020) with `anchor` the server model.
   """
   def loss_fn(params, batch, mask_b, rng, anchor, fwd):
     dropout_rng, augment_rng = jax.random.split(rng)
@@ -101,17 +109,13 @@ def make_loss_fn(model: nn.Module, task: Task, prox_mu: float = 0.0):
       batch = task.augment(batch, augment_rng)
     out = model.apply({'params': params}, task.inputs(batch), train=True,
                       rngs={'dropout': dropout_rng}, **fwd)
-    batch = dict(batch, _mask=mask_b)
-    per_example = task.loss(out, batch)
-    n = jnp.sum(mask_b)
-    loss_sum = jnp.sum(per_example * mask_b)
-    loss = loss_sum / jnp.maximum(n, 1.0)
+    sums = batch_sums(task, out, batch, mask_b)
+    loss = sums.loss / jnp.maximum(sums.loss_units, 1.0)
     if prox_mu:
       sq = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(
           jax.tree.leaves(params), jax.tree.leaves(anchor)))
       loss = loss + 0.5 * prox_mu * sq
-    correct = jnp.sum(task.correct(out, batch) * mask_b)
-    return loss, (loss_sum, correct, n)
+    return loss, sums
   return loss_fn
 
 
@@ -191,23 +195,24 @@ def build_client_update(model: nn.Module, task: Task,
     def step(carry, xs):
       train, opt_state, stats = carry
       batch, mask_b, s = xs
-      grads, (loss_sum, correct, n) = grad_fn(
+      grads, sums = grad_fn(
           train, batch, mask_b, jax.random.fold_in(train_key, s))
       updates, new_opt_state = client_optimizer.update(
           split.apply_mask(grads), opt_state, train)
       new_train = optax.apply_updates(train, split.apply_mask(updates))
-      real = n > 0  # a fully padded step changes nothing
+      real = jnp.sum(mask_b) > 0  # a fully padded step changes nothing
       train, opt_state = jax.tree.map(
           lambda a, b: jnp.where(real, a, b), (new_train, new_opt_state),
           (train, opt_state))
-      stats = (stats[0] + loss_sum, stats[1] + correct, stats[2] + n)
+      stats = jax.tree.map(jnp.add, stats, sums)
       return (train, opt_state, stats), None
 
     steps = mask.shape[0]
     zero = jnp.zeros((), jnp.float32)
     train0 = split.train
     (final, _, stats), _ = jax.lax.scan(
-        step, (train0, client_optimizer.init(train0), (zero, zero, zero)),
+        step, (train0, client_optimizer.init(train0),
+               Sums(zero, zero, zero, zero)),
         (batches, mask, jnp.arange(steps)))
     moved = split.apply_mask([a - b for a, b in zip(train0, final)])
     delta = TrainableSplit.of(
@@ -215,7 +220,8 @@ def build_client_update(model: nn.Module, task: Task,
     msg, up_bits = tech.encode(delta, trainable, plan, encode_key)
     delta = tech.decode(msg, plan)
     delta, coverage = tech.merge(server_params, delta, trainable, plan)
-    return ClientOutput(delta, coverage, stats[0], stats[1], stats[2],
+    return ClientOutput(delta, coverage, stats.loss, stats.correct,
+                        stats.loss_units, stats.scored_units,
                         jnp.asarray(up_bits, jnp.float32),
                         jnp.asarray(technique_lib.download_bits(
                             tech, start, plan), jnp.float32))
@@ -353,6 +359,7 @@ def build_round(model: nn.Module, task: Task,
         loss=jnp.sum(jnp.where(ok, out.loss_sum, 0.0)),
         correct=jnp.sum(jnp.where(ok, out.correct_sum, 0.0)),
         examples=jnp.sum(jnp.where(ok, out.num_examples, 0.0)),
+        scored=jnp.sum(jnp.where(ok, out.num_scored, 0.0)),
         dropped=jnp.sum((~finite) & pres & (weight > 0)).astype(jnp.float32))
     bits = (jnp.where(pres, out.upload_bits, 0.0),
             jnp.where(pres, out.download_bits, 0.0))
@@ -363,7 +370,7 @@ def build_round(model: nn.Module, task: Task,
     c = chunk[2].shape[0]
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     sums = {n: jnp.zeros((), jnp.float32)
-            for n in ('loss', 'correct', 'examples', 'dropped')}
+            for n in SUM_NAMES}
     return zeros, zeros, sums, (jnp.zeros((c,)), jnp.zeros((c,)))
 
   def round_program(state: ServerState, cohort, order, chunk_tier, rng,
@@ -402,7 +409,7 @@ def build_round(model: nn.Module, task: Task,
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     zero_sums = {n: jnp.zeros((), jnp.float32)
-                 for n in ('loss', 'correct', 'examples', 'dropped')}
+                 for n in SUM_NAMES}
     (delta_sum, coverage, sums), (up, down) = jax.lax.scan(
         chunk_body, (zeros, zeros, zero_sums), xs)
     new_state = server_update(server_optimizer, state, delta_sum, coverage)
@@ -410,9 +417,9 @@ def build_round(model: nn.Module, task: Task,
     per_client = lambda b: jnp.zeros((k,), jnp.float32).at[slot_pos].set(
         b.reshape(-1), mode='drop')
     up, down = per_client(up), per_client(down)
-    n = jnp.maximum(sums['examples'], 1.0)
     metrics = RoundMetrics(
-        train_loss=sums['loss'] / n, train_accuracy=sums['correct'] / n,
+        train_loss=sums['loss'] / jnp.maximum(sums['examples'], 1.0),
+        train_accuracy=sums['correct'] / jnp.maximum(sums['scored'], 1.0),
         num_clients=jnp.asarray(k, jnp.float32), num_dropped=sums['dropped'],
         upload_bits=jnp.mean(up), download_bits=jnp.mean(down),
         client_upload_bits=up, client_download_bits=down)

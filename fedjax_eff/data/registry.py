@@ -17,7 +17,7 @@ import numpy as np
 from fedjax_eff.data import partitions, sources
 from fedjax_eff.data.federated import FederatedData
 
-SOURCES = ('digits', 'tfds', 'synthetic', 'stdlib', 'markov')
+SOURCES = ('digits', 'tfds', 'synthetic', 'stdlib', 'markov', 'stackoverflow')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
 
 
@@ -52,12 +52,16 @@ def default_config() -> ml_collections.ConfigDict:
   """The data config contract with its defaults (`cfg.data` of experiments)."""
   return ml_collections.ConfigDict(dict(
       source='digits',        # 'digits' | 'tfds' | 'synthetic' | 'stdlib' |
-                              # 'markov' (the last two: next-token text)
+                              # 'markov' | 'stackoverflow' (the last three:
+                              # next-token text)
       name='',                # tfds name: 'mnist', 'emnist/byclass', ...
       # tfds data_dir (None: TFDS default) and .npz cache of converted
       # arrays; typed so `--config.data.data_dir=DIR` can override None.
+      # stackoverflow: the directory holding TFF's files (required; see
+      # fedjax_eff.data.stackoverflow).
       data_dir=ml_collections.FieldReference(None, field_type=str),
-      # (stdlib: the built corpus, default ~/.cache/fedjax_eff/stdlib)
+      # (stdlib: the built corpus, default ~/.cache/fedjax_eff/stdlib;
+      # stackoverflow: where stackoverflow.sqlite.lzma is decompressed)
       cache_dir=ml_collections.FieldReference(None, field_type=str),
       partition='dirichlet',  # 'iid' | 'dirichlet' | 'shards' | 'natural'
       num_clients=100,        # training clients
@@ -71,11 +75,17 @@ def default_config() -> ml_collections.ConfigDict:
       synthetic_beta=1.0,
       synthetic_dim=60,
       synthetic_classes=10,
-      # Next-token text ('stdlib', 'markov'): Stack Overflow conventions,
-      # ids pad=0 bos=1 eos=2 oov=3, x/y int32 [n, seq_len].
+      # Next-token text ('stdlib', 'markov', 'stackoverflow'): Stack
+      # Overflow conventions, ids pad=0 bos=1 eos=2 oov=3, x/y int32
+      # [n, seq_len]. stackoverflow: the first num_clients training users
+      # and the first heldout_clients users of TFF's heldout and test splits
+      # (by sorted id).
       seq_len=20,
       max_sequences=1000,     # per client
-      vocab_size=10_000,      # stdlib: SentencePiece vocabulary
+      # stdlib: SentencePiece vocabulary *including* the 4 special ids
+      # (num_classes = vocab_size); stackoverflow: number of *words*, as in
+      # TFF (ids 4.., num_classes = vocab_size + 4, i.e. 10,004).
+      vocab_size=10_000,
       max_modules=0,          # stdlib: first N modules only (0 = all)
       markov_states=32,       # markov: chain states (vocab = 4 + states)
       markov_concentration=0.5,  # markov: shared prior's Dirichlet parameter
@@ -191,6 +201,21 @@ def _load_text(cfg: Any, source: str, classes, num_clients: int,
     return DataBundle(corpus.train, corpus.heldout,
                       corpus.heldout.concatenated(),
                       corpus.tokenizer.vocab_size, (seq_len,))
+  if source == 'stackoverflow':
+    from fedjax_eff.data import stackoverflow
+    data_dir = _get(cfg, 'data_dir')
+    if not data_dir:
+      raise ValueError("data.data_dir must be the directory of TFF's Stack "
+                       "Overflow files when data.source='stackoverflow'.")
+    corpus = stackoverflow.load_stackoverflow(
+        data_dir, seq_len=seq_len, vocab_size=int(_get(cfg, 'vocab_size')),
+        max_sequences=max_sequences, max_clients=num_clients,
+        max_eval_clients=num_heldout or num_clients,
+        cache_dir=_get(cfg, 'cache_dir'))
+    return DataBundle(corpus.train, corpus.heldout if num_heldout else None,
+                      corpus.test.concatenated(),
+                      int(_get(cfg, 'vocab_size')) + stackoverflow.NUM_SPECIAL,
+                      (seq_len,))
   from fedjax_eff.data import markov_corpus
   corpus = markov_corpus.markov_corpus(
       num_clients + num_heldout, seed=seed,
@@ -227,6 +252,12 @@ def load(cfg: Any) -> DataBundle:
     clients).
   * markov: per-client Markov-chain text (`markov_corpus`), split like
     synthetic; its exact loss floor comes from `markov_corpus` directly.
+  * stackoverflow: TFF's Stack Overflow files in `data_dir`
+    (`stackoverflow.load_stackoverflow`): the first `num_clients` training
+    users (sorted ids), the first `heldout_clients` users of TFF's heldout
+    split as held-out clients (None if 0), and `test` pools the first
+    `heldout_clients` (or, if 0, `num_clients`) users of TFF's test split.
+    `vocab_size` counts words; `num_classes` adds the 4 special ids.
 
   The held-out clients are the last `heldout_clients` of the partition.
   Synthetic clients are generated independently of each other, so there the
@@ -271,7 +302,7 @@ def load(cfg: Any) -> DataBundle:
     return DataBundle(train, heldout, test, kwargs['num_classes'],
                       tuple(train.client(0)['x'].shape[1:]))
 
-  if source in ('stdlib', 'markov'):
+  if source in ('stdlib', 'markov', 'stackoverflow'):
     return _load_text(cfg, source, classes, num_clients, num_heldout, seed,
                       test_fraction)
 

@@ -52,11 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
       optimizer_kwargs=ml_collections.ConfigDict(),
   ))
 
-  # What the model learns: 'classification' (labels) or 'contrastive'
+  # What the model learns: 'classification' (labels), 'contrastive'
   # (SimCLR: two augmented views, NT-Xent; evaluated by a linear probe on
-  # the labelled data with the features the current stage trains).
+  # the labelled data with the features the current stage trains) or 'lm'
+  # (next token: loss per non-pad token, accuracy without pad/eos/oov,
+  # perplexity in the eval metrics).
   c.task = ml_collections.ConfigDict(dict(
       name='classification',
+      pad_id=0, eos_id=2, oov_id=3,             # lm only
       temperature=0.1,                          # contrastive only
       # ssl.simclr_augment knobs, every one overridable from the CLI.
       augment=ml_collections.ConfigDict(dict(ssl_augment.DEFAULT_KNOBS)),

@@ -74,7 +74,8 @@ class LocalStats(NamedTuple):
   """Per client (leading axis): what its local training saw this round."""
   loss_sum: jax.Array
   correct_sum: jax.Array
-  num_examples: jax.Array
+  num_examples: jax.Array  # loss units (examples; LM: tokens)
+  num_scored: jax.Array    # accuracy units
   finite: jax.Array  # False: the update was non-finite and dropped
 
 
@@ -101,7 +102,7 @@ def build_local_step(client_update: Callable[..., round_lib.ClientOutput],
     new = jax.tree.map(lambda x, d: jnp.where(ok, x - d, x).astype(x.dtype),
                        params, out.delta)
     return new, LocalStats(out.loss_sum, out.correct_sum, out.num_examples,
-                           ok)
+                           out.num_scored, ok)
 
   def step(params, batches, mask, ctx, keys, round_num):
     n = mask.shape[0]
@@ -158,6 +159,8 @@ def client_eval_metrics(exp: train_lib.Experiment, params: PyTree,
                   for i in range(heldout.num_clients)]
     out.update(heldout_loss=m['loss'], heldout_accuracy=m['accuracy'],
                heldout_client_accuracy_mean=float(np.mean(per_client)))
+  if exp.config.task.name == 'lm':
+    out.update(train_lib.with_perplexity(out))
   return out
 
 
@@ -241,7 +244,8 @@ class LocalTrainer:
     keys = self.client_keys(round_num)
     r = jnp.asarray(round_num, jnp.int32)
     n = self.num_clients
-    loss, correct, examples = (np.zeros(n, np.float32) for _ in range(3))
+    loss, correct, examples, scored = (np.zeros(n, np.float32)
+                                       for _ in range(4))
     finite = np.ones(n, bool)
     for tier, sel in self.groups.items():
       take = lambda x: np.asarray(x)[sel]  # pylint: disable=cell-var-from-loop
@@ -251,18 +255,21 @@ class LocalTrainer:
           {k: take(v) for k, v in cohort.ctx.items()}, keys[sel], r)
       loss[sel], correct[sel] = stats.loss_sum, stats.correct_sum
       examples[sel], finite[sel] = stats.num_examples, stats.finite
+      scored[sel] = stats.num_scored
     return params, dict(loss_sum=loss, correct_sum=correct,
-                        num_examples=examples, finite=finite)
+                        num_examples=examples, num_scored=scored,
+                        finite=finite)
 
   def round_metrics(self, stats: dict[str, np.ndarray]) -> dict[str, float]:
     """Means over clients (that trained and stayed finite) of each client's
     own training loss and accuracy this round."""
     ok = stats['finite'] & (stats['num_examples'] > 0)
     n = np.maximum(stats['num_examples'], 1.0)
+    scored = np.maximum(stats['num_scored'], 1.0)
     mean = lambda x: float(np.mean(x[ok])) if ok.any() else float('nan')
     return dict(
         train_loss=mean(stats['loss_sum'] / n),
-        train_accuracy=mean(stats['correct_sum'] / n),
+        train_accuracy=mean(stats['correct_sum'] / scored),
         num_clients=float(self.num_clients),
         num_dropped=float(np.sum(~stats['finite'])),
         upload_bits=0.0, download_bits=0.0)

@@ -125,11 +125,11 @@ def pretrain(config, workdir: str) -> dict:
   @jax.jit
   def step(params, opt_state, batch, rng):
     mask = jnp.ones((p.batch_size,), jnp.float32)
-    grads, (loss_sum, correct, count) = grad_fn(params, batch, mask, rng,
-                                                params, {})
+    grads, sums = grad_fn(params, batch, mask, rng, params, {})
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state,
-            loss_sum / count, correct / count)
+            sums.loss / jnp.maximum(sums.loss_units, 1.0),
+            sums.correct / jnp.maximum(sums.scored_units, 1.0))
 
   ckpt = checkpoints.RunCheckpointer(os.path.join(workdir, 'checkpoints'), 2)
   state = {'params': exp.init_params,

@@ -103,9 +103,11 @@ class Experiment:
     self.example_batch = {k: np.zeros((c.batch_size,) + v.shape[1:], v.dtype)
                           for k, v in example.items()}
     self._measured: dict[Any, accounting.DeviceCost] = {}
+    # Initialise on the data's own dtype: token models embed integers.
+    x_dtype = example['x'].dtype if 'x' in example else np.float32
     self.init_params = self.model.init(
         jax.random.fold_in(self.base_key, 0x1417),
-        np.zeros((1,) + tuple(self.data.input_shape), np.float32))['params']
+        np.zeros((1,) + tuple(self.data.input_shape), x_dtype))['params']
     if config.init_checkpoint:
       from fedjax_eff.experiment import pretrain  # pylint: disable=g-import-not-at-top
       self.init_params = pretrain.load_params(
@@ -239,6 +241,8 @@ class Experiment:
       out.update(heldout_loss=m['loss'], heldout_accuracy=m['accuracy'],
                  heldout_client_accuracy_mean=float(np.mean(
                      [p['accuracy'] for p in per_client])))
+    if self.config.task.name == 'lm':
+      out.update(with_perplexity(out))
     return out
 
 
@@ -293,15 +297,23 @@ def _take(arrays, n):
   return {k: v[:n] for k, v in arrays.items()}
 
 
+def with_perplexity(metrics: dict[str, float]) -> dict[str, float]:
+  """`<split>_perplexity = exp(<split>_loss)` for each per-token loss."""
+  return {k[:-len('loss')] + 'perplexity': float(np.exp(v))
+          for k, v in metrics.items() if k.endswith('_loss')}
+
+
 def make_task(config) -> core.Task:
   if config.name == 'classification':
     return core.classification()
+  if config.name == 'lm':
+    return core.next_token(config.pad_id, config.eos_id, config.oov_id)
   if config.name == 'contrastive':
     t = ssl.contrastive_task(config.temperature, **dict(config.augment))
     return core.Task(inputs=t.inputs, loss=t.loss, correct=t.correct,
                      augment=t.augment)
   raise ValueError(f"config.task.name={config.name!r} is not one of "
-                   "('classification', 'contrastive').")
+                   "('classification', 'contrastive', 'lm').")
 
 
 def client_tiers(num_clients: int, fractions, seed: int) -> np.ndarray:

@@ -97,6 +97,12 @@ def default_config() -> ml_collections.ConfigDict:
       # differ for that task (e.g. [dict(classes=[0, 1, 2, 3, 4]),
       # dict(classes=[5, 6, 7, 8, 9])]); [] = one task.
       tasks=[],
+      # Central pretraining on a disjoint part of the corpus (Ro et al.):
+      # a stable hash of the client id reserves this fraction of the
+      # training clients for `launch/pretrain.py`; `part` picks which side
+      # `train` holds: 'federated' (the rest) or 'pretrain' (the reserve).
+      pretrain_fraction=0.0,
+      part='federated',
       seed=0,
   ))
 
@@ -232,7 +238,51 @@ def _load_text(cfg: Any, source: str, classes, num_clients: int,
 
 
 def load(cfg: Any) -> DataBundle:
-  """Builds the `DataBundle` that `cfg` (see `default_config`) describes.
+  """Builds the `DataBundle` that `cfg` (see `default_config`) describes;
+  with `pretrain_fraction` > 0, `train` keeps only the `part` named
+  (`reserve_for_pretraining`)."""
+  bundle = _load(cfg)
+  fraction = float(_get(cfg, 'pretrain_fraction'))
+  part = _get(cfg, 'part')
+  if part not in PARTS:
+    raise ValueError(f'data.part={part!r} is not one of {PARTS}.')
+  if fraction == 0.0:
+    if part != 'federated':
+      raise ValueError("data.part='pretrain' needs data.pretrain_fraction "
+                       "> 0 (the reserved clients).")
+    return bundle
+  return bundle._replace(
+      train=reserve_for_pretraining(bundle.train, fraction, part))
+
+
+PARTS = ('federated', 'pretrain')
+
+
+def reserve_for_pretraining(train: FederatedData, fraction: float,
+                            part: str) -> FederatedData:
+  """The federated or the pretraining side of the training clients.
+
+  A client is reserved for central pretraining iff a SHA-256 of its id
+  falls below `fraction`: stable across runs, machines and corpus sizes,
+  so the two sides never share a client and a pretrain run and its
+  federated fine-tuning agree on the split without coordination.
+  """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f'data.pretrain_fraction={fraction} must be in [0, 1).')
+  import hashlib  # pylint: disable=g-import-not-at-top
+
+  def reserved(cid: str) -> bool:
+    h = hashlib.sha256(b'pretrain:' + cid.encode()).digest()[:8]
+    return int.from_bytes(h, 'big') < fraction * 2.0**64
+  ids = [c for c in train.client_ids if reserved(c) == (part == 'pretrain')]
+  if not ids:
+    raise ValueError(f'data.pretrain_fraction={fraction} leaves no '
+                     f'{part} clients among {train.num_clients}.')
+  return train.subset(ids)
+
+
+def _load(cfg: Any) -> DataBundle:
+  """`load` before the pretraining reserve.
 
   * digits: a stratified central test split of `test_fraction`; the rest is
     partitioned over `num_clients + heldout_clients` clients.

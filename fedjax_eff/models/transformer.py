@@ -16,6 +16,10 @@ against `nn.scan` in compile time and step time.
 
 `model.init` always creates every block and every head, whatever `depth`,
 `layer_gates` or `stop_below` say, so one tree serves every call.
+
+The blocks are Transformer blocks or, with `block_type='conformer'`,
+Conformer blocks (attention plus a depthwise convolution, `ConformerLM`):
+the stack around them is the same.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def vit_preset(name: str) -> dict[str, Any]:
 LORA_SITES = ('attn/query', 'attn/key', 'attn/value', 'attn/out', 'mlp_in',
               'mlp_out')
 ADAPTER_SITES = ('attn', 'mlp')
+BLOCK_TYPES = ('transformer', 'conformer')
 
 
 def module_pattern(kind: str, task: int) -> str:
@@ -184,6 +189,31 @@ class Attention(nn.Module):
     return proj('out', y, d, axis=(-2, -1))
 
 
+def _adapt(spec: PeftSpec, task: int, init: bool, site: str, y):
+  """Task `task`'s adapter at `site` on `y`, if `spec` puts one there.
+
+  Called inside a module's compact method: the adapter is that module's
+  child `adapter_<site>_t<task>`.
+  """
+  if not spec.adapter_on(site):
+    return y
+  return _per_task(spec, task, init,
+                   lambda t: Adapter(spec.adapter_dim,
+                                     name=f'adapter_{site}_t{t}'), y)
+
+
+def _dense(spec: PeftSpec, task: int, init: bool, name: str, y, out: int):
+  """`Dense(out, name=name)(y)` plus task `task`'s LoRA update if `spec`
+  targets `name` (children of the calling module, as `_adapt`)."""
+  z = nn.Dense(out, name=name)(y)
+  if spec.lora_on(name):
+    z = z + _per_task(
+        spec, task, init,
+        lambda t: LoRA(spec.lora_rank, spec.lora_alpha or spec.lora_rank,
+                       (out,), name=f'lora_{name}_t{t}'), y)
+  return z
+
+
 class Block(nn.Module):
   """Transformer block, pre-LN (default) or post-LN (BERT).
 
@@ -215,33 +245,127 @@ class Block(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, name=name)
     pre = self.norm_position == 'pre'
 
-    def adapt(site, y):
-      if not spec.adapter_on(site):
-        return y
-      return _per_task(spec, task, init,
-                       lambda t: Adapter(spec.adapter_dim,
-                                         name=f'adapter_{site}_t{t}'), y)
-
-    def dense(name, y, out):
-      z = nn.Dense(out, name=name)(y)
-      if spec.lora_on(name):
-        z = z + _per_task(
-            spec, task, init,
-            lambda t: LoRA(spec.lora_rank, spec.lora_alpha or spec.lora_rank,
-                           (out,), name=f'lora_{name}_t{t}'), y)
-      return z
-
     y = norm('ln1')(x) if pre else x
     y = Attention(self.num_heads, spec, name='attn')(y, mask, task)
-    x = x + drop(adapt('attn', y))
+    x = x + drop(_adapt(spec, task, init, 'attn', y))
     if not pre:
       x = norm('ln1')(x)
     y = norm('ln2')(x) if pre else x
-    y = nn.gelu(dense('mlp_in', y, self.mlp_dim),
+    y = nn.gelu(_dense(spec, task, init, 'mlp_in', y, self.mlp_dim),
                 approximate=self.gelu_approximate)
-    y = dense('mlp_out', drop(y), d)
-    x = x + drop(adapt('mlp', y))
+    y = _dense(spec, task, init, 'mlp_out', drop(y), d)
+    x = x + drop(_adapt(spec, task, init, 'mlp', y))
     return x if pre else norm('ln2')(x)
+
+
+class DepthwiseConv1D(nn.Module):
+  """Depthwise 1-D convolution over time, `[B, T, d] -> [B, T, d]`.
+
+  `causal`: output t sees inputs t-k+1..t (left padding k-1); else 'SAME'
+  padding. Computed as k shifted multiply-adds rather than a grouped
+  `lax.conv`: XLA:CPU computes convolution gradients inside `scan` (the
+  simulator's client loop) very slowly (see `layers.py`), and k elementwise
+  ops on `[B, T, d]` are cheap anywhere. The kernel has the layout of
+  `nn.Conv(d, (k,), feature_group_count=d)`, `(k, 1, d)`, and the same
+  result.
+  """
+  kernel_size: int
+  causal: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    k, d, t = self.kernel_size, x.shape[-1], x.shape[1]
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, 1, d))
+    bias = self.param('bias', nn.initializers.zeros, (d,))
+    lo = k - 1 if self.causal else (k - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (lo, k - 1 - lo), (0, 0)))
+    y = sum(xp[:, j:j + t] * kernel[j, 0] for j in range(k))
+    return y + bias
+
+
+class FeedForward(nn.Module):
+  """The conformer's macaron feed-forward: `LN -> Dense(mlp_dim) -> swish ->
+  dropout -> Dense(d) -> dropout` (the caller halves the residual). LoRA
+  sites `mlp_in`/`mlp_out` and the 'mlp' adapter as in `Block`."""
+  mlp_dim: int
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+  peft: PeftSpec = PeftSpec()
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, task: int = 0):
+    spec, init = self.peft, self.is_initializing()
+    drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, name='ln')(x)
+    y = nn.swish(_dense(spec, task, init, 'mlp_in', y, self.mlp_dim))
+    y = _dense(spec, task, init, 'mlp_out', drop(y), x.shape[-1])
+    return drop(_adapt(spec, task, init, 'mlp', y))
+
+
+class ConvModule(nn.Module):
+  """The conformer's convolution module: `LN -> Dense(2d) -> GLU ->
+  depthwise conv -> LN -> swish -> Dense(d) -> dropout`.
+
+  LayerNorm replaces the paper's BatchNorm: federated clients keep no batch
+  statistics. Positions where `key_mask` is False (padding) are zeroed
+  before the depthwise conv, so padding never leaks into real positions
+  (with 'SAME' padding it would reach the last k//2 real tokens); a causal
+  conv reads only the past.
+  """
+  kernel_size: int
+  causal: bool = False
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, key_mask=None):
+    d = x.shape[-1]
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, name=name)
+    y = nn.Dense(2 * d, name='pw_in')(norm('ln')(x))
+    y = nn.glu(y, axis=-1)
+    if key_mask is not None:
+      y = y * key_mask[..., None].astype(y.dtype)
+    y = DepthwiseConv1D(self.kernel_size, self.causal, name='dw')(y)
+    y = nn.swish(norm('ln_dw')(y))
+    y = nn.Dense(d, name='pw_out')(y)
+    return nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class ConformerBlock(nn.Module):
+  """Conformer block (Gulati et al. 2020, arXiv 2005.08100):
+
+    x + 1/2 FFN(x) ; x + MHSA(LN(x)) ; x + Conv(x) ; x + 1/2 FFN(x) ; LN
+
+  (`ffn_in`, `ln_attn` + `attn`, `conv`, `ffn_out`, `ln_out`). `attn` is
+  the Transformer's `Attention`, so LoRA on 'attn/...' sites works as in
+  `Block`; LoRA on 'mlp_in'/'mlp_out' and 'mlp' adapters act in both
+  feed-forwards; an 'attn' adapter follows the attention. `mask` as in
+  `Block`; `key_mask` (`[B, T]`, True = real token) zeroes padding before
+  the depthwise conv; `causal` makes that conv causal.
+  """
+  num_heads: int
+  mlp_dim: int
+  conv_kernel: int = 15
+  causal: bool = False
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+  peft: PeftSpec = PeftSpec()
+
+  @nn.compact
+  def __call__(self, x, mask=None, train: bool = False, task: int = 0,
+               key_mask=None):
+    spec, init = self.peft, self.is_initializing()
+    ffn = lambda name: FeedForward(self.mlp_dim, self.dropout,
+                                   self.layer_norm_eps, spec, name=name)
+    x = x + 0.5 * ffn('ffn_in')(x, train, task)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, name='ln_attn')(x)
+    y = Attention(self.num_heads, spec, name='attn')(y, mask, task)
+    y = _adapt(spec, task, init, 'attn', y)
+    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    x = x + ConvModule(self.conv_kernel, self.causal, self.dropout,
+                       self.layer_norm_eps, name='conv')(x, train, key_mask)
+    x = x + 0.5 * ffn('ffn_out')(x, train, task)
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, name='ln_out')(x)
 
 
 class Head(nn.Module):
@@ -362,6 +486,12 @@ class _LayerStack(nn.Module):
   With `num_tasks` > 1 each task also has its own head `head_t<task>`
   (`task_classes[task]` outputs, default `num_classes`), and `__call__`'s
   static `task` picks the module set and head.
+
+  `block_type` 'conformer' builds `ConformerBlock`s (depthwise conv of
+  `conv_kernel` taps, causal when the stack is) in place of the
+  Transformer `Block`s; the stack around them (`block_i` names, `depth`,
+  `layer_gates`, `stop_below`, heads) is the same. Conformer blocks are
+  pre-LN only.
   """
   num_classes: int = 0
   d_model: int = 32
@@ -383,8 +513,19 @@ class _LayerStack(nn.Module):
   prompt_len: int = 0
   num_tasks: int = 1
   task_classes: tuple[int, ...] = ()
+  block_type: str = 'transformer'
+  conv_kernel: int = 15
 
   def __post_init__(self):
+    if self.block_type not in BLOCK_TYPES:
+      raise ValueError(f'block_type={self.block_type!r} is not one of '
+                       f'{BLOCK_TYPES}.')
+    if self.block_type == 'conformer':
+      if self.norm_position != 'pre':
+        raise ValueError("block_type='conformer' is pre-LN only "
+                         f'(norm_position={self.norm_position!r}).')
+      if self.conv_kernel < 1:
+        raise ValueError(f'conv_kernel={self.conv_kernel} must be >= 1.')
     if self.pooling not in ('mean', 'cls'):
       raise ValueError(f"pooling={self.pooling!r} is not 'mean' or 'cls'.")
     if self.norm_position not in ('pre', 'post'):
@@ -444,6 +585,15 @@ class _LayerStack(nn.Module):
     del feats, embed, stop_below
     return logits
 
+  def _block(self, i: int) -> nn.Module:
+    if self.block_type == 'conformer':
+      return ConformerBlock(self.num_heads, self.mlp_dim, self.conv_kernel,
+                            self.causal, self.dropout, self.layer_norm_eps,
+                            self.peft, name=f'block_{i}')
+    return Block(self.num_heads, self.mlp_dim, self.dropout,
+                 self.norm_position, self.layer_norm_eps,
+                 self.gelu_approximate, self.peft, name=f'block_{i}')
+
   def _task_out_dim(self, task: int) -> int:
     if self.task_classes:
       return int(self.task_classes[task])
@@ -488,23 +638,27 @@ class _LayerStack(nn.Module):
     if self.prompt_len:
       h, key_mask = self._prompt(h, key_mask, task, init)
     mask = self._attn_mask(key_mask, h.shape[1])
+    conformer = self.block_type == 'conformer'
+
+    def run(mdl, h, mask, key_mask):
+      if conformer:
+        return mdl(h, mask, train, task, key_mask)
+      return mdl(h, mask, train, task)
+
     for i in range(depth):
       if i == stop_below:
         h = jax.lax.stop_gradient(h)
-      block = Block(self.num_heads, self.mlp_dim, self.dropout,
-                    self.norm_position, self.layer_norm_eps,
-                    self.gelu_approximate, self.peft, name=f'block_{i}')
+      block = self._block(i)
       gate = None if layer_gates is None else layer_gates[i]
-      if gate is None:
-        h = block(h, mask, train, task)
+      if gate is None or (_is_static(gate) and gate):
+        h = run(block, h, mask, key_mask)
       elif _is_static(gate):
-        h = block(h, mask, train, task) if gate else h
+        pass  # A static skip: the block does not run.
       else:
         # A real skip when the gate is unbatched; a select under vmap.
-        h = nn.cond(gate > 0,
-                    lambda mdl, h, mask: mdl(h, mask, train, task),
-                    lambda mdl, h, mask: h,
-                    block, h, mask)
+        h = nn.cond(gate > 0, run,
+                    lambda mdl, h, mask, key_mask: h,
+                    block, h, mask, key_mask)
     if stop_below is not None and stop_below >= depth:
       h = jax.lax.stop_gradient(h)
     if self.prompt_len:
@@ -620,6 +774,30 @@ class Transformer(_LayerStack):
                features: bool = False, layer_drop_rate=None, task: int = 0):
     return self._run(tokens, train, depth, layer_gates, stop_below, features,
                      layer_drop_rate, task)
+
+
+class ConformerLM(Transformer):
+  """Causal Conformer language model: `Transformer` with conformer blocks.
+
+  Tokens `[B, T]` -> logits `[B, T, vocab_size]`, tied embeddings, causal
+  attention and causal depthwise convs (position t reads tokens <= t only).
+  Everything else (`depth`, `layer_gates`, `stop_below`, PEFT, ...) as in
+  `Transformer`.
+
+  A ~20M configuration for Stack Overflow (vocab 10k + 4 special tokens):
+  `ConformerLM(vocab_size=10004, d_model=256, num_heads=4, mlp_dim=1024,
+  num_layers=12, max_len=256)` has 20,853,248 parameters (18.2M in the
+  blocks, 1,518,848 each; 2.6M in the token embedding, also the output
+  projection; 65,536 in the positions); `CONFORMER_20M` holds it.
+  """
+  block_type: str = 'conformer'
+  causal: bool = True
+  tied_embeddings: bool = True
+
+
+# The ~20M Conformer LM configuration (see `ConformerLM`).
+CONFORMER_20M = dict(vocab_size=10004, d_model=256, num_heads=4, mlp_dim=1024,
+                     num_layers=12, max_len=256)
 
 
 class ViT(_LayerStack):

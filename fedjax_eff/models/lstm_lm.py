@@ -1,0 +1,134 @@
+"""The Stack Overflow next-token LSTM, with an explicit layer stack.
+
+`LSTMLM` is TFF's `create_recurrent_model` for Stack Overflow (Reddi et al.
+2020, "Adaptive Federated Optimization"): Embedding(vocab, 96) ->
+LSTM(670) -> Dense(96) -> Dense(vocab), vocab = 10k words + 4 special
+tokens (pad 0, OOV, BOS, EOS). With the defaults it has exactly 4,050,748
+parameters, as TFF's Keras model:
+
+  embed 10004 * 96                   =   960,384
+  lstm_0 4 * 670 * (96 + 670 + 1)    = 2,055,560  (one bias per gate)
+  proj 670 * 96 + 96                 =    64,416
+  head 96 * 10004 + 10004            =   970,388
+
+Flax's LSTM cells put the gate biases on the recurrent kernels only
+(`hi/hf/hg/ho` with bias, `ii/if/ig/io` without), which is Keras's count.
+
+The top-level parameter groups are `embed`, `lstm_0..lstm_{L-1}`, `proj`
+and `head`, exposed as `layer_names` and `groups` like the Transformer's
+(`transformer._LayerStack`), so the layer-structured techniques (partial
+training, ...) address "layer i" the same way. `stop_below` freezes the
+layers below a given one without a backward pass through them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Size presets. Parameter counts (vocab 10004): tiny 336,932;
+# stackoverflow 4,050,748; large 20,051,732.
+_SIZES = {
+    'tiny': dict(vocab_size=10004, embed_dim=16, lstm_dim=32,
+                 num_lstm_layers=1, proj_dim=16),
+    'stackoverflow': dict(vocab_size=10004, embed_dim=96, lstm_dim=670,
+                          num_lstm_layers=1, proj_dim=96),
+    'large': dict(vocab_size=10004, embed_dim=256, lstm_dim=832,
+                  num_lstm_layers=3, proj_dim=256),
+}
+
+
+def lstm_lm_preset(name: str) -> dict[str, Any]:
+  """Size kwargs of `LSTMLM`: 'tiny' (tests), 'stackoverflow' or 'large'.
+
+  'stackoverflow' is TFF's model (4,050,748 parameters). 'large' (embed
+  256, three LSTM layers of 832, proj 256) has 20,051,732: embed 2,561,024,
+  LSTMs 3,624,192 + 5,541,120 + 5,541,120, proj 213,248, head 2,571,028.
+  'tiny' (embed 16, LSTM 32, proj 16) has 336,932, nearly all of it the
+  10004-token embedding and head; tests pass a smaller `vocab_size`.
+  """
+  if name not in _SIZES:
+    raise ValueError(f'preset={name!r} is not one of {sorted(_SIZES)}.')
+  return dict(_SIZES[name])
+
+
+def _embed_init(key, shape, dtype=jnp.float32):
+  """Keras's Embedding default, uniform in [-0.05, 0.05]: flax's default
+  (unit variance) feeds the LSTM gates inputs ~10x too large."""
+  return jax.random.uniform(key, shape, dtype, -0.05, 0.05)
+
+
+class LSTMLM(nn.Module):
+  """Next-token LSTM: tokens `[B, T]` -> logits `[B, T, vocab_size]`.
+
+  Embedding -> `num_lstm_layers` stacked LSTMs (`nn.RNN`, a `lax.scan` over
+  time) -> Dense(`proj_dim`) (none if 0) -> Dense(`vocab_size`) with bias
+  (untied). Pad tokens (id 0) are not masked: the model is causal and the
+  data pads at the end, so padding only reaches padded positions, which
+  the loss ignores. `dropout` (the 'dropout' rng, only when `train`) acts
+  on the embedding and each LSTM's output. `num_classes` is ignored (it is
+  `get_model`'s signature).
+
+  `__call__(tokens, train=False, *, stop_below=None, features=False)`:
+
+  * `stop_below` (static int): stop gradients at the activations entering
+    layer `stop_below` of `layer_names` (or the head, if that is >= the
+    number of layers), so the embedding and the layers below get zero
+    gradient and no backward pass runs through them.
+  * `features`: return the head's input `[B, T, proj_dim or lstm_dim]`.
+  """
+  vocab_size: int = 10004
+  embed_dim: int = 96
+  lstm_dim: int = 670
+  num_lstm_layers: int = 1
+  proj_dim: int = 96
+  dropout: float = 0.0
+  num_classes: int = 0
+
+  def __post_init__(self):
+    if self.num_lstm_layers < 1:
+      raise ValueError(f'num_lstm_layers={self.num_lstm_layers} must be '
+                       '>= 1.')
+    super().__post_init__()
+
+  @property
+  def layer_names(self) -> tuple[str, ...]:
+    names = tuple(f'lstm_{i}' for i in range(self.num_lstm_layers))
+    return names + (('proj',) if self.proj_dim else ())
+
+  @property
+  def head_names(self) -> tuple[str, ...]:
+    return ('head',)
+
+  @property
+  def groups(self) -> dict[str, tuple[str, ...]]:
+    return {'embed': ('embed',), 'layers': self.layer_names,
+            'head': self.head_names}
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = False, *,
+               stop_below: int | None = None, features: bool = False):
+    drop = lambda y: (nn.Dropout(self.dropout, deterministic=not train)(y)
+                      if self.dropout else y)
+    h = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=_embed_init,
+                 name='embed')(tokens)
+    h = drop(h)
+    if self.is_initializing():
+      stop_below = None
+    for i, name in enumerate(self.layer_names):
+      if i == stop_below:
+        h = jax.lax.stop_gradient(h)
+      if name == 'proj':
+        h = nn.Dense(self.proj_dim, name='proj')(h)
+      else:
+        # The cell holds the parameters, so it carries the layer's name.
+        h = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim, name=name))(h)
+        h = drop(h)
+    if stop_below is not None and stop_below >= len(self.layer_names):
+      h = jax.lax.stop_gradient(h)
+    if features:
+      return h
+    return nn.Dense(self.vocab_size, name='head')(h)

@@ -1,0 +1,149 @@
+"""Language modelling: the next-token task's two denominators, the round on
+text against its reference, the pretraining reserve, and a federated model
+reaching the Markov corpus's entropy floor."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_eff import core
+from fedjax_eff.data import FederatedData, markov_corpus, pack, registry
+from fedjax_eff.experiment import train_and_evaluate
+from fedjax_eff.experiment.defaults import base_config
+from fedjax_eff.models import get_model
+from fedjax_eff.techniques import partial, quantization
+from tests.helpers import round_vs_reference
+
+pytestmark = pytest.mark.usefixtures('fast_compiles')
+
+PAD, BOS, EOS, OOV = 0, 1, 2, 3
+
+
+def padded_text(num_clients=5, seq_len=8, vocab=12, seed=0):
+  """Sentences of random length (eos, then pad), some oov tokens."""
+  rng = np.random.default_rng(seed)
+  clients = {}
+  for k in range(num_clients):
+    n = int(rng.integers(3, 12))
+    seq = np.zeros((n, seq_len + 1), np.int32)
+    for i in range(n):
+      length = int(rng.integers(1, seq_len))
+      words = rng.integers(OOV, vocab, length)  # includes oov (3)
+      seq[i, :length + 2] = np.concatenate([[BOS], words, [EOS]])[
+          :seq_len + 1]
+    clients[f'c{k}'] = {'x': seq[:, :-1], 'y': seq[:, 1:]}
+  return FederatedData(clients)
+
+
+def test_loss_masks_pad_and_accuracy_skips_pad_eos_oov():
+  task = core.next_token(PAD, EOS, OOV)
+  y = np.array([[5, 6, OOV, EOS, PAD, PAD], [7, EOS, PAD, PAD, PAD, PAD]],
+               np.int32)
+  batch = {'x': np.zeros_like(y), 'y': y}
+  logits = jax.random.normal(jax.random.key(0), y.shape + (10,))
+  mask = jnp.ones(2)
+  sums = core.batch_sums(task, logits, batch, mask)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  real = y != PAD
+  np.testing.assert_allclose(sums.loss, np.sum(np.where(real, ce, 0.0)),
+                             rtol=1e-6)
+  assert float(sums.loss_units) == real.sum() == 6
+  assert float(sums.scored_units) == 3  # 5, 6, 7: not oov, eos or pad
+  # Whatever the model says at pad positions changes nothing.
+  noisy = jnp.where(real[..., None], logits, 100.0 * logits)
+  assert float(core.batch_sums(task, noisy, batch, mask).loss) == pytest.approx(
+      float(sums.loss), rel=1e-6)
+  # A perfect predictor scores 3 of 3; hitting eos and oov earns nothing.
+  perfect = jax.nn.one_hot(y, 10) * 50.0
+  assert float(core.batch_sums(task, perfect, batch, mask).correct) == 3
+  # The example mask drops whole examples from both denominators.
+  half = core.batch_sums(task, logits, batch, jnp.array([0.0, 1.0]))
+  assert (float(half.loss_units), float(half.scored_units)) == (2, 1)
+
+
+@pytest.mark.parametrize('technique', ['identity', 'partial_q4'])
+def test_lm_round_matches_reference(technique):
+  data = padded_text()
+  model = get_model('transformer', 0, causal=True, tied_embeddings=True,
+                    vocab_size=12, max_len=8, num_layers=2, d_model=16,
+                    num_heads=2, mlp_dim=32)
+  params = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))['params']
+  tech = core.identity()
+  if technique == 'partial_q4':
+    tech = core.chain(partial.partial_training(model, layers=[1]),
+                      quantization.quantize(bits=4))
+  kw = dict(model=model, task=core.next_token(), technique=tech,
+            client_optimizer=optax.sgd(0.5),
+            server_optimizer=core.make_optimizer('fedadam', 0.01))
+  cohort = pack(data, np.arange(data.num_clients), steps=3, batch_size=4,
+                seed=0, round_num=0)
+  _, state, metrics, _, ref = round_vs_reference(
+      kw, params, cohort, jax.random.key(1), chunk_size=2)
+  # Token-level means: loss over non-pad targets, accuracy over scored.
+  np.testing.assert_allclose(metrics.train_loss, ref['train_loss'], rtol=1e-5)
+  np.testing.assert_allclose(metrics.train_accuracy, ref['train_accuracy'],
+                             rtol=1e-5, atol=1e-7)
+  moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(state.params), jax.tree.leaves(params))]
+  assert max(moved) > 0
+  if technique == 'partial_q4':
+    # Only block 1 and the head train; 4-bit codes travel.
+    assert float(jnp.max(jnp.abs(state.params['block_0']['mlp_in']['kernel']
+                                 - params['block_0']['mlp_in']['kernel']))) == 0
+    assert float(metrics.upload_bits) < 0.25 * 32 * sum(
+        x.size for x in jax.tree.leaves(params))
+
+
+def test_pretraining_reserve_is_disjoint_and_stable():
+  cfg = registry.default_config()
+  cfg.source, cfg.num_clients, cfg.heldout_clients = 'markov', 40, 4
+  cfg.markov_states, cfg.max_sequences = 4, 20
+  everyone = set(registry.load(cfg).train.client_ids)
+  cfg.pretrain_fraction = 0.25
+  fed = set(registry.load(cfg).train.client_ids)
+  cfg.part = 'pretrain'
+  pre = set(registry.load(cfg).train.client_ids)
+  assert fed and pre and not fed & pre and fed | pre == everyone
+  assert 4 <= len(pre) <= 18  # ~10 of 40
+  assert pre == set(registry.load(cfg).train.client_ids)
+  cfg.part = 'bogus'
+  with pytest.raises(ValueError, match='data.part'):
+    registry.load(cfg)
+  cfg.part, cfg.pretrain_fraction = 'pretrain', 0.0
+  with pytest.raises(ValueError, match='pretrain_fraction'):
+    registry.load(cfg)
+
+
+def test_markov_reaches_its_entropy_floor(tmp_path):
+  """A one-block Transformer, trained federated, ends within 10% of the
+  corpus's perplexity floor on the training clients' test split (and not
+  below it: a floor is a floor)."""
+  c = base_config()
+  d = c.data
+  d.source, d.num_clients, d.heldout_clients = 'markov', 20, 4
+  d.markov_states, d.markov_heterogeneity, d.seq_len = 8, 0.02, 16
+  d.test_fraction = 0.2
+  c.model.name = 'transformer'
+  c.model.kwargs = dict(causal=True, num_layers=1, d_model=32, num_heads=2,
+                        mlp_dim=64, max_len=16)
+  c.task.name = 'lm'
+  c.num_rounds, c.clients_per_round = 25, 10
+  c.client.optimizer, c.client.learning_rate = 'adam', 0.03
+  c.client.local_steps, c.client.batch_size = 5, 16
+  c.eval_every = c.checkpoint_every = c.num_rounds
+  c.accounting = c.progress = c.tensorboard = False
+  m = train_and_evaluate(c, str(tmp_path))['final_metrics']
+  corpus = markov_corpus.markov_corpus(24, seed=0, num_states=8, seq_len=16,
+                                       heterogeneity=0.02)
+  # The floor of the 20 training clients (clients weighted by targets).
+  n = corpus.data.client_sizes[:20].astype(np.float64)
+  floor = np.exp(np.sum(n * (15 * corpus.client_entropy_rate[:20]
+                             + corpus.client_first_entropy[:20]))
+                 / np.sum(n * 16))
+  assert m['test_perplexity'] == pytest.approx(np.exp(m['test_loss']))
+  assert 0.97 * floor < m['test_perplexity'] < 1.10 * floor, (
+      m['test_perplexity'], floor)

@@ -99,13 +99,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
-  """`get_config()` of `configs/<name>.py` next to `config_file`.
+def sibling_config(config_file: str, name: str,
+                   arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(arg)`) of `configs/.../<name>.py` next
+  to `config_file`.
 
   Variants import their base this way (config files are loaded by path, so
   `configs` is not an importable package):
   `c = sibling_config(__file__, 'fedssl_vit')`.
   """
+  return load_config_module(config_file, name).get_config(
+      *(() if arg is None else (arg,)))
+
+
+def load_config_module(config_file: str, name: str):
+  """The module `<name>.py` next to `config_file`, loaded by path."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)),
@@ -113,4 +121,4 @@ def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(f'_config_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module

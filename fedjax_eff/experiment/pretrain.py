@@ -110,11 +110,18 @@ def _drop(tree: Any, skip: str) -> Any:
 
 
 def pretrain(config, workdir: str) -> dict:
-  """Central training of `config.model` on the pooled training clients."""
+  """Central training of `config.model` on the pooled training clients
+  (only those reserved for pretraining if `data.pretrain_fraction` > 0)."""
   from fedjax_eff.experiment.train import Experiment  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   os.makedirs(workdir, exist_ok=True)
   p = config.pretrain
+  if config.data.get('pretrain_fraction', 0.0) > 0:
+    # Pretrain on the clients the federated run leaves out (Ro et al.:
+    # central pretraining on data disjoint from the federated clients').
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.part = 'pretrain'
   exp = Experiment(config)
   pool = exp.data.train.concatenated()
   n = len(next(iter(pool.values())))

@@ -71,14 +71,14 @@ def find_unknown_overrides(argv) -> list[str]:
       overrides.append(arg[len('--config.'):].split('=', 1)[0])
   if not path or not overrides:
     return []
-  spec = importlib.util.spec_from_file_location('_fedjax_eff_cfg',
-                                                path.split(':', 1)[0])
+  path, _, arg = path.partition(':')  # 'configs/x.py:arg' -> get_config(arg)
+  spec = importlib.util.spec_from_file_location('_fedjax_eff_cfg', path)
   if spec is None or spec.loader is None:
     return []
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(*((arg,) if arg else ()))
   except Exception:  # pylint: disable=broad-except
     return []  # let ml_collections report a broken config file itself
   unknown = []

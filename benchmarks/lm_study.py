@@ -15,6 +15,7 @@ models, vocabulary and round budget so it runs on a laptop:
   tf_partial_q4 both
   tf_pre_partial_q4  central pretraining on 20% of the modules (disjoint
                 from the federated ones), then partial + 4-bit fine-tuning
+  cf_*          a causal Conformer LM of the same size (2 blocks)
 
 For each: held-out-module perplexity at the end, upload bytes per client
 per round (exact, from metrics.jsonl), and the upload ratio against the
@@ -55,6 +56,11 @@ SIZES = {
     'transformer': dict(causal=True, tied_embeddings=True, max_len=20,
                         vocab_size=VOCAB, num_layers=4, d_model=96,
                         num_heads=4, mlp_dim=384),
+    # Two conformer blocks (two half-FFNs and a causal conv module each)
+    # weigh about as much as four Transformer blocks.
+    'conformer_lm': dict(max_len=20, vocab_size=VOCAB, num_layers=2,
+                         d_model=96, num_heads=4, mlp_dim=384,
+                         conv_kernel=7),
 }
 # name -> configs/lm/stdlib.py spec
 VARIANTS = {
@@ -69,6 +75,8 @@ VARIANTS = {
     'tf_q4': 'transformer,fedadam,q4',
     'tf_partial_q4': 'transformer,fedadam,partial,q4',
     'tf_pre_partial_q4': 'transformer,fedadam,partial,q4,pretrain',
+    'cf_fedadam': 'conformer,fedadam',
+    'cf_partial_q4': 'conformer,fedadam,partial,q4',
 }
 BASELINE = 'lstm_fedadam'
 
@@ -138,6 +146,9 @@ def main():
   parser.add_argument('--workdir', default='/tmp/fedjax_eff_lm_study')
   parser.add_argument('--out', default=os.path.join(
       ROOT, 'benchmarks', 'results', 'lm_study.json'))
+  parser.add_argument('--merge', action='store_true',
+                      help='keep the other variants already in --out (same '
+                      'rounds/clients/steps) and add or replace these')
   args = parser.parse_args()
   names = [v for v in args.variants.split(',') if v]
   bad = [v for v in names if v not in VARIANTS]
@@ -148,6 +159,13 @@ def main():
         f'{os.cpu_count()} cpus; {args.rounds} rounds x {args.clients} '
         f'clients x {args.steps} steps', flush=True)
   rows = {}
+  if args.merge and os.path.exists(args.out):
+    with open(args.out) as f:
+      old = json.load(f)
+    if (old['rounds'], old['clients_per_round'], old['local_steps']) != (
+        args.rounds, args.clients, args.steps):
+      parser.error(f'--merge: {args.out} was run with other settings.')
+    rows = old['variants']
   for name in names:
     t = time.time()
     c = config(VARIANTS[name], args.rounds, args.clients, args.steps)

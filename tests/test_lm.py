@@ -4,16 +4,22 @@ reaching the Markov corpus's entropy floor."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 import pytest
 
 from fedjax_eff import core
 from fedjax_eff.data import FederatedData, markov_corpus, pack, registry
+from fedjax_eff.experiment import pretrain as pretrain_lib
+from fedjax_eff.experiment import train as train_lib
 from fedjax_eff.experiment import train_and_evaluate
-from fedjax_eff.experiment.defaults import base_config
+from fedjax_eff.experiment.defaults import base_config, load_config_module
+from fedjax_eff.experiment.validation import find_unknown_overrides
 from fedjax_eff.models import get_model
 from fedjax_eff.techniques import partial, quantization
 from tests.helpers import round_vs_reference
@@ -147,3 +153,79 @@ def test_markov_reaches_its_entropy_floor(tmp_path):
   assert m['test_perplexity'] == pytest.approx(np.exp(m['test_loss']))
   assert 0.97 * floor < m['test_perplexity'] < 1.10 * floor, (
       m['test_perplexity'], floor)
+
+
+# ---------------------------------------------------------------- configs --
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LM_CONFIGS = load_config_module(os.path.join(ROOT, 'configs', 'lm', 'x.py'),
+                                'stdlib')
+
+
+def test_lm_config_grid_cells():
+  c = LM_CONFIGS.get_config('lstm,fedyogi,partial,q8')
+  assert (c.model.name, c.server.optimizer) == ('lstm_lm', 'fedyogi')
+  assert c.server.learning_rate == 1e-2 and c.server.optimizer_kwargs.eps == 1e-5
+  assert [t.name for t in c.techniques] == ['partial_training', 'quantize']
+  assert c.techniques[0].top_fraction == 0.5
+  exp_model = get_model('lstm_lm', 0, preset='stackoverflow')
+  tech = partial.partial_training(exp_model, top_fraction=0.5)
+  p = jax.eval_shape(lambda: exp_model.init(jax.random.key(0),
+                                            np.zeros((1, 4), np.int32)))
+  mask = tech.trainable(p['params'], None)
+  # The top half of (lstm_0, proj) and the head train; below, nothing.
+  assert {k: all(jax.tree.leaves(v)) for k, v in mask.items()} == {
+      'embed': False, 'lstm_0': False, 'proj': True, 'head': True}
+  assert c.techniques[1].bits == 8 and c.data.pretrain_fraction == 0.0
+  c = LM_CONFIGS.get_config('conformer,pretrain')
+  assert c.model.name == 'conformer_lm' and c.server.optimizer == 'fedadam'
+  assert c.techniques == [] and c.data.pretrain_fraction == 0.2
+  for bad in ('lstm,transformer', 'q4,q8', 'gru'):
+    with pytest.raises(ValueError, match='config spec'):
+      LM_CONFIGS.get_config(bad)
+  so = load_config_module(os.path.join(ROOT, 'configs', 'lm', 'x.py'),
+                          'stackoverflow').get_config('transformer_21m,fedavg')
+  assert (so.data.source, so.data.vocab_size) == ('stackoverflow', 10_000)
+  assert so.model.kwargs.vocab_size == 10_004
+
+
+def test_cli_override_check_reads_config_arguments():
+  path = os.path.join(ROOT, 'configs', 'lm', 'stdlib.py')
+  assert find_unknown_overrides(
+      ['train', f'--config={path}:lstm,q4', '--config.techniques']) == []
+  assert find_unknown_overrides(
+      ['train', f'--config={path}:lstm,q4', '--config.model.kwargs.preset=x',
+       '--config.bogus=1']) == ['bogus']
+
+
+def test_pretrain_then_federated_finetune_on_stdlib(tmp_path):
+  """The grid's pretrain cell end to end on a small stdlib slice: central
+  pretraining reads only the reserved modules; the federated run starts
+  from its params, trains half the blocks, and uploads 4-bit codes."""
+  def small(c):
+    c.model.kwargs = dict(causal=True, tied_embeddings=True, max_len=12,
+                          vocab_size=300, num_layers=2, d_model=16,
+                          num_heads=2, mlp_dim=32)
+    c.data.vocab_size, c.data.max_modules, c.data.seq_len = 300, 40, 12
+    c.data.max_sequences, c.data.cache_dir = 50, str(tmp_path / 'cache')
+    c.num_rounds, c.clients_per_round = 2, 4
+    c.client.local_steps, c.client.batch_size = 2, 8
+    c.eval_every = c.checkpoint_every = 2
+    c.accounting = c.progress = c.tensorboard = False
+    c.pretrain.steps, c.pretrain.batch_size = 6, 16
+    c.pretrain.log_every = c.pretrain.checkpoint_every = 3
+    return c
+  c = small(LM_CONFIGS.get_config('transformer,fedadam,partial,q4,pretrain'))
+  pre = pretrain_lib.pretrain(c, str(tmp_path / 'pre'))
+  assert np.isfinite(pre['test_loss'])
+  exp = train_lib.Experiment(c)
+  reserved = registry.load(ml_collections.ConfigDict(dict(
+      c.data.to_dict(), part='pretrain'))).train.client_ids
+  assert reserved and not set(reserved) & set(exp.data.train.client_ids)
+  c.init_checkpoint = str(tmp_path / 'pre')
+  s = train_and_evaluate(c, str(tmp_path / 'ft'))
+  m = s['final_metrics']
+  assert m['test_perplexity'] == pytest.approx(np.exp(m['test_loss']))
+  assert 'heldout_perplexity' in m and m['test_accuracy'] > 0
+  full_bits = 32 * s['num_params']
+  assert 0 < m['upload_bits'] < full_bits / 8 / 2  # 4 bits, half the blocks

@@ -88,10 +88,8 @@ def apply(c: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
   c.server.optimizer_kwargs = ml_collections.ConfigDict(server_kwargs)
   c.techniques = []
   if 'partial' in variants:
-    n = (kwargs.get('num_layers') or
-         {'stackoverflow': 2, 'large': 4}[kwargs['preset']])
     c.techniques.append(ml_collections.ConfigDict(dict(
-        name='partial_training', mode='fixed', layers=tuple(range(n // 2, n)),
+        name='partial_training', mode='fixed', top_fraction=0.5,
         train_head=True, train_embed=False)))
   for bits in (8, 4):
     if f'q{bits}' in variants:

@@ -27,6 +27,7 @@ parameters (embedding, head, norms outside blocks) follow `train_embed` /
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
@@ -43,7 +44,8 @@ MODES = ('fixed', 'per_round', 'per_client')
 def partial_training(model, layers: Sequence[int] = (),
                      pattern: str | None = None, mode: str = 'fixed',
                      num_layers: int = 0, train_head: bool = True,
-                     train_embed: bool = False, seed: int = 0) -> Technique:
+                     train_embed: bool = False, seed: int = 0,
+                     top_fraction: float = 0.0) -> Technique:
   """Trains the chosen layers (plus head / embedding / regex matches).
 
   Args:
@@ -55,8 +57,18 @@ def partial_training(model, layers: Sequence[int] = (),
     num_layers: how many layers `per_round` / `per_client` draw.
     train_head, train_embed: whether the head / embedding groups train.
     seed: the `per_round` draw's seed.
+    top_fraction: in `fixed` mode, also train the top `ceil(top_fraction *
+      L)` of the model's L layers (Ro et al.'s "half the layers" is 0.5),
+      so a config stays right when the model's depth is overridden.
   """
   s = structure_lib.structure_of(model)
+  if not 0.0 <= top_fraction <= 1.0:
+    raise ValueError(f'partial_training top_fraction={top_fraction} is not '
+                     'in [0, 1].')
+  if top_fraction:
+    n = s.num_layers
+    top = min(n, max(1, math.ceil(top_fraction * n - 1e-9)))
+    layers = tuple(sorted(set(layers) | set(range(n - top, n))))
   if mode not in MODES:
     raise ValueError(f'partial_training mode={mode!r} is not one of {MODES}.')
   layers = structure_lib.check_layers(s, layers, 'partial_training.layers')

@@ -43,6 +43,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import plots
 
 from fedjax_eff.experiment import pretrain as pretrain_lib
 from fedjax_eff.experiment import train as train_lib
@@ -114,27 +115,11 @@ def downstream_config(name: str, rounds: int, backbone: str):
 
 def plot(rows: dict, path: str) -> None:
   """Accuracy against upload bits per client per round (log scale)."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    print('matplotlib is not installed: no plot')
-    return
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, r in rows.items():
-    if r['upload_bits']:
-      ax.scatter(r['upload_bits'] / 8e3, r['accuracy'])
-      ax.annotate(name, (r['upload_bits'] / 8e3, r['accuracy']),
-                  textcoords='offset points', xytext=(4, 4), fontsize=8)
-  ax.set_xscale('log')
-  ax.set_xlabel('upload per client per round (kB)')
-  ax.set_ylabel('test accuracy')
-  ax.set_title('Fine-tuning a pretrained ViT: upload vs accuracy')
-  ax.grid(True, alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f'plot: {path}')
+  plots.labelled_scatter(
+      {n: (r['upload_bits'] / 8e3, r['accuracy'])
+       for n, r in rows.items() if r['upload_bits']}, path,
+      xlabel='upload per client per round (kB)', ylabel='test accuracy',
+      title='Fine-tuning a pretrained ViT: upload vs accuracy')
 
 
 def main():

@@ -40,6 +40,7 @@ import time
 
 import jax
 import numpy as np
+import plots
 
 from fedjax_eff.experiment import pretrain as pretrain_lib
 from fedjax_eff.experiment import train as train_lib
@@ -98,28 +99,13 @@ def config(spec: str, rounds: int, clients: int, steps: int):
 
 def plot(rows: dict, path: str) -> None:
   """Held-out perplexity against upload MB per client per round."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    print('matplotlib is not installed: no plot')
-    return
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for name, r in rows.items():
-    mb = r['upload_bytes_per_client_round'] / 1e6
-    ax.scatter(mb, r['perplexity'],
-               marker='s' if name.startswith('lstm') else 'o')
-    ax.annotate(name, (mb, r['perplexity']), textcoords='offset points',
-                xytext=(4, 3), fontsize=7)
-  ax.set_xscale('log')
-  ax.set_xlabel('upload per client per round (MB)')
-  ax.set_ylabel('held-out perplexity')
-  ax.set_title('Federated LMs on the Python stdlib: perplexity vs upload')
-  ax.grid(True, alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f'plot: {path}')
+  plots.labelled_scatter(
+      {n: (r['upload_bytes_per_client_round'] / 1e6, r['perplexity'])
+       for n, r in rows.items()}, path,
+      xlabel='upload per client per round (MB)',
+      ylabel='held-out perplexity',
+      title='Federated LMs on the Python stdlib: perplexity vs upload',
+      square=lambda n: n.startswith('lstm'))
 
 
 def table(rows: dict) -> str:

@@ -26,7 +26,17 @@ class LogisticRegression(nn.Module):
     return nn.Dense(self.num_classes, name='head')(x)
 
 
+def _dense_group(name: str, width: int, following: str, depth: int):
+  """The hidden units of dense/conv layer `name` (output axis last) and
+  the input axis of the layer that reads them."""
+  from fedjax_eff.techniques.federated_dropout import WidthGroup  # pylint: disable=g-import-not-at-top
+  return WidthGroup(name, width, ((f'{name}/kernel', -1), (f'{name}/bias', 0),
+                                  (f'{following}/kernel', -2)), depth)
+
+
 class MLP(nn.Module):
+  """Dense layers with ReLU. `widths` (federated dropout) narrows hidden
+  layers by name: `widths=(('dense0', 50),)`."""
   num_classes: int
   hidden: Sequence[int] = (200, 200)
   dropout: float = 0.0
@@ -35,11 +45,18 @@ class MLP(nn.Module):
   def layer_names(self):
     return tuple(f'dense{i}' for i in range(len(self.hidden))) + ('head',)
 
+  @property
+  def width_groups(self):
+    names = self.layer_names
+    return tuple(_dense_group(names[i], h, names[i + 1], i)
+                 for i, h in enumerate(self.hidden))
+
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, widths=None):
     x = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+    widths = dict(widths or ())
     for i, h in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(h, name=f'dense{i}')(x))
+      x = nn.relu(nn.Dense(widths.get(f'dense{i}', h), name=f'dense{i}')(x))
       if self.dropout:
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name='head')(x)
@@ -58,12 +75,24 @@ class CNN(nn.Module):
   use_im2col: bool = True
   layer_names = ('conv1', 'conv2', 'dense1', 'head')
 
+  @property
+  def width_groups(self):
+    """Conv channels and dense units. conv2's channels reach dense1
+    through the flattened `[H, W, C]` map: channel-minor blocks."""
+    names = self.layer_names
+    return tuple(_dense_group(names[i], w, names[i + 1], i) for i, w in
+                 enumerate(tuple(self.features) + (self.hidden,)))
+
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, widths=None):
     x = x.astype(jnp.float32)
     if x.ndim == 3:
       x = x[..., None]
-    for name, f in zip(('conv1', 'conv2'), self.features):
+    widths = dict(widths or ())
+    features = [widths.get(n, f) for n, f in zip(('conv1', 'conv2'),
+                                                 self.features)]
+    hidden = widths.get('dense1', self.hidden)
+    for name, f in zip(('conv1', 'conv2'), features):
       if self.use_im2col:
         x = Im2ColConv(f, (3, 3), name=name)(x)
       else:
@@ -73,7 +102,7 @@ class CNN(nn.Module):
     if self.dropout:
       x = nn.Dropout(0.25, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(self.hidden, name='dense1')(x))
+    x = nn.relu(nn.Dense(hidden, name='dense1')(x))
     if self.dropout:
       x = nn.Dropout(0.5, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name='head')(x)

@@ -16,6 +16,8 @@ Registered:
   quantize            k-bit stochastic quantization of the upload (download)
   modules             FedYolo: per-task LoRA / adapter / prompt modules and
                       heads on a frozen backbone (head-only, full baselines)
+  federated_dropout   per-client dense sub-models of the model's width
+                      groups, per-layer rates, a keep ratio per device tier
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from fedjax_eff.core.technique import Technique, chain, identity
 from fedjax_eff.techniques import last_n as last_n_lib
+from fedjax_eff.techniques import federated_dropout as federated_dropout_lib
 from fedjax_eff.techniques import layerwise as layerwise_lib
 from fedjax_eff.techniques.task_modules import modules, task_routing
 from fedjax_eff.techniques.partial import partial_training
@@ -69,6 +72,11 @@ REGISTRY: dict[str, Callable[..., Technique]] = {
         ctx.model, n if isinstance(n, int) else tuple(n), train_head),
     'budgeted_last_n': _budgeted_last_n,
     'quantize': lambda ctx, **kw: quantize(**kw),
+    'federated_dropout': lambda ctx, rate=0.25, tier_rates=(), **kw: (
+        federated_dropout_lib.federated_dropout(
+            ctx.model, ctx.init_params,
+            tuple(rate) if isinstance(rate, (list, tuple)) else rate,
+            tier_rates=tuple(tier_rates), **kw)),
     'modules': lambda ctx, kinds=('lora',), **kw: modules(
         ctx.model, ctx.init_params,
         kinds if isinstance(kinds, str) else tuple(kinds), **kw),

@@ -1,0 +1,262 @@
+"""Federated dropout (Caldas et al. 2018; Guliani et al. 2022, technique 5).
+
+Each round, each client trains a physically smaller dense sub-model: in
+every *width group* of the model (the hidden units of a dense layer, the
+heads of an attention layer, the channels of a convolution) it keeps a
+random set of `round((1 - p_l) * width_l)` units, gathers the weights that
+touch them, trains, and uploads the sub-model's update; the server scatters
+each update back and divides every parameter by the weight of the clients
+that kept it (the round's coverage), so a parameter nobody kept keeps its
+value. What the device downloads, trains, stores and uploads is the smaller
+model; so is what the simulator computes (static shapes per tier, the kept
+indices per client under `vmap`).
+
+Width groups are declared by the model (`model.width_groups`: `WidthGroup`
+entries naming the parameter axes indexed by the group's units). Output
+classes, the vocabulary axis of embeddings and the residual width are not
+groups unless a model declares them. An axis of length `m * width` holds
+`m` blocks of the group's units with the unit index minor (index
+`j * width + u`): a GLU's two halves, or a flattened `[H, W, C]` feature map
+feeding a dense layer. The model's `__call__` takes a static
+`widths=((group name, kept units), ...)` and builds its layers that narrow.
+
+Per-group dropout rates `p_l`: `constant`, by `size` (`p * width_l /
+max width`), by `depth` (a linear ramp from `rate_first` at the first
+group to `rate` at the last) or an explicit list. With `tier_rates`, each
+device tier drops at its own base rate (a static program per tier, one
+round). `submodel` extracts a nested sub-model (the first, or chosen, units
+at one keep ratio) to evaluate alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_eff.core.technique import Technique, mask_as_array
+
+PyTree = Any
+SCHEDULES = ('constant', 'size', 'depth')
+
+
+class WidthGroup(NamedTuple):
+  """Units that are kept or dropped together, and the axes they index.
+
+  `members`: `(parameter path, axis)` pairs, e.g. `('dense0/kernel', 1)`,
+  `('dense0/bias', 0)`, `('head/kernel', 0)`. `depth`: the group's position
+  from input to output (the `depth` rate schedule).
+  """
+  name: str
+  width: int
+  members: tuple[tuple[str, int], ...]
+  depth: int = 0
+
+
+def width_groups(model) -> tuple[WidthGroup, ...]:
+  groups = tuple(getattr(model, 'width_groups', ()) or ())
+  if not groups:
+    raise ValueError(f'{type(model).__name__} declares no width groups '
+                     '(`width_groups`); federated dropout needs a model '
+                     'that does (mlp, cnn, transformer, vit, conformer_*).')
+  return groups
+
+
+def group_rates(groups: Sequence[WidthGroup], rate, schedule='constant',
+                rate_first: float = 0.0) -> tuple[float, ...]:
+  """`p_l` per group from a base `rate` (or an explicit list)."""
+  if isinstance(rate, (list, tuple)):
+    if len(rate) != len(groups):
+      raise ValueError(f'federated_dropout rate list has {len(rate)} '
+                       f'entries for {len(groups)} width groups '
+                       f'{[g.name for g in groups]}.')
+    rates = tuple(float(r) for r in rate)
+  elif schedule == 'constant':
+    rates = (float(rate),) * len(groups)
+  elif schedule == 'size':
+    widest = max(g.width for g in groups)
+    rates = tuple(float(rate) * g.width / widest for g in groups)
+  elif schedule == 'depth':
+    lo, hi = min(g.depth for g in groups), max(g.depth for g in groups)
+    span = max(hi - lo, 1)
+    rates = tuple(rate_first + (float(rate) - rate_first) * (g.depth - lo)
+                  / span for g in groups)
+  else:
+    raise ValueError(f'federated_dropout schedule={schedule!r} is not one '
+                     f'of {SCHEDULES} (or give a list of rates).')
+  bad = [r for r in rates if not 0.0 <= r < 1.0]
+  if bad:
+    raise ValueError(f'federated_dropout rates must be in [0, 1); got {bad}.')
+  return rates
+
+
+def kept_counts(groups: Sequence[WidthGroup], rates: Sequence[float]
+                ) -> tuple[int, ...]:
+  """`round((1 - p_l) * width_l)` units per group, at least one."""
+  return tuple(max(1, int(math.floor((1.0 - p) * g.width + 0.5)))
+               for g, p in zip(groups, rates))
+
+
+# ----------------------------------------------------------- gather/scatter --
+
+def _get(tree, path: str):
+  for k in path.split('/'):
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path: str, value):
+  """A copy of nested dict `tree` with `path` replaced (shares the rest)."""
+  head, _, rest = path.partition('/')
+  out = dict(tree)
+  out[head] = _set(tree[head], rest, value) if rest else value
+  return out
+
+
+def take_units(x: jax.Array, idx: jax.Array, axis: int,
+               width: int) -> jax.Array:
+  """The entries of `x` on `axis` that belong to units `idx` of `width`."""
+  axis %= x.ndim
+  n = x.shape[axis]
+  m = n // width
+  y = x.reshape(x.shape[:axis] + (m, width) + x.shape[axis + 1:])
+  y = jnp.take(y, idx, axis=axis + 1)
+  return y.reshape(x.shape[:axis] + (m * idx.shape[0],) + x.shape[axis + 1:])
+
+
+def put_units(x: jax.Array, idx: jax.Array, axis: int, width: int,
+              full: int) -> jax.Array:
+  """Inverse of `take_units`: `x` scattered into zeros of length `full`."""
+  axis %= x.ndim
+  m = full // width
+  k = idx.shape[0]
+  y = x.reshape(x.shape[:axis] + (m, k) + x.shape[axis + 1:])
+  out = jnp.zeros(x.shape[:axis] + (m, width) + x.shape[axis + 1:], x.dtype)
+  index = (slice(None),) * (axis + 1) + (idx,)
+  out = out.at[index].set(y)
+  return out.reshape(x.shape[:axis] + (full,) + x.shape[axis + 1:])
+
+
+def check_groups(groups: Sequence[WidthGroup], params: PyTree):
+  """Every member exists and its axis is a whole number of unit blocks."""
+  for g in groups:
+    for path, axis in g.members:
+      try:
+        leaf = _get(params, path)
+      except (KeyError, TypeError):
+        raise ValueError(f'width group {g.name!r}: no parameter {path!r}.'
+                         ) from None
+      n = np.shape(leaf)[axis]
+      if n % g.width:
+        raise ValueError(f'width group {g.name!r}: {path} axis {axis} has '
+                         f'length {n}, not a multiple of width {g.width}.')
+
+
+def gather(params: PyTree, groups: Sequence[WidthGroup],
+           indices: Sequence[jax.Array]) -> PyTree:
+  """The sub-model: every member axis narrowed to its group's kept units."""
+  for g, idx in zip(groups, indices):
+    for path, axis in g.members:
+      params = _set(params, path, take_units(_get(params, path), idx, axis,
+                                             g.width))
+  return params
+
+
+def scatter(sub: PyTree, like: PyTree, groups: Sequence[WidthGroup],
+            indices: Sequence[jax.Array]) -> PyTree:
+  """A sub-model-shaped tree back in `like`'s shapes, zeros elsewhere.
+
+  Undoes `gather` in reverse order, so a leaf narrowed by two groups
+  (e.g. a recurrent kernel) is widened on each axis in turn.
+  """
+  steps = [(g, idx, path, axis) for g, idx in zip(groups, indices)
+           for path, axis in g.members]
+  # Each member's full length, before any narrowing of its leaf.
+  full = {(path, axis): np.shape(_get(like, path))[axis]
+          for _, _, path, axis in steps}
+  for g, idx, path, axis in reversed(steps):
+    sub = _set(sub, path, put_units(_get(sub, path), idx, axis, g.width,
+                                    full[(path, axis)]))
+  return sub
+
+
+# -------------------------------------------------------------- technique --
+
+def federated_dropout(model, init_params: PyTree, rate=0.25,
+                      schedule: str = 'constant', rate_first: float = 0.0,
+                      tier_rates: Sequence[float] = ()) -> Technique:
+  """Each client trains a random dense sub-model of the model's width
+  groups (module docstring). `tier_rates[t]` replaces `rate` for device
+  tier `t`."""
+  groups = width_groups(model)
+  check_groups(groups, init_params)
+  from fedjax_eff.techniques import structure  # pylint: disable=g-import-not-at-top
+  if 'widths' not in structure.forward_kwargs(model, widths=()):
+    raise ValueError(f'{type(model).__name__}.__call__ takes no `widths`: '
+                     'it cannot run a narrower sub-model.')
+
+  def program(base_rate, name):
+    counts = kept_counts(groups, group_rates(groups, base_rate, schedule,
+                                             rate_first))
+    widths = tuple((g.name, n) for g, n in zip(groups, counts))
+
+    def plan(rng, round_num, ctx):
+      del round_num, ctx
+      keys = jax.random.split(rng, len(groups))
+      return tuple(
+          jnp.sort(jax.random.permutation(k, g.width)[:n]).astype(jnp.int32)
+          for k, g, n in zip(keys, groups, counts))
+
+    def merge(server_params, delta, mask, indices):
+      cov = jax.tree.map(lambda d, m: mask_as_array(m, d.shape, d.dtype),
+                         delta, mask)
+      return (scatter(delta, server_params, groups, indices),
+              scatter(cov, server_params, groups, indices))
+
+    return Technique(
+        name=name, plan=plan,
+        view=lambda params, indices: gather(params, groups, indices),
+        forward=lambda indices: {'widths': widths}, merge=merge)
+
+  if not tier_rates:
+    return program(rate, 'federated_dropout')
+  tiers = tuple(tier_rates)
+  base = program(tiers[0], 'federated_dropout')
+  programs = {t: program(r, f'federated_dropout_tier{t}')
+              for t, r in enumerate(tiers)}
+
+  def specialize(stage, tier):
+    del stage
+    if tier not in programs:
+      raise ValueError(f'federated_dropout: no rate for device tier {tier} '
+                       f'(tier_rates={list(tiers)}).')
+    return programs[tier]
+  return base._replace(specialize=specialize)
+
+
+def submodel(model, params: PyTree, keep: float, which: str = 'first',
+             rng: jax.Array | None = None) -> tuple[PyTree, dict]:
+  """A nested sub-model at keep ratio `keep` in every width group: its
+  params and the forward kwargs that run it alone.
+
+  `which='first'`: units 0..k-1 (Guliani et al.'s nested sub-models);
+  `'random'`: a random subset from `rng`.
+  """
+  if not 0.0 < keep <= 1.0:
+    raise ValueError(f'keep={keep} must be in (0, 1].')
+  groups = width_groups(model)
+  counts = kept_counts(groups, [1.0 - keep] * len(groups))
+  if which == 'first':
+    indices = [jnp.arange(n, dtype=jnp.int32) for n in counts]
+  elif which == 'random':
+    keys = jax.random.split(rng if rng is not None else jax.random.key(0),
+                            len(groups))
+    indices = [jnp.sort(jax.random.permutation(k, g.width)[:n])
+               for k, g, n in zip(keys, groups, counts)]
+  else:
+    raise ValueError(f"which={which!r} is not 'first' or 'random'.")
+  return (gather(params, groups, indices),
+          {'widths': tuple((g.name, n) for g, n in zip(groups, counts))})

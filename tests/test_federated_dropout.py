@@ -1,0 +1,203 @@
+"""Federated dropout: what the device trains (a smaller dense sub-model),
+what it sends (that sub-model's update), what the server does (coverage-
+weighted scatter), held to numpy and to the per-client reference loop."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_eff import core
+from fedjax_eff.core import round as round_lib
+from fedjax_eff.core import technique as technique_lib
+from fedjax_eff.models import get_model
+from fedjax_eff.techniques import build, TechniqueContext
+from fedjax_eff.techniques import federated_dropout as fd
+from tests.helpers import max_abs_diff, ragged_clients, round_vs_reference
+from tests.helpers import tiny_cohort
+
+pytestmark = pytest.mark.usefixtures('fast_compiles')
+
+
+def mlp(hidden=(12, 8)):
+  m = get_model('mlp', 5, hidden=hidden)
+  p = m.init(jax.random.key(0), np.zeros((1, 6, 6, 1), np.float32))['params']
+  return m, p
+
+
+def cnn():
+  m = get_model('cnn', 5, features=(4, 8), hidden=16)
+  p = m.init(jax.random.key(0), np.zeros((1, 6, 6, 1), np.float32))['params']
+  return m, p
+
+
+def kw(model, technique, lr=0.1, server='fedavg'):
+  return dict(model=model, task=core.classification(), technique=technique,
+              client_optimizer=optax.sgd(lr),
+              server_optimizer=core.make_optimizer(server, 1.0))
+
+
+def masked_full(params, model, indices):
+  """The full model with every dropped unit's weights zeroed."""
+  ones = jax.tree.map(jnp.ones_like,
+                      fd.gather(params, fd.width_groups(model), indices))
+  keep = fd.scatter(ones, params, fd.width_groups(model), indices)
+  return jax.tree.map(jnp.multiply, params, keep)
+
+
+@pytest.mark.parametrize('make', [mlp, cnn])
+def test_submodel_forward_equals_masked_full_model(make):
+  model, params = make()
+  t = fd.federated_dropout(model, params, rate=0.5)
+  indices = t.plan(jax.random.key(3), 0, {})
+  sub = t.view(params, indices)
+  x = np.random.default_rng(0).normal(size=(4, 6, 6, 1)).astype(np.float32)
+  out = model.apply({'params': sub}, x, **t.forward(indices))
+  ref = model.apply({'params': masked_full(params, model, indices)}, x)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  # The sub-model is physically smaller: half the units of every group.
+  n_sub = sum(x.size for x in jax.tree.leaves(sub))
+  assert n_sub < 0.6 * sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_gather_then_scatter_with_zero_update_is_identity():
+  model, params = cnn()
+  groups = fd.width_groups(model)
+  t = fd.federated_dropout(model, params, rate=0.5)
+  indices = t.plan(jax.random.key(1), 0, {})
+  back = fd.scatter(fd.gather(params, groups, indices), params, groups,
+                    indices)
+  # Kept entries come back in place, dropped ones are zero.
+  assert max_abs_diff(back, masked_full(params, model, indices)) == 0.0
+  # A round of clients that do not move (lr 0) leaves the server as it was.
+  cohort = tiny_cohort()
+  fns = core.build_round(**kw(model, t, lr=0.0), chunk_size=3, donate=False)
+  state, _ = fns.round_step(fns.init(params), cohort, jax.random.key(0))
+  assert max_abs_diff(state.params, params) == 0.0
+
+
+def test_kept_counts_follow_the_rates():
+  model, params = mlp(hidden=(40, 20, 10))
+  groups = fd.width_groups(model)
+  assert [g.width for g in groups] == [40, 20, 10]
+  for rate, schedule, expect in [
+      (0.25, 'constant', (30, 15, 8)),          # round(0.75 * w)
+      (0.5, 'size', (20, 15, 9)),               # p = 0.5 * w / 40
+      (0.5, 'depth', (40, 15, 5)),              # p ramps 0 -> 0.5
+      ((0.1, 0.2, 0.9), 'constant', (36, 16, 1))]:
+    t = fd.federated_dropout(model, params, rate=rate, schedule=schedule)
+    indices = t.plan(jax.random.key(0), 0, {})
+    assert tuple(len(np.unique(i)) for i in indices) == expect, schedule
+    assert dict(t.forward(indices)['widths']) == {
+        g.name: n for g, n in zip(groups, expect)}
+    assert all(np.all(np.diff(i) > 0) and i.max() < g.width
+               for i, g in zip(indices, groups))
+  with pytest.raises(ValueError, match='rates must be in'):
+    fd.federated_dropout(model, params, rate=1.0)
+  with pytest.raises(ValueError, match='3 width groups'):
+    fd.federated_dropout(model, params, rate=(0.1, 0.2))
+  with pytest.raises(ValueError, match='no width groups'):
+    lr = get_model('logreg', 5)
+    fd.federated_dropout(lr, lr.init(jax.random.key(0), np.zeros((1, 4)))[
+        'params'])
+
+
+def test_coverage_weighted_average_matches_numpy():
+  """Server FedAvg (lr 1): each parameter moves by the weighted mean of
+  the deltas of the clients that kept it; nobody's parameters stay."""
+  model, params = mlp(hidden=(6, 4))
+  t = fd.federated_dropout(model, params, rate=0.5)
+  data = ragged_clients()
+  cohort = tiny_cohort(data)
+  rng = jax.random.key(7)
+  fns = core.build_round(**kw(model, t), chunk_size=2, donate=False)
+  state, metrics = fns.round_step(fns.init(params), cohort, rng)
+  update = jax.jit(fns.client_update)
+  tech = technique_lib.chain(t)
+  acc_d = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  acc_c = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  sub_sizes = []
+  for i in range(cohort.mask.shape[0]):
+    key = jax.random.fold_in(rng, i)
+    out = update(params, {k: v[i] for k, v in cohort.batches.items()},
+                 cohort.mask[i], {k: v[i] for k, v in cohort.ctx.items()},
+                 key, jnp.zeros((), jnp.int32))
+    # The client's own draw: the plan key of its key (one technique).
+    indices = tech.plan(round_lib.split_client_key(key)[0], 0, {})
+    keep0 = np.zeros(6)
+    keep0[np.asarray(indices[0])] = 1
+    # Coverage is exactly the kept units' weights; the delta lives there.
+    np.testing.assert_array_equal(np.asarray(out.coverage['dense0']['kernel']),
+                                  np.broadcast_to(keep0, (36, 6)))
+    assert np.all(np.asarray(out.delta['dense0']['kernel'])[:, keep0 == 0]
+                  == 0)
+    w = float(cohort.weight[i])
+    acc_d = jax.tree.map(lambda a, d: a + w * np.asarray(d, np.float64),
+                         acc_d, out.delta)
+    acc_c = jax.tree.map(lambda a, c: a + w * np.asarray(c, np.float64),
+                         acc_c, out.coverage)
+    sub_sizes.append(float(out.upload_bits))
+  expect = jax.tree.map(
+      lambda p, d, c: np.where(c > 0, p - d / np.where(c > 0, c, 1), p),
+      params, acc_d, acc_c)
+  assert max_abs_diff(state.params, expect) < 1e-5
+  # What travels up is the sub-model's update: 3 of 6, 2 of 4 units.
+  sub = 32 * (36 * 3 + 3 + 3 * 2 + 2 + 2 * 5 + 5)
+  np.testing.assert_array_equal(np.asarray(metrics.client_upload_bits),
+                                np.full(len(sub_sizes), sub))
+  assert float(metrics.download_bits) == sub
+
+
+@pytest.mark.parametrize('chunk_size', [1, 3])
+def test_round_matches_reference_loop(chunk_size):
+  model, params = cnn()
+  t = fd.federated_dropout(model, params, rate=(0.5, 0.25, 0.5),
+                           schedule='constant')
+  round_vs_reference(kw(model, t, server='fedadam'), params, tiny_cohort(),
+                     jax.random.key(2), chunk_size=chunk_size)
+
+
+def test_rate_zero_equals_fedavg_exactly():
+  model, params = cnn()
+  cohort = tiny_cohort()
+  out = []
+  for t in (core.identity(), fd.federated_dropout(model, params, rate=0.0)):
+    fns = core.build_round(**kw(model, t), chunk_size=3, donate=False)
+    out.append(fns.round_step(fns.init(params), cohort,
+                              jax.random.key(0))[0].params)
+  assert max_abs_diff(*out) == 0.0
+
+
+def test_tiers_train_their_own_keep_ratio_in_one_round():
+  model, params = mlp(hidden=(8, 8))
+  t = build([dict(name='federated_dropout', tier_rates=[0.0, 0.5])],
+            TechniqueContext(model, params))
+  cohort = tiny_cohort()
+  k = cohort.mask.shape[0]
+  tiers = np.arange(k) % 2
+  cohort = cohort._replace(ctx=dict(cohort.ctx, tier=tiers))
+  fns, _, metrics, _, _ = round_vs_reference(
+      kw(model, t), params, cohort, jax.random.key(4), chunk_size=2,
+      num_tiers=2)
+  full = 32 * (36 * 8 + 8 + 8 * 8 + 8 + 8 * 5 + 5)
+  half = 32 * (36 * 4 + 4 + 4 * 4 + 4 + 4 * 5 + 5)
+  np.testing.assert_array_equal(np.asarray(metrics.client_upload_bits),
+                                np.where(tiers == 0, full, half))
+
+
+def test_nested_submodel_extraction():
+  model, params = mlp(hidden=(8, 4))
+  sub, fwd = fd.submodel(model, params, 0.5)
+  assert dict(fwd['widths']) == {'dense0': 4, 'dense1': 2}
+  np.testing.assert_array_equal(sub['dense0']['kernel'],
+                                params['dense0']['kernel'][:, :4])
+  np.testing.assert_array_equal(sub['head']['kernel'],
+                                params['head']['kernel'][:2])
+  x = np.ones((2, 6, 6, 1), np.float32)
+  assert model.apply({'params': sub}, x, **fwd).shape == (2, 5)
+  full, fwd1 = fd.submodel(model, params, 1.0)
+  np.testing.assert_array_equal(model.apply({'params': full}, x, **fwd1),
+                                model.apply({'params': params}, x))

@@ -201,3 +201,31 @@ def test_nested_submodel_extraction():
   full, fwd1 = fd.submodel(model, params, 1.0)
   np.testing.assert_array_equal(model.apply({'params': full}, x, **fwd1),
                                 model.apply({'params': params}, x))
+
+
+def test_experiment_reports_device_cost_and_nested_submodels(tmp_path):
+  """End to end on digits: two device tiers keep 100% and 50% of the CNN;
+  the 50% tier downloads, uploads and computes less, and the run reports
+  the nested sub-models' accuracy."""
+  from fedjax_eff.experiment import train_and_evaluate
+  from fedjax_eff.experiment.defaults import base_config
+  c = base_config()
+  c.model.name = 'cnn'
+  c.model.kwargs = dict(features=(8, 16), hidden=32)
+  c.data.num_clients, c.data.heldout_clients = 20, 2
+  c.num_rounds, c.clients_per_round = 2, 8
+  c.client.local_steps, c.client.batch_size = 2, 8
+  c.devices.tier_fractions = [0.5, 0.5]
+  # Tier 0 (the one central evaluation runs) drops units too: the server
+  # model is still evaluated whole.
+  c.techniques = [dict(name='federated_dropout', tier_rates=[0.25, 0.5])]
+  c.eval_every = c.checkpoint_every = 2
+  c.progress = c.tensorboard = False
+  m = train_and_evaluate(c, str(tmp_path))['final_metrics']
+  for what in ('upload_bits', 'download_bits', 'device_flops_per_round',
+               'device_peak_bytes'):
+    assert m[f'tier1/{what}'] < 0.9 * m[f'tier0/{what}'], what
+  assert m['tier1/upload_bits'] < 0.6 * m['tier0/upload_bits']
+  for keep in ('0.25', '0.5', '0.75', '1'):
+    assert 0 <= m[f'keep{keep}/test_accuracy'] <= 1
+  assert m['keep1/test_accuracy'] == pytest.approx(m['test_accuracy'])

@@ -326,8 +326,8 @@ def test_default_config_is_the_contract():
       'test_fraction', 'synthetic_alpha', 'synthetic_beta', 'synthetic_dim',
       'synthetic_classes', 'seq_len', 'max_sequences', 'vocab_size',
       'max_modules', 'markov_states', 'markov_concentration',
-      'markov_heterogeneity', 'classes', 'tasks', 'pretrain_fraction',
-      'part', 'seed'}
+      'markov_heterogeneity', 'n_mels', 'max_frames', 'classes', 'tasks',
+      'pretrain_fraction', 'part', 'seed'}
 
 
 def test_classes_keep_and_relabel():

@@ -5,5 +5,6 @@ from fedjax_eff.core.round import (ClientOutput, RoundFns, RoundMetrics,
                                    build_round, default_chunk_size)
 from fedjax_eff.core.reference import build_reference_round
 from fedjax_eff.core.server_optimizers import make_optimizer, scale_by_reddi
-from fedjax_eff.core.task import Task, batch_sums, classification, next_token
+from fedjax_eff.core.task import (Task, batch_sums, classification, ctc,
+                                  next_token)
 from fedjax_eff.core.technique import Technique, chain, identity, tree_bits

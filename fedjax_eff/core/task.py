@@ -106,3 +106,71 @@ def next_token(pad_id: int = 0, eos_id: int = 2, oov_id: int = 3) -> Task:
 
   return Task(inputs=lambda b: b['x'], loss=loss, correct=correct,
               units=units)
+
+
+def ctc_greedy(logits: jax.Array, logit_paddings: jax.Array,
+               blank_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Best-path CTC decoding in fixed shapes, for use under jit.
+
+  Per frame the argmax symbol is kept iff the frame is real, the symbol is
+  not blank, and it differs from the previous frame's argmax (repeats
+  collapse unless a blank separates them). Kept symbols are compacted to
+  the front by a cumulative-sum scatter. Returns `(ids [B, T'], lengths
+  [B])`, ids zero-filled past each length.
+  """
+  best = jnp.argmax(logits, -1).astype(jnp.int32)
+  prev = jnp.pad(best[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  keep = (logit_paddings < 0.5) & (best != blank_id) & (best != prev)
+  pos = jnp.where(keep, jnp.cumsum(keep, -1) - 1, best.shape[1])
+  rows = jnp.arange(best.shape[0])[:, None]
+  ids = jnp.zeros_like(best).at[rows, pos].set(best, mode='drop')
+  return ids, jnp.sum(keep, -1).astype(jnp.int32)
+
+
+def ctc(blank_id: int = 0) -> Task:
+  """Connectionist temporal classification over character labels.
+
+  The model reads `(x, x_len)` (log-mel frames and their real count) and
+  returns `(logits [B, T', V], logit_paddings [B, T'])`, 1.0 marking padded
+  frames: the encoder subsamples time, so only it knows which of its output
+  frames are real. Labels are `y [B, L]` with real length `y_len`.
+
+  The loss is `optax.ctc_loss` (the negative log-likelihood of the label
+  summed over all alignments); its unit is a label character, so the mean
+  loss is per character as usually reported. `correct` is exact-match
+  sequence accuracy of the greedy decode (one unit per example): edit-
+  distance rates (CER/WER) need a dynamic program on variable-length
+  sequences and are computed on the host (`core.speech_metrics`).
+  Examples with no real frame (batch padding) get loss 0.
+  """
+  def label_paddings(batch):
+    y = batch['y']
+    return (jnp.arange(y.shape[1])[None, :]
+            >= batch['y_len'][:, None]).astype(jnp.float32)
+
+  def loss(out, batch):
+    logits, logit_paddings = out
+    per = optax.ctc_loss(logits.astype(jnp.float32),
+                         logit_paddings.astype(jnp.float32),
+                         batch['y'].astype(jnp.int32), label_paddings(batch),
+                         blank_id=blank_id)
+    has_frames = jnp.any(logit_paddings < 0.5, -1)
+    return jnp.where(has_frames, per, 0.0)
+
+  def correct(out, batch):
+    logits, logit_paddings = out
+    ids, n = ctc_greedy(logits, logit_paddings, blank_id)
+    y = batch['y'].astype(jnp.int32)
+    width = max(ids.shape[1], y.shape[1])
+    ids = jnp.pad(ids, ((0, 0), (0, width - ids.shape[1])))
+    y = jnp.pad(y, ((0, 0), (0, width - y.shape[1])))
+    real = jnp.arange(width)[None, :] < batch['y_len'][:, None]
+    same = jnp.all(jnp.where(real, ids == y, True), -1)
+    return (same & (n == batch['y_len'])).astype(jnp.float32)
+
+  def units(batch):
+    y_len = batch['y_len'].astype(jnp.float32)
+    return y_len, jnp.ones_like(y_len)
+
+  return Task(inputs=lambda b: (b['x'], b['x_len']), loss=loss,
+              correct=correct, units=units)

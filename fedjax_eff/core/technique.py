@@ -316,13 +316,21 @@ def _static_or_none(x):
     return None
 
 
+def _is_python_value(v) -> bool:
+  """A static forward kwarg: Python scalars, strings, tuples of them (e.g.
+  federated dropout's `widths`), not arrays."""
+  if isinstance(v, tuple):
+    return all(_is_python_value(x) for x in v)
+  return isinstance(v, (bool, int, float, str, type(None)))
+
+
 def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
   """The static parts of one client's plan, traced once (nothing runs).
 
   Returns `view` (ShapeDtypeStructs of the model the device trains),
   `flags` (the trainable mask with dynamic leaves as True: an upper bound),
   `forward` (the model kwargs that are Python values: `depth`, `stop_below`,
-  ...; what evaluation at this stage needs) and `download_bits` (None when
+  `widths`, ...; what evaluation at this stage needs) and `download_bits` (None when
   the count is dynamic), `upload_bits` likewise from the encoder (so a
   quantizer's wire format is counted). `params`/`ctx` may be arrays or
   ShapeDtypeStructs.
@@ -341,7 +349,7 @@ def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
     found['view'] = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), view)
     found['forward'] = {k: v for k, v in tech.forward(plan).items()
-                        if isinstance(v, (bool, int, float, type(None)))}
+                        if _is_python_value(v)}
     found['download_bits'] = _static_or_none(download_bits(tech, view, plan))
     _, up = tech.encode(jax.tree.map(jnp.zeros_like, view), trainable, plan,
                         jax.random.key(2))
@@ -349,3 +357,16 @@ def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
     return 0
   jax.eval_shape(probe, params, ctx)
   return found
+
+
+# Forward kwargs that describe the shapes of a client's view (federated
+# dropout's narrower sub-model), not the server model they were drawn from.
+VIEW_SHAPE_KWARGS = ('widths',)
+
+
+def server_forward(tech: Technique, params: PyTree, ctx: dict) -> dict:
+  """The static forward kwargs to run the *server* model as `tech`'s stage
+  runs it (depth, stop_below, task, ...): `trace_plan`'s, less the ones
+  that only fit the client's narrower view."""
+  fwd = trace_plan(tech, params, ctx)['forward']
+  return {k: v for k, v in fwd.items() if k not in VIEW_SHAPE_KWARGS}

@@ -17,7 +17,8 @@ import numpy as np
 from fedjax_eff.data import partitions, sources
 from fedjax_eff.data.federated import FederatedData
 
-SOURCES = ('digits', 'tfds', 'synthetic', 'stdlib', 'markov', 'stackoverflow')
+SOURCES = ('digits', 'tfds', 'synthetic', 'stdlib', 'markov', 'stackoverflow',
+           'speech', 'librispeech')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
 
 
@@ -90,6 +91,13 @@ def default_config() -> ml_collections.ConfigDict:
       markov_states=32,       # markov: chain states (vocab = 4 + states)
       markov_concentration=0.5,  # markov: shared prior's Dirichlet parameter
       markov_heterogeneity=0.1,  # markov: client spread around the prior
+      # Speech ('speech': the espeak-ng set, 'librispeech'; see
+      # fedjax_eff.data.speech): x float32 [n, frames, n_mels] log-mels with
+      # x_len, y int32 character ids (0 = CTC blank/pad) with y_len;
+      # max_sequences caps utterances per client; max_frames drops longer
+      # utterances (0 = keep all).
+      n_mels=40,
+      max_frames=0,
       # Keep only these labels (relabelled 0..n-1 in this order); [] = all.
       # E.g. split digits: tasks of classes [0..4] and [5..9].
       classes=[],
@@ -237,6 +245,39 @@ def _load_text(cfg: Any, source: str, classes, num_clients: int,
   return DataBundle(train, heldout, test, corpus.vocab_size, (seq_len,))
 
 
+def _load_speech(cfg: Any, source: str, num_clients: int, num_heldout: int,
+                 seed: int) -> DataBundle:
+  """Character-CTC speech; `num_classes` is the 29-symbol vocabulary."""
+  from fedjax_eff.data import speech  # Deferred: scipy, tqdm.
+  n_mels, max_frames = int(_get(cfg, 'n_mels')), int(_get(cfg, 'max_frames'))
+  max_utt = int(_get(cfg, 'max_sequences'))
+  cache_dir = _get(cfg, 'cache_dir')
+  if source == 'speech':
+    corpus = speech.build_espeak_corpus(cache_dir=cache_dir, seed=seed,
+                                        n_mels=n_mels, num_heldout=num_heldout)
+    train = corpus.train.subset(corpus.train.client_ids[:num_clients])
+    heldout = corpus.heldout
+    test = None
+  else:
+    kw = dict(data_dir=_get(cfg, 'data_dir'), max_utterances=max_utt,
+              n_mels=n_mels, max_frames=max_frames, cache_dir=cache_dir)
+    train = speech.load_librispeech('train_clean100', max_clients=num_clients,
+                                    **kw)
+    heldout = (speech.load_librispeech('dev_clean', max_clients=num_heldout,
+                                       **kw) if num_heldout else None)
+    test = speech.load_librispeech('test_clean', **kw)
+  parts = [p for p in (train, heldout, test) if p is not None]
+  parts = [speech.limit(p, max_utt, max_frames) for p in parts]
+  frames = max(p.client(0)['x'].shape[1] for p in parts)
+  labels = max(p.client(0)['y'].shape[1] for p in parts)
+  parts = [speech.repad(p, frames, labels) for p in parts]
+  train, heldout = parts[0], parts[1] if heldout is not None else None
+  test = parts[-1] if test is not None else heldout
+  return DataBundle(train, heldout,
+                    test.concatenated() if test is not None else None,
+                    speech.VOCAB_SIZE, (frames, n_mels))
+
+
 def load(cfg: Any) -> DataBundle:
   """Builds the `DataBundle` that `cfg` (see `default_config`) describes;
   with `pretrain_fraction` > 0, `train` keeps only the `part` named
@@ -308,6 +349,13 @@ def _load(cfg: Any) -> DataBundle:
     split as held-out clients (None if 0), and `test` pools the first
     `heldout_clients` (or, if 0, `num_clients`) users of TFF's test split.
     `vocab_size` counts words; `num_classes` adds the 4 special ids.
+  * speech: the espeak-ng set (`speech.build_espeak_corpus`, one client per
+    synthetic speaker): `heldout_clients` speakers by a stable hash are
+    held out (and pooled as `test`), training takes at most `num_clients`
+    of the rest.
+  * librispeech: TFDS LibriSpeech, one client per speaker: the first
+    `num_clients` speakers of train_clean100, the first `heldout_clients`
+    of dev_clean as held-out clients, all of test_clean as `test`.
 
   The held-out clients are the last `heldout_clients` of the partition.
   Synthetic clients are generated independently of each other, so there the
@@ -351,6 +399,12 @@ def _load(cfg: Any) -> DataBundle:
       test = test.concatenated()
     return DataBundle(train, heldout, test, kwargs['num_classes'],
                       tuple(train.client(0)['x'].shape[1:]))
+
+  if source in ('speech', 'librispeech'):
+    if classes:
+      raise ValueError(f'data.classes is not supported for '
+                       f'data.source={source!r}.')
+    return _load_speech(cfg, source, num_clients, num_heldout, seed)
 
   if source in ('stdlib', 'markov', 'stackoverflow'):
     return _load_text(cfg, source, classes, num_clients, num_heldout, seed,

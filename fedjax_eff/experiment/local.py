@@ -286,9 +286,9 @@ class LocalTrainer:
     """Static model kwargs of the program a tier-`tier` client ran last."""
     _, program = self.exp.program(max(round_num - 1, 0),
                                   tier if self.tiered else 0)
-    return core.technique.trace_plan(
+    return core.technique.server_forward(
         program, self.exp.init_params,
-        {'client_index': np.int32(0), 'tier': np.int32(tier)})['forward']
+        {'client_index': np.int32(0), 'tier': np.int32(tier)})
 
   def evaluate(self, params: PyTree, round_num: int
                ) -> tuple[dict[str, float], list[dict[str, float]]]:

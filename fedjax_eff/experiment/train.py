@@ -222,9 +222,8 @@ class Experiment:
     """Central metrics of the model as the stage of `round_num` runs it
     (e.g. layer-wise: up to the active layer, with its head)."""
     _, program = self.program(max(round_num - 1, 0))
-    fwd = core.technique.trace_plan(
-        program, params, {'client_index': np.int32(0),
-                          'tier': np.int32(0)})['forward']
+    fwd = core.technique.server_forward(
+        program, params, {'client_index': np.int32(0), 'tier': np.int32(0)})
     if self.config.task.name == 'contrastive':
       return self.probe_metrics(params, fwd)
     if self.data.tasks:
@@ -246,15 +245,35 @@ class Experiment:
     return out
 
 
+  def submodel_metrics(self, params, keeps=(0.25, 0.5, 0.75, 1.0)
+                       ) -> dict[str, float]:
+    """Nested sub-models (federated dropout): the first `keep` of the
+    units of every width group, evaluated alone (Guliani et al.: a model
+    trained with federated dropout serves smaller devices as it is)."""
+    from fedjax_eff.techniques import federated_dropout  # pylint: disable=g-import-not-at-top
+    out = {}
+    splits = (('test', self.data.test),
+              ('heldout', self.data.heldout.concatenated()
+               if self.data.heldout is not None
+               and self.data.heldout.num_clients else None))
+    for keep in keeps:
+      sub, fwd = federated_dropout.submodel(self.model, params, keep)
+      for split, arrays in splits:
+        if arrays is not None:
+          m = self.evaluate(sub, arrays, **fwd)
+          out[f'keep{keep:g}/{split}_loss'] = m['loss']
+          out[f'keep{keep:g}/{split}_accuracy'] = m['accuracy']
+    return out
+
   def task_metrics(self, params, round_num: int) -> dict[str, float]:
     """Each task's test (and held-out) metrics with that task's program
     (its modules and head); `test_accuracy` is the mean over tasks."""
     out = {}
     for t, bundle in enumerate(self.data.tasks):
       _, program = self.program(max(round_num - 1, 0), t)
-      fwd = core.technique.trace_plan(
+      fwd = core.technique.server_forward(
           program, params, {'client_index': np.int32(0),
-                            'tier': np.int32(t)})['forward']
+                            'tier': np.int32(t)})
       fwd.setdefault('task', t)
       evaluate = functools.partial(self.evaluate, **fwd)
       for split, arrays in (('test', bundle.test),
@@ -384,6 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last = dict(history[-1])
   if 'test_accuracy' not in last and 'heldout_accuracy' not in last:
     last.update(exp.eval_metrics(state.params, int(state.round)))
+  if any(t.get('name') == 'federated_dropout' for t in config.techniques):
+    last.update(exp.submodel_metrics(state.params))
   if config.accounting and not exp.costs:  # resumed a finished run
     for t in range(exp.num_tiers):
       exp.program_cost(max(int(state.round) - 1, 0), t)

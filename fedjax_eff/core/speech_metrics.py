@@ -59,3 +59,42 @@ def error_rates(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   return dict(cer=ce / cn if cn else float('nan'),
               wer=we / wn if wn else float('nan'),
               char_edits=ce, chars=cn, word_edits=we, words=wn)
+
+
+def build_error_rate_evaluator(model, to_text, batch_size: int = 64,
+                               blank_id: int = 0):
+  """`evaluate(params, arrays, **forward) -> {'cer', 'wer'}` over a dict of
+  speech arrays (`x`, `x_len`, `y`, `y_len`): the model's greedy decodes
+  against the labels, both turned into text by `to_text(ids)`.
+
+  Batches have one fixed shape (the last padded and cut), so the jitted
+  forward compiles once per `forward`.
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  @functools.partial(jax.jit, static_argnames=('forward',))
+  def outputs(params, x, x_len, forward):
+    return model.apply({'params': params}, (x, x_len), train=False,
+                       **dict(forward))
+
+  def evaluate(params, arrays, **forward):
+    forward = tuple(sorted((k, v) for k, v in forward.items()
+                           if v is not None))
+    n = len(arrays['y'])
+    hyps, refs = [], []
+    for start in range(0, n, batch_size):
+      stop = min(start + batch_size, n)
+      pad = batch_size - (stop - start)
+      x, x_len = (np.concatenate([arrays[k][start:stop], np.zeros(
+          (pad,) + arrays[k].shape[1:], arrays[k].dtype)])
+                  for k in ('x', 'x_len'))
+      logits, paddings = outputs(params, x, x_len, forward)
+      decoded = greedy_decode(logits, paddings, blank_id)[:stop - start]
+      hyps += [to_text(ids) for ids in decoded]
+      refs += [to_text(y[:int(m)]) for y, m in zip(arrays['y'][start:stop],
+                                                   arrays['y_len'][start:stop])]
+    rates = error_rates(hyps, refs)
+    return {'cer': rates['cer'], 'wer': rates['wer']}
+
+  return evaluate

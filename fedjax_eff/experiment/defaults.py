@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (SimCLR: two augmented views, NT-Xent; evaluated by a linear probe on
   # the labelled data with the features the current stage trains) or 'lm'
   # (next token: loss per non-pad token, accuracy without pad/eos/oov,
-  # perplexity in the eval metrics).
+  # perplexity in the eval metrics) or 'ctc' (speech: CTC loss per label
+  # character, exact-match accuracy, CER/WER of greedy decodes in eval).
   c.task = ml_collections.ConfigDict(dict(
       name='classification',
       pad_id=0, eos_id=2, oov_id=3,             # lm only

@@ -105,9 +105,11 @@ class Experiment:
     self._measured: dict[Any, accounting.DeviceCost] = {}
     # Initialise on the data's own dtype: token models embed integers.
     x_dtype = example['x'].dtype if 'x' in example else np.float32
+    init_input = np.zeros((1,) + tuple(self.data.input_shape), x_dtype)
+    if config.task.name == 'ctc':  # speech models read (frames, lengths)
+      init_input = (init_input, np.ones((1,), np.int32))
     self.init_params = self.model.init(
-        jax.random.fold_in(self.base_key, 0x1417),
-        np.zeros((1,) + tuple(self.data.input_shape), x_dtype))['params']
+        jax.random.fold_in(self.base_key, 0x1417), init_input)['params']
     if config.init_checkpoint:
       from fedjax_eff.experiment import pretrain  # pylint: disable=g-import-not-at-top
       self.init_params = pretrain.load_params(
@@ -139,6 +141,12 @@ class Experiment:
         self.data.train.num_clients, config.clients_per_round, config.seed)
     self.evaluate = evaluation.build_evaluator(self.model, self.task,
                                                config.eval_batch_size)
+    self.error_rates = None
+    if config.task.name == 'ctc':  # CER/WER of greedy decodes, on the host
+      from fedjax_eff.core import speech_metrics  # pylint: disable=g-import-not-at-top
+      from fedjax_eff.data import speech  # pylint: disable=g-import-not-at-top
+      self.error_rates = speech_metrics.build_error_rate_evaluator(
+          self.model, speech.decode_ids, config.eval_batch_size)
     self.costs: dict[Any, accounting.DeviceCost] = {}
 
   def init_state(self) -> core.ServerState:
@@ -242,7 +250,24 @@ class Experiment:
                      [p['accuracy'] for p in per_client])))
     if self.config.task.name == 'lm':
       out.update(with_perplexity(out))
+    if self.error_rates is not None:
+      out.update(self.speech_metrics(params, fwd))
     return out
+
+  def speech_metrics(self, params, fwd, prefix: str = ''
+                     ) -> dict[str, float]:
+    """`test_cer`, `test_wer` (and held-out) of greedy CTC decodes."""
+    out = {}
+    for split, arrays in self._eval_splits():
+      for k, v in self.error_rates(params, arrays, **fwd).items():
+        out[f'{prefix}{split}_{k}'] = v
+    return out
+
+  def _eval_splits(self):
+    if self.data.test is not None:
+      yield 'test', self.data.test
+    if self.data.heldout is not None and self.data.heldout.num_clients:
+      yield 'heldout', self.data.heldout.concatenated()
 
 
   def submodel_metrics(self, params, keeps=(0.25, 0.5, 0.75, 1.0)
@@ -252,17 +277,14 @@ class Experiment:
     trained with federated dropout serves smaller devices as it is)."""
     from fedjax_eff.techniques import federated_dropout  # pylint: disable=g-import-not-at-top
     out = {}
-    splits = (('test', self.data.test),
-              ('heldout', self.data.heldout.concatenated()
-               if self.data.heldout is not None
-               and self.data.heldout.num_clients else None))
     for keep in keeps:
       sub, fwd = federated_dropout.submodel(self.model, params, keep)
-      for split, arrays in splits:
-        if arrays is not None:
-          m = self.evaluate(sub, arrays, **fwd)
-          out[f'keep{keep:g}/{split}_loss'] = m['loss']
-          out[f'keep{keep:g}/{split}_accuracy'] = m['accuracy']
+      for split, arrays in self._eval_splits():
+        m = self.evaluate(sub, arrays, **fwd)
+        out[f'keep{keep:g}/{split}_loss'] = m['loss']
+        out[f'keep{keep:g}/{split}_accuracy'] = m['accuracy']
+      if self.error_rates is not None:
+        out.update(self.speech_metrics(sub, fwd, f'keep{keep:g}/'))
     return out
 
   def task_metrics(self, params, round_num: int) -> dict[str, float]:
@@ -327,12 +349,14 @@ def make_task(config) -> core.Task:
     return core.classification()
   if config.name == 'lm':
     return core.next_token(config.pad_id, config.eos_id, config.oov_id)
+  if config.name == 'ctc':
+    return core.ctc()
   if config.name == 'contrastive':
     t = ssl.contrastive_task(config.temperature, **dict(config.augment))
     return core.Task(inputs=t.inputs, loss=t.loss, correct=t.correct,
                      augment=t.augment)
   raise ValueError(f"config.task.name={config.name!r} is not one of "
-                   "('classification', 'contrastive', 'lm').")
+                   "('classification', 'contrastive', 'lm', 'ctc').")
 
 
 def client_tiers(num_clients: int, fractions, seed: int) -> np.ndarray:

@@ -9,16 +9,17 @@ import flax.linen as nn
 from fedjax_eff.models.classifiers import CNN, MLP, LogisticRegression
 from fedjax_eff.models.layers import Im2ColConv
 from fedjax_eff.models.lstm_lm import LSTMLM, lstm_lm_preset
+from fedjax_eff.models.speech import ConformerCTC, conformer_ctc_preset
 from fedjax_eff.models.transformer import (ConformerLM, ViT, Transformer,
                                            transformer_preset, vit_preset)
 
 MODELS = {'logreg': LogisticRegression, 'mlp': MLP, 'cnn': CNN,
           'transformer': Transformer, 'vit': ViT, 'lstm_lm': LSTMLM,
-          'conformer_lm': ConformerLM}
+          'conformer_lm': ConformerLM, 'conformer_ctc': ConformerCTC}
 
 # Models with size presets: `get_model(name, n, preset='small', ...)`.
 PRESETS = {'transformer': transformer_preset, 'vit': vit_preset,
-           'lstm_lm': lstm_lm_preset}
+           'lstm_lm': lstm_lm_preset, 'conformer_ctc': conformer_ctc_preset}
 
 
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -26,7 +27,8 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
   For 'transformer' and 'vit', `preset` ('tiny' by default, 'small',
   'base') fills the size kwargs; for 'lstm_lm' ('tiny' by default,
-  'stackoverflow', 'large') likewise. Explicit kwargs override it.
+  'stackoverflow', 'large') likewise, and for 'conformer_ctc' ('tiny',
+  'cpu', 'small', 'medium', '10m', '30m'). Explicit kwargs override it.
   """
   if name not in MODELS:
     raise ValueError(f'model.name={name!r} is not one of {sorted(MODELS)}.')
@@ -39,5 +41,6 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
 
 __all__ = ['CNN', 'MLP', 'LogisticRegression', 'Im2ColConv', 'Transformer',
-           'ViT', 'ConformerLM', 'LSTMLM', 'transformer_preset', 'vit_preset',
-           'lstm_lm_preset', 'get_model', 'MODELS', 'PRESETS']
+           'ViT', 'ConformerLM', 'ConformerCTC', 'LSTMLM', 'transformer_preset',
+           'vit_preset', 'lstm_lm_preset', 'conformer_ctc_preset', 'get_model',
+           'MODELS', 'PRESETS']

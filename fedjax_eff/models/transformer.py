@@ -18,8 +18,9 @@ against `nn.scan` in compile time and step time.
 `layer_gates` or `stop_below` say, so one tree serves every call.
 
 The blocks are Transformer blocks or, with `block_type='conformer'`,
-Conformer blocks (attention plus a depthwise convolution, `ConformerLM`):
-the stack around them is the same.
+Conformer blocks (attention plus a depthwise convolution, `ConformerLM`;
+the speech encoder `speech.ConformerCTC`): the stack around them is the
+same.
 """
 
 from __future__ import annotations
@@ -154,14 +155,43 @@ def _per_task(spec: PeftSpec, task: int, init: bool, make, x):
   return out
 
 
+def apply_rotary(x, positions=None, base: float = 10_000.0):
+  """Rotary position embedding (Su et al. 2021, RoFormer) of `x`
+  `[..., T, heads, head_dim]` at `positions` (`[T]`, default `0..T-1`).
+
+  Feature pairs `(i, i + head_dim/2)` rotate by `position * base^(-2i/
+  head_dim)` (the "rotate half" layout), so `<rot(q, m), rot(k, n)>`
+  depends on `m - n` only: attention sees relative positions, with no
+  position parameters and no maximum length, which suits speech frames of
+  any duration.
+  """
+  hd = x.shape[-1]
+  if hd % 2:
+    raise ValueError(f'rotary embeddings need an even head_dim, got {hd}.')
+  half = hd // 2
+  if positions is None:
+    positions = jnp.arange(x.shape[-3])
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = jnp.asarray(positions, jnp.float32)[:, None] * inv_freq  # [T, hd/2]
+  cos = jnp.cos(angle)[:, None, :].astype(x.dtype)  # [T, 1, hd/2]
+  sin = jnp.sin(angle)[:, None, :].astype(x.dtype)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with the parameter layout of
   `nn.MultiHeadDotProductAttention` (`query/key/value` kernels
   `[d, heads, head_dim]`, `out` kernel `[heads, head_dim, d]`) and optional
   LoRA updates on any of its four projections.
+
+  `rotary` applies `apply_rotary` to each head's queries and keys before the
+  dot product (no parameters: the tree is the same either way). Off by
+  default, so every existing model and imported checkpoint is unchanged.
   """
   num_heads: int
   peft: PeftSpec = PeftSpec()
+  rotary: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, task: int = 0):
@@ -185,6 +215,8 @@ class Attention(nn.Module):
       return out
 
     q, k, v = (proj(n, x, shape) for n in ('query', 'key', 'value'))
+    if self.rotary:
+      q, k = apply_rotary(q), apply_rotary(k)
     y = nn.dot_product_attention(q, k, v, mask=mask)
     return proj('out', y, d, axis=(-2, -1))
 
@@ -226,7 +258,8 @@ class Block(nn.Module):
   Dropout (the 'dropout' rng) acts on the attention and MLP outputs and the
   MLP hidden layer, only when `train`. `peft` adds LoRA updates and
   bottleneck adapters (after the attention and/or MLP output, before the
-  residual sum) per task; `task` picks the set.
+  residual sum) per task; `task` picks the set. `rotary`: rotary position
+  embeddings in the attention (`Attention`).
   """
   num_heads: int
   mlp_dim: int
@@ -235,6 +268,7 @@ class Block(nn.Module):
   layer_norm_eps: float = 1e-6
   gelu_approximate: bool = True
   peft: PeftSpec = PeftSpec()
+  rotary: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, task: int = 0):
@@ -246,7 +280,8 @@ class Block(nn.Module):
     pre = self.norm_position == 'pre'
 
     y = norm('ln1')(x) if pre else x
-    y = Attention(self.num_heads, spec, name='attn')(y, mask, task)
+    y = Attention(self.num_heads, spec, self.rotary, name='attn')(y, mask,
+                                                                  task)
     x = x + drop(_adapt(spec, task, init, 'attn', y))
     if not pre:
       x = norm('ln1')(x)
@@ -341,7 +376,8 @@ class ConformerBlock(nn.Module):
   `Block`; LoRA on 'mlp_in'/'mlp_out' and 'mlp' adapters act in both
   feed-forwards; an 'attn' adapter follows the attention. `mask` as in
   `Block`; `key_mask` (`[B, T]`, True = real token) zeroes padding before
-  the depthwise conv; `causal` makes that conv causal.
+  the depthwise conv; `causal` makes that conv causal; `rotary` as in
+  `Block`.
   """
   num_heads: int
   mlp_dim: int
@@ -350,6 +386,7 @@ class ConformerBlock(nn.Module):
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   peft: PeftSpec = PeftSpec()
+  rotary: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, task: int = 0,
@@ -359,7 +396,8 @@ class ConformerBlock(nn.Module):
                                    self.layer_norm_eps, spec, name=name)
     x = x + 0.5 * ffn('ffn_in')(x, train, task)
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, name='ln_attn')(x)
-    y = Attention(self.num_heads, spec, name='attn')(y, mask, task)
+    y = Attention(self.num_heads, spec, self.rotary, name='attn')(y, mask,
+                                                                  task)
     y = _adapt(spec, task, init, 'attn', y)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     x = x + ConvModule(self.conv_kernel, self.causal, self.dropout,
@@ -492,6 +530,10 @@ class _LayerStack(nn.Module):
   Transformer `Block`s; the stack around them (`block_i` names, `depth`,
   `layer_gates`, `stop_below`, heads) is the same. Conformer blocks are
   pre-LN only.
+
+  `rotary` (a class attribute, like `causal`; a subclass may make it a
+  field or a property) turns on rotary position embeddings in every
+  block's attention.
   """
   num_classes: int = 0
   d_model: int = 32
@@ -571,6 +613,7 @@ class _LayerStack(nn.Module):
             'head': self.head_names}
 
   causal = False
+  rotary = False
 
   def _attn_mask(self, key_mask, t):
     mask = None
@@ -589,10 +632,11 @@ class _LayerStack(nn.Module):
     if self.block_type == 'conformer':
       return ConformerBlock(self.num_heads, self.mlp_dim, self.conv_kernel,
                             self.causal, self.dropout, self.layer_norm_eps,
-                            self.peft, name=f'block_{i}')
+                            self.peft, self.rotary, name=f'block_{i}')
     return Block(self.num_heads, self.mlp_dim, self.dropout,
                  self.norm_position, self.layer_norm_eps,
-                 self.gelu_approximate, self.peft, name=f'block_{i}')
+                 self.gelu_approximate, self.peft, self.rotary,
+                 name=f'block_{i}')
 
   def _task_out_dim(self, task: int) -> int:
     if self.task_classes:

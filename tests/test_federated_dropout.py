@@ -229,3 +229,43 @@ def test_experiment_reports_device_cost_and_nested_submodels(tmp_path):
   for keep in ('0.25', '0.5', '0.75', '1'):
     assert 0 <= m[f'keep{keep}/test_accuracy'] <= 1
   assert m['keep1/test_accuracy'] == pytest.approx(m['test_accuracy'])
+
+
+def _stack_models():
+  rng = np.random.default_rng(0)
+  lm = get_model('transformer', 0, causal=True, tied_embeddings=True,
+                 vocab_size=20, max_len=6, num_layers=2, d_model=16,
+                 num_heads=4, mlp_dim=24)
+  tokens = rng.integers(1, 20, (3, 6)).astype(np.int32)
+  ctc = get_model('conformer_ctc', 29, preset='tiny', num_heads=4)
+  frames = (rng.normal(size=(3, 40, 40)).astype(np.float32),
+            np.array([40, 25, 12], np.int32))
+  vit = get_model('vit', 5, preset='tiny', num_heads=2, patch_size=2)
+  image = rng.normal(size=(3, 6, 6, 1)).astype(np.float32)
+  return {'transformer_lm': (lm, tokens), 'conformer_ctc': (ctc, frames),
+          'vit': (vit, image)}
+
+
+@pytest.mark.parametrize('name', ['transformer_lm', 'conformer_ctc', 'vit'])
+def test_layer_stack_submodels_equal_masked_full_models(name):
+  """Heads and MLP units (both conformer feed-forwards) drop; the narrower
+  model computes what the full one does with those units zeroed."""
+  model, x = _stack_models()[name]
+  params = model.init(jax.random.key(0), x)['params']
+  groups = fd.width_groups(model)
+  kinds = {g.name.split('/')[1] for g in groups}
+  assert kinds == ({'attn', 'ffn_in', 'ffn_out'} if name == 'conformer_ctc'
+                   else {'attn', 'mlp'})
+  t = fd.federated_dropout(model, params, rate=0.5)
+  indices = t.plan(jax.random.key(5), 0, {})
+  sub = t.view(params, indices)
+  out = model.apply({'params': sub}, x, **t.forward(indices))
+  ref = model.apply({'params': masked_full(params, model, indices)}, x)
+  if name == 'conformer_ctc':
+    (out, pad), (ref, ref_pad) = out, ref
+    np.testing.assert_array_equal(pad, ref_pad)
+    real = np.asarray(pad) < 0.5
+    out, ref = np.asarray(out)[real], np.asarray(ref)[real]
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  assert sub['block_0']['attn']['query']['kernel'].shape[1] == (
+      params['block_0']['attn']['query']['kernel'].shape[1] // 2)

@@ -230,10 +230,11 @@ class ConformerCTC(_LayerStack):
   @nn.compact
   def __call__(self, inputs, train: bool = False, *, depth: int | None = None,
                layer_gates=None, stop_below: int | None = None,
-               features: bool = False, layer_drop_rate=None, task: int = 0):
+               features: bool = False, layer_drop_rate=None, task: int = 0,
+               widths=None):
     x, x_len = inputs
     out = self._run((x, x_len), train, depth, layer_gates, stop_below,
-                    features, layer_drop_rate, task)
+                    features, layer_drop_rate, task, widths)
     lengths = subsampled_length(jnp.asarray(x_len, jnp.int32), self.subsample)
     paddings = 1.0 - _frame_mask(out.shape[1], lengths).astype(jnp.float32)
     return out, paddings

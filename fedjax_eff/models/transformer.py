@@ -188,10 +188,13 @@ class Attention(nn.Module):
   `rotary` applies `apply_rotary` to each head's queries and keys before the
   dot product (no parameters: the tree is the same either way). Off by
   default, so every existing model and imported checkpoint is unchanged.
+  `kept_heads` runs a sub-model with fewer heads of the same head size
+  (federated dropout).
   """
   num_heads: int
   peft: PeftSpec = PeftSpec()
   rotary: bool = False
+  kept_heads: int = 0  # federated dropout: run this many heads (0 = all)
 
   @nn.compact
   def __call__(self, x, mask=None, task: int = 0):
@@ -199,7 +202,7 @@ class Attention(nn.Module):
     h = self.num_heads
     if d % h:
       raise ValueError(f'd_model={d} is not divisible by num_heads={h}.')
-    shape = (h, d // h)
+    shape = (self.kept_heads or h, d // h)
     init = self.is_initializing()
     spec = self.peft
 
@@ -269,24 +272,27 @@ class Block(nn.Module):
   gelu_approximate: bool = True
   peft: PeftSpec = PeftSpec()
   rotary: bool = False
+  widths: tuple[tuple[str, int], ...] = ()  # kept 'attn' heads, 'mlp' units
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, task: int = 0):
     d = x.shape[-1]
     spec = self.peft
+    widths = dict(self.widths)
     init = self.is_initializing()
     drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, name=name)
     pre = self.norm_position == 'pre'
 
     y = norm('ln1')(x) if pre else x
-    y = Attention(self.num_heads, spec, self.rotary, name='attn')(y, mask,
-                                                                  task)
+    y = Attention(self.num_heads, spec, self.rotary, widths.get('attn', 0),
+                  name='attn')(y, mask, task)
     x = x + drop(_adapt(spec, task, init, 'attn', y))
     if not pre:
       x = norm('ln1')(x)
     y = norm('ln2')(x) if pre else x
-    y = nn.gelu(_dense(spec, task, init, 'mlp_in', y, self.mlp_dim),
+    mlp = widths.get('mlp', self.mlp_dim)
+    y = nn.gelu(_dense(spec, task, init, 'mlp_in', y, mlp),
                 approximate=self.gelu_approximate)
     y = _dense(spec, task, init, 'mlp_out', drop(y), d)
     x = x + drop(_adapt(spec, task, init, 'mlp', y))
@@ -387,17 +393,21 @@ class ConformerBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   peft: PeftSpec = PeftSpec()
   rotary: bool = False
+  # Federated dropout: kept 'attn' heads, 'ffn_in' / 'ffn_out' units.
+  widths: tuple[tuple[str, int], ...] = ()
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, task: int = 0,
                key_mask=None):
     spec, init = self.peft, self.is_initializing()
-    ffn = lambda name: FeedForward(self.mlp_dim, self.dropout,
-                                   self.layer_norm_eps, spec, name=name)
+    widths = dict(self.widths)
+    ffn = lambda name: FeedForward(widths.get(name, self.mlp_dim),
+                                   self.dropout, self.layer_norm_eps, spec,
+                                   name=name)
     x = x + 0.5 * ffn('ffn_in')(x, train, task)
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, name='ln_attn')(x)
-    y = Attention(self.num_heads, spec, self.rotary, name='attn')(y, mask,
-                                                                  task)
+    y = Attention(self.num_heads, spec, self.rotary, widths.get('attn', 0),
+                  name='attn')(y, mask, task)
     y = _adapt(spec, task, init, 'attn', y)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     x = x + ConvModule(self.conv_kernel, self.causal, self.dropout,
@@ -628,15 +638,42 @@ class _LayerStack(nn.Module):
     del feats, embed, stop_below
     return logits
 
-  def _block(self, i: int) -> nn.Module:
+  def _block(self, i: int, widths: dict[str, int]) -> nn.Module:
+    prefix = f'block_{i}/'
+    mine = tuple((k[len(prefix):], v) for k, v in sorted(widths.items())
+                 if k.startswith(prefix))
     if self.block_type == 'conformer':
       return ConformerBlock(self.num_heads, self.mlp_dim, self.conv_kernel,
                             self.causal, self.dropout, self.layer_norm_eps,
-                            self.peft, self.rotary, name=f'block_{i}')
+                            self.peft, self.rotary, mine, name=f'block_{i}')
     return Block(self.num_heads, self.mlp_dim, self.dropout,
                  self.norm_position, self.layer_norm_eps,
-                 self.gelu_approximate, self.peft, self.rotary,
+                 self.gelu_approximate, self.peft, self.rotary, mine,
                  name=f'block_{i}')
+
+  @property
+  def width_groups(self):
+    """Federated dropout's units per block: attention heads (query/key/
+    value outputs, out inputs) and MLP hidden units (a conformer's two
+    feed-forwards separately). The residual width, the embedding and the
+    heads' classes are never dropped; nor are a conformer's conv channels,
+    whose LayerNorm couples them (a narrower conv module would not be any
+    masked version of the full one)."""
+    from fedjax_eff.techniques.federated_dropout import WidthGroup  # pylint: disable=g-import-not-at-top
+    groups = []
+    for i in range(self.num_layers):
+      b = f'block_{i}'
+      attn = tuple((f'{b}/attn/{n}/{w}', a) for n in ('query', 'key', 'value')
+                   for w, a in (('kernel', 1), ('bias', 0))) + (
+                       (f'{b}/attn/out/kernel', 0),)
+      groups.append(WidthGroup(f'{b}/attn', self.num_heads, attn, i))
+      mlps = (('ffn_in', 'ffn_in/'), ('ffn_out', 'ffn_out/')) if (
+          self.block_type == 'conformer') else (('mlp', ''),)
+      for name, sub in mlps:
+        groups.append(WidthGroup(f'{b}/{name}', self.mlp_dim, (
+            (f'{b}/{sub}mlp_in/kernel', 1), (f'{b}/{sub}mlp_in/bias', 0),
+            (f'{b}/{sub}mlp_out/kernel', 0)), i))
+    return tuple(groups)
 
   def _task_out_dim(self, task: int) -> int:
     if self.task_classes:
@@ -658,8 +695,12 @@ class _LayerStack(nn.Module):
     return h, key_mask
 
   def _run(self, x, train, depth, layer_gates, stop_below, features,
-           layer_drop_rate=None, task=0):
+           layer_drop_rate=None, task=0, widths=None):
     n = self.num_layers
+    widths = dict(widths or ())
+    if widths and (self.lora_rank or self.adapter_dim):
+      raise ValueError('federated dropout (widths) does not combine with '
+                       'LoRA or adapter modules.')
     init = self.is_initializing()
     depth = n if depth is None else depth
     if not 1 <= depth <= n:
@@ -670,6 +711,7 @@ class _LayerStack(nn.Module):
       raise ValueError(f'layer_gates shape {np.shape(layer_gates)} != ({n},).')
     if init:  # One tree for every call: create all blocks and heads.
       depth, layer_gates, stop_below, layer_drop_rate = n, None, None, None
+      widths = {}
     if layer_drop_rate is not None and train and np.any(
         np.asarray(layer_drop_rate) > 0):
       # Stochastic depth drawn per call (per local step) from the dropout rng.
@@ -692,7 +734,7 @@ class _LayerStack(nn.Module):
     for i in range(depth):
       if i == stop_below:
         h = jax.lax.stop_gradient(h)
-      block = self._block(i)
+      block = self._block(i, widths)
       gate = None if layer_gates is None else layer_gates[i]
       if gate is None or (_is_static(gate) and gate):
         h = run(block, h, mask, key_mask)
@@ -815,9 +857,10 @@ class Transformer(_LayerStack):
   @nn.compact
   def __call__(self, tokens, train: bool = False, *, depth: int | None = None,
                layer_gates=None, stop_below: int | None = None,
-               features: bool = False, layer_drop_rate=None, task: int = 0):
+               features: bool = False, layer_drop_rate=None, task: int = 0,
+               widths=None):
     return self._run(tokens, train, depth, layer_gates, stop_below, features,
-                     layer_drop_rate, task)
+                     layer_drop_rate, task, widths)
 
 
 class ConformerLM(Transformer):
@@ -873,6 +916,7 @@ class ViT(_LayerStack):
   @nn.compact
   def __call__(self, x, train: bool = False, *, depth: int | None = None,
                layer_gates=None, stop_below: int | None = None,
-               features: bool = False, layer_drop_rate=None, task: int = 0):
+               features: bool = False, layer_drop_rate=None, task: int = 0,
+               widths=None):
     return self._run(x, train, depth, layer_gates, stop_below, features,
-                     layer_drop_rate, task)
+                     layer_drop_rate, task, widths)

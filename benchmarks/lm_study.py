@@ -15,6 +15,7 @@ models, vocabulary and round budget so it runs on a laptop:
   tf_partial_q4 both
   tf_pre_partial_q4  central pretraining on 20% of the modules (disjoint
                 from the federated ones), then partial + 4-bit fine-tuning
+                (also with 8 bits, and with FedAvg instead of FedAdam)
   cf_*          a causal Conformer LM of the same size (2 blocks)
 
 For each: held-out-module perplexity at the end, upload bytes per client
@@ -76,6 +77,8 @@ VARIANTS = {
     'tf_q4': 'transformer,fedadam,q4',
     'tf_partial_q4': 'transformer,fedadam,partial,q4',
     'tf_pre_partial_q4': 'transformer,fedadam,partial,q4,pretrain',
+    'tf_pre_partial_q8': 'transformer,fedadam,partial,q8,pretrain',
+    'tf_pre_partial_q4_fedavg': 'transformer,fedavg,partial,q4,pretrain',
     'cf_fedadam': 'conformer,fedadam',
     'cf_partial_q4': 'conformer,fedadam,partial,q4',
 }

@@ -17,8 +17,10 @@ Two corrections to the raw numbers, both verified on CPU with JAX 0.10.2:
   The second compile costs compile time that grows with the trip counts
   (fine for the handful of local steps of cross-device FL); pass
   `unroll_scans=False` to skip it. A `lax.while_loop` has no static trip
-  count and stays rolled: `loops_counted_once` says how many there are, and
-  their bodies are counted once in `flops`.
+  count and stays rolled, as does a scan whose unrolled body would exceed
+  `MAX_UNROLLED_EQNS` (e.g. CTC's recursion over frames):
+  `loops_counted_once` says how many there are, and their bodies are
+  counted once in `flops`.
 * Conditionals. `lax.cond`/`switch` are counted as their most expensive
   branch (XLA's choice), an upper bound on what a client executes.
 
@@ -123,17 +125,30 @@ def _unroll_value(v: Any, counts: list[int]) -> Any:
   return v
 
 
-def _unroll_jaxpr(jaxpr: Any, counts: list[int]) -> Any:
-  """`jaxpr` with every scan (nested ones too) fully unrolled.
+# A scan is unrolled only if its unrolled body stays this small (trip count
+# x equations in the body). Longer ones are cheap recurrences in practice
+# (CTC's forward-backward over ~70 frames: unrolled, XLA:CPU took > 5 min and
+# 11 GB to compile it) and stay rolled, counted once like a while loop.
+MAX_UNROLLED_EQNS = 1024
 
-  counts: [scans unrolled, while loops left rolled], updated in place.
+
+def _unroll_jaxpr(jaxpr: Any, counts: list[int]) -> Any:
+  """`jaxpr` with every scan (nested ones too) fully unrolled, up to
+  `MAX_UNROLLED_EQNS`.
+
+  counts: [scans unrolled, loops left rolled], updated in place.
   """
   eqns = []
   for eqn in jaxpr.eqns:
     params = {k: _unroll_value(v, counts) for k, v in eqn.params.items()}
     if eqn.primitive.name == 'scan':
-      counts[0] += 1
-      params['unroll'] = max(int(params['length']), 1)
+      length = int(params['length'])
+      if length * len(params['jaxpr'].jaxpr.eqns) <= MAX_UNROLLED_EQNS or (
+          length <= 1):
+        counts[0] += 1
+        params['unroll'] = max(length, 1)
+      else:
+        counts[1] += 1
     elif eqn.primitive.name == 'while':
       counts[1] += 1
     eqns.append(eqn.replace(params=params))
@@ -151,7 +166,7 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
 
 def unrolled_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any
                    ) -> tuple[float | None, int, int]:
-  """(flops with every scan unrolled, scans unrolled, while loops left).
+  """(flops with scans unrolled, scans unrolled, loops left rolled).
 
   Traces `fn` to a jaxpr, rewrites each scan to `unroll=length` and compiles
   the result. Array and ShapeDtypeStruct leaves of the arguments stay

@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
       steps=500, batch_size=64, optimizer='adam', learning_rate=1e-3,
       log_every=50, checkpoint_every=100))
 
+  # Nested sub-models (the first r of every width group's units, evaluated
+  # alone) at the end of the run: these keep ratios; [] = [0.25, 0.5,
+  # 0.75, 1.0] when federated_dropout is on, none otherwise.
+  c.submodel_keeps = []
   c.eval_every = 10
   c.eval_batch_size = 256
   c.checkpoint_every = 10

@@ -427,8 +427,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last = dict(history[-1])
   if 'test_accuracy' not in last and 'heldout_accuracy' not in last:
     last.update(exp.eval_metrics(state.params, int(state.round)))
-  if any(t.get('name') == 'federated_dropout' for t in config.techniques):
-    last.update(exp.submodel_metrics(state.params))
+  keeps = list(config.get('submodel_keeps', ()))
+  if not keeps and any(t.get('name') == 'federated_dropout'
+                       for t in config.techniques):
+    keeps = [0.25, 0.5, 0.75, 1.0]
+  if keeps:
+    last.update(exp.submodel_metrics(state.params, tuple(keeps)))
   if config.accounting and not exp.costs:  # resumed a finished run
     for t in range(exp.num_tiers):
       exp.program_cost(max(int(state.round) - 1, 0), t)

@@ -269,3 +269,31 @@ def test_layer_stack_submodels_equal_masked_full_models(name):
   np.testing.assert_allclose(out, ref, atol=2e-5)
   assert sub['block_0']['attn']['query']['kernel'].shape[1] == (
       params['block_0']['attn']['query']['kernel'].shape[1] // 2)
+
+
+@pytest.mark.skipif(__import__('shutil').which('espeak-ng') is None,
+                    reason='espeak-ng builds the speech set')
+def test_conformer_fd_config_end_to_end(tmp_path):
+  """configs/conformer_fd.py as a user runs it, shrunk: the espeak-ng set,
+  a Conformer CTC trained with per-layer federated dropout, CER/WER per
+  evaluation and for the nested sub-models."""
+  import os
+  from fedjax_eff.experiment import train_and_evaluate
+  from fedjax_eff.experiment.defaults import load_config_module
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  c = load_config_module(os.path.join(root, 'configs', 'x.py'),
+                         'conformer_fd').get_config()
+  c.model.kwargs.preset = 'tiny'
+  c.model.kwargs.num_heads = 4
+  c.num_rounds, c.clients_per_round = 2, 3
+  c.client.local_steps, c.client.batch_size = 1, 4
+  c.eval_every = c.checkpoint_every = 2
+  c.progress = c.tensorboard = False
+  s = train_and_evaluate(c, str(tmp_path))
+  m = s['final_metrics']
+  for key in ('test_cer', 'test_wer', 'keep0.25/test_cer', 'keep1/test_wer'):
+    assert 0 <= m[key] <= 5, key  # rates: may exceed 1 with insertions
+  assert m['keep1/test_cer'] == pytest.approx(m['test_cer'])
+  # Keep 0.75 -> 0.5 by depth: well under the full model's upload.
+  full_bits = 32 * s['num_params']
+  assert 0.3 * full_bits < m['upload_bits'] < 0.9 * full_bits

@@ -242,20 +242,24 @@ def _stack_models():
             np.array([40, 25, 12], np.int32))
   vit = get_model('vit', 5, preset='tiny', num_heads=2, patch_size=2)
   image = rng.normal(size=(3, 6, 6, 1)).astype(np.float32)
+  lstm = get_model('lstm_lm', 0, vocab_size=20, embed_dim=8, lstm_dim=12,
+                   num_lstm_layers=2, proj_dim=6)
   return {'transformer_lm': (lm, tokens), 'conformer_ctc': (ctc, frames),
-          'vit': (vit, image)}
+          'vit': (vit, image), 'lstm_lm': (lstm, tokens)}
 
 
-@pytest.mark.parametrize('name', ['transformer_lm', 'conformer_ctc', 'vit'])
+@pytest.mark.parametrize('name', ['transformer_lm', 'conformer_ctc', 'vit',
+                                  'lstm_lm'])
 def test_layer_stack_submodels_equal_masked_full_models(name):
   """Heads and MLP units (both conformer feed-forwards) drop; the narrower
   model computes what the full one does with those units zeroed."""
   model, x = _stack_models()[name]
   params = model.init(jax.random.key(0), x)['params']
   groups = fd.width_groups(model)
-  kinds = {g.name.split('/')[1] for g in groups}
-  assert kinds == ({'attn', 'ffn_in', 'ffn_out'} if name == 'conformer_ctc'
-                   else {'attn', 'mlp'})
+  kinds = {g.name.split('/')[-1] for g in groups}
+  assert kinds == {'conformer_ctc': {'attn', 'ffn_in', 'ffn_out'},
+                   'lstm_lm': {'lstm_0', 'lstm_1', 'proj'}}.get(
+                       name, {'attn', 'mlp'})
   t = fd.federated_dropout(model, params, rate=0.5)
   indices = t.plan(jax.random.key(5), 0, {})
   sub = t.view(params, indices)
@@ -267,8 +271,12 @@ def test_layer_stack_submodels_equal_masked_full_models(name):
     real = np.asarray(pad) < 0.5
     out, ref = np.asarray(out)[real], np.asarray(ref)[real]
   np.testing.assert_allclose(out, ref, atol=2e-5)
-  assert sub['block_0']['attn']['query']['kernel'].shape[1] == (
-      params['block_0']['attn']['query']['kernel'].shape[1] // 2)
+  if name == 'lstm_lm':
+    assert sub['lstm_1']['hi']['kernel'].shape == (6, 6)
+    assert sub['lstm_1']['ii']['kernel'].shape == (6, 6)
+  else:
+    assert sub['block_0']['attn']['query']['kernel'].shape[1] == (
+        params['block_0']['attn']['query']['kernel'].shape[1] // 2)
 
 
 @pytest.mark.skipif(__import__('shutil').which('espeak-ng') is None,

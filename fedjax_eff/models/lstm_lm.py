@@ -40,6 +40,10 @@ _SIZES = {
                   num_lstm_layers=3, proj_dim=256),
 }
 
+# Flax LSTM cell parameter names: input kernels, recurrent kernels + bias.
+_INPUT_GATES = ('ii', 'if', 'ig', 'io')
+_HIDDEN_GATES = ('hi', 'hf', 'hg', 'ho')
+
 
 def lstm_lm_preset(name: str) -> dict[str, Any]:
   """Size kwargs of `LSTMLM`: 'tiny' (tests), 'stackoverflow' or 'large'.
@@ -79,6 +83,8 @@ class LSTMLM(nn.Module):
     number of layers), so the embedding and the layers below get zero
     gradient and no backward pass runs through them.
   * `features`: return the head's input `[B, T, proj_dim or lstm_dim]`.
+  * `widths` (federated dropout): `((layer name, kept units), ...)` runs
+    narrower LSTMs / projection (`width_groups`).
   """
   vocab_size: int = 10004
   embed_dim: int = 96
@@ -108,24 +114,53 @@ class LSTMLM(nn.Module):
     return {'embed': ('embed',), 'layers': self.layer_names,
             'head': self.head_names}
 
+  @property
+  def width_groups(self):
+    """Federated dropout's units: each LSTM's cells (its gates' input and
+    recurrent kernels on the cell axis, the recurrent kernels' input axis
+    too, and the next layer's input) and the projection's units. A dropped
+    cell with all its weights zeroed stays at 0, so a narrower LSTM is the
+    masked full one."""
+    from fedjax_eff.techniques.federated_dropout import WidthGroup  # pylint: disable=g-import-not-at-top
+    names = self.layer_names + ('head',)
+    groups = []
+    for i, name in enumerate(names[:-1]):
+      nxt = names[i + 1]
+      reads = (tuple((f'{nxt}/{g}/kernel', 0) for g in _INPUT_GATES)
+               if nxt.startswith('lstm_') else ((f'{nxt}/kernel', 0),))
+      if name == 'proj':
+        own = (('proj/kernel', 1), ('proj/bias', 0))
+        width = self.proj_dim
+      else:
+        own = tuple((f'{name}/{g}/kernel', 1) for g in _INPUT_GATES) + tuple(
+            m for g in _HIDDEN_GATES for m in (
+                (f'{name}/{g}/kernel', 1), (f'{name}/{g}/kernel', 0),
+                (f'{name}/{g}/bias', 0)))
+        width = self.lstm_dim
+      groups.append(WidthGroup(name, width, own + reads, i))
+    return tuple(groups)
+
   @nn.compact
   def __call__(self, tokens, train: bool = False, *,
-               stop_below: int | None = None, features: bool = False):
+               stop_below: int | None = None, features: bool = False,
+               widths=None):
     drop = lambda y: (nn.Dropout(self.dropout, deterministic=not train)(y)
                       if self.dropout else y)
     h = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=_embed_init,
                  name='embed')(tokens)
     h = drop(h)
+    widths = dict(widths or ())
     if self.is_initializing():
-      stop_below = None
+      stop_below, widths = None, {}
     for i, name in enumerate(self.layer_names):
       if i == stop_below:
         h = jax.lax.stop_gradient(h)
       if name == 'proj':
-        h = nn.Dense(self.proj_dim, name='proj')(h)
+        h = nn.Dense(widths.get('proj', self.proj_dim), name='proj')(h)
       else:
         # The cell holds the parameters, so it carries the layer's name.
-        h = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim, name=name))(h)
+        h = nn.RNN(nn.OptimizedLSTMCell(widths.get(name, self.lstm_dim),
+                                        name=name))(h)
         h = drop(h)
     if stop_below is not None and stop_below >= len(self.layer_names):
       h = jax.lax.stop_gradient(h)

@@ -229,3 +229,14 @@ def test_pretrain_then_federated_finetune_on_stdlib(tmp_path):
   assert 'heldout_perplexity' in m and m['test_accuracy'] > 0
   full_bits = 32 * s['num_params']
   assert 0 < m['upload_bits'] < full_bits / 8 / 2  # 4 bits, half the blocks
+
+
+def test_cli_bad_config_spec_is_one_line(tmp_path):
+  import subprocess
+  import sys
+  r = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch', 'train.py'),
+       f"--config={os.path.join(ROOT, 'configs', 'lm', 'stdlib.py')}:lstm,gru",
+       f'--workdir={tmp_path}'], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2
+  assert r.stderr.count('\n') == 1 and "unknown: ['gru']" in r.stderr

@@ -29,4 +29,7 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(str(e))
+    # A config file that raises (e.g. a bad ':spec') arrives with its
+    # traceback in the message: keep the flag and the final error line.
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    fail(lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}')

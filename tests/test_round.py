@@ -153,3 +153,31 @@ def test_per_client_keys_differ_and_do_not_depend_on_chunk():
   c, _ = _run(kw, params, cohort, 7, jax.random.key(4))
   assert helpers.max_abs_diff(a.params, b.params) < 1e-6
   assert helpers.max_abs_diff(a.params, c.params) > 1e-4
+
+
+def test_rounds_compile_once():
+  """Later rounds (new cohorts, new keys, new state) reuse the first
+  round's program: the round never recompiles (counted with JAX's own
+  backend-compile events)."""
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(event)
+  kw, params = helpers.tiny_setup(server='fedadam', server_lr=0.01)
+  fns = core.build_round(**kw, chunk_size=3)
+  state = fns.init(params)
+  data = helpers.ragged_clients()
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    per_round = []
+    for r in range(4):
+      cohort = helpers.tiny_cohort(data, round_num=r)
+      before = len(compiles)
+      state, m = fns.round_step(state, cohort, jax.random.key(r))
+      jax.block_until_ready(state.params)
+      per_round.append(len(compiles) - before)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert per_round[0] >= 1 and per_round[1:] == [0, 0, 0], per_round

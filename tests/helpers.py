@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -70,3 +72,29 @@ def round_kw(model, technique, client_optimizer=None, server='fedavg',
   return dict(model=model, task=core.classification(), technique=technique,
               client_optimizer=client_optimizer or optax.sgd(0.1),
               server_optimizer=core.make_optimizer(server, server_lr))
+
+
+# jit with XLA's backend optimizations off: for tests that compile a model
+# once and run it a few times.
+jit_fast = functools.partial(
+    jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+
+
+def adam_losses(loss_fn, params, learning_rate: float, steps: int
+                ) -> list[float]:
+  """The losses of `steps` jitted Adam steps on `loss_fn(params, rng)`,
+  with a fresh dropout key per step."""
+  opt = optax.adam(learning_rate)
+
+  @jit_fast
+  def step(p, s, rng):
+    loss, g = jax.value_and_grad(loss_fn)(p, rng)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  s = opt.init(params)
+  losses = []
+  for i in range(steps):
+    params, s, loss = step(params, s, jax.random.key(i))
+    losses.append(float(loss))
+  return losses

@@ -3,8 +3,6 @@ positions, layer structure, and CTC training steps."""
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,11 +15,10 @@ from fedjax_eff.models import speech, transformer
 from fedjax_eff.models.speech import SubsampleConv, subsampled_length
 from fedjax_eff.models.transformer import Attention, Transformer, apply_rotary
 from fedjax_eff.techniques import structure
+from tests.helpers import adam_losses, jit_fast
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
-_jit_fast = functools.partial(
-    jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 B, T, F, V = 3, 37, 40, 29
 X = jax.random.normal(jax.random.key(0), (B, T, F))
 X_LEN = jnp.array([37, 20, 7], jnp.int32)
@@ -91,7 +88,7 @@ def test_real_frames_ignore_padding(position):
   the depthwise conv sees zeros there (kernel 5 reaches 2 frames out)."""
   m = _model(position=position, num_layers=2)
   p = _params(m, seed=1)
-  f = _jit_fast(lambda p, x, n: m.apply(p, (x, n)))
+  f = jit_fast(lambda p, x, n: m.apply(p, (x, n)))
   logits, pad = f(p, X, X_LEN)
   real = np.asarray(pad) == 0
   frame = np.arange(T)[None, :, None] >= np.asarray(X_LEN)[:, None, None]
@@ -211,22 +208,11 @@ def test_ctc_training_lowers_loss():
   label_pad = (labels == 0).astype(jnp.float32)
   p = _params(m, (x, x_len), seed=2)
   p = jax.tree.map(lambda a: a * 0.5, p)
-  opt = optax.adam(1e-2)
 
   def ctc(p, rng):
     logits, pad = m.apply(p, (x, x_len), train=True, rngs={'dropout': rng})
     return optax.ctc_loss(logits, pad, labels, label_pad).mean()
 
-  @_jit_fast
-  def step(p, s, rng):
-    loss, g = jax.value_and_grad(ctc)(p, rng)
-    u, s = opt.update(g, s, p)
-    return optax.apply_updates(p, u), s, loss
-
-  s = opt.init(p)
-  losses = []
-  for i in range(12):
-    p, s, loss = step(p, s, jax.random.key(i))
-    losses.append(float(loss))
+  losses = adam_losses(ctc, p, 1e-2, 12)
   assert np.isfinite(losses).all()
   assert losses[-1] < 0.7 * losses[0], losses

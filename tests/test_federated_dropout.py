@@ -4,6 +4,9 @@ weighted scatter), held to numpy and to the per-client reference loop."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +16,8 @@ import pytest
 from fedjax_eff import core
 from fedjax_eff.core import round as round_lib
 from fedjax_eff.core import technique as technique_lib
+from fedjax_eff.experiment import train_and_evaluate
+from fedjax_eff.experiment.defaults import base_config, load_config_module
 from fedjax_eff.models import get_model
 from fedjax_eff.techniques import build, TechniqueContext
 from fedjax_eff.techniques import federated_dropout as fd
@@ -207,8 +212,6 @@ def test_experiment_reports_device_cost_and_nested_submodels(tmp_path):
   """End to end on digits: two device tiers keep 100% and 50% of the CNN;
   the 50% tier downloads, uploads and computes less, and the run reports
   the nested sub-models' accuracy."""
-  from fedjax_eff.experiment import train_and_evaluate
-  from fedjax_eff.experiment.defaults import base_config
   c = base_config()
   c.model.name = 'cnn'
   c.model.kwargs = dict(features=(8, 16), hidden=32)
@@ -279,15 +282,12 @@ def test_layer_stack_submodels_equal_masked_full_models(name):
         params['block_0']['attn']['query']['kernel'].shape[1] // 2)
 
 
-@pytest.mark.skipif(__import__('shutil').which('espeak-ng') is None,
+@pytest.mark.skipif(shutil.which('espeak-ng') is None,
                     reason='espeak-ng builds the speech set')
 def test_conformer_fd_config_end_to_end(tmp_path):
   """configs/conformer_fd.py as a user runs it, shrunk: the espeak-ng set,
   a Conformer CTC trained with per-layer federated dropout, CER/WER per
   evaluation and for the nested sub-models."""
-  import os
-  from fedjax_eff.experiment import train_and_evaluate
-  from fedjax_eff.experiment.defaults import load_config_module
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   c = load_config_module(os.path.join(root, 'configs', 'x.py'),
                          'conformer_fd').get_config()

@@ -5,6 +5,8 @@ reaching the Markov corpus's entropy floor."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -232,8 +234,6 @@ def test_pretrain_then_federated_finetune_on_stdlib(tmp_path):
 
 
 def test_cli_bad_config_spec_is_one_line(tmp_path):
-  import subprocess
-  import sys
   r = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'launch', 'train.py'),
        f"--config={os.path.join(ROOT, 'configs', 'lm', 'stdlib.py')}:lstm,gru",

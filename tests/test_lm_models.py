@@ -7,8 +7,6 @@ layer-structured techniques read, and one training step each.
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,12 +18,11 @@ from fedjax_eff.models import LSTMLM, ConformerLM, get_model, lstm_lm_preset
 from fedjax_eff.models.transformer import (CONFORMER_20M, DepthwiseConv1D,
                                            Transformer)
 from fedjax_eff.techniques import partial, structure
+from tests.helpers import adam_losses, jit_fast
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 V, T = 37, 7
-_jit_fast = functools.partial(
-    jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 TOK = jax.random.randint(jax.random.key(0), (3, T), 1, V).at[1, 5:].set(0)
 
 
@@ -93,7 +90,7 @@ def test_shapes_and_layer_structure(kind):
 def test_causal(kind):
   m = MAKERS[kind]()
   p = _params(m)
-  f = _jit_fast(m.apply)
+  f = jit_fast(m.apply)
   out = f(p, TOK)
   for t in (0, 3, T - 2):
     changed = TOK.at[:, t + 1:].set((TOK[:, t + 1:] + 5) % (V - 1) + 1)
@@ -163,7 +160,7 @@ def test_conformer_gates_and_depth():
   m = _conformer(num_layers=3)
   p = _params(m)
   g = np.array([1, 0, 1])
-  traced = _jit_fast(lambda p, g: m.apply(p, TOK, layer_gates=g))
+  traced = jit_fast(lambda p, g: m.apply(p, TOK, layer_gates=g))
   static = m.apply(p, TOK, layer_gates=g)
   np.testing.assert_allclose(traced(p, jnp.asarray(g)), static, atol=1e-5)
   assert not np.allclose(static, m.apply(p, TOK))
@@ -210,18 +207,7 @@ def test_training_step_lowers_loss(kind):
   m = MAKERS[kind](dropout=0.1)
   p = _params(m, seed=1)
   x = jnp.tile(jnp.arange(1, 9, dtype=jnp.int32), (4, 1))
-  opt = optax.adam(0.03)
-
-  @_jit_fast
-  def step(p, s, rng):
-    loss, g = jax.value_and_grad(lambda p: _loss(
-        m, p, x, train=True, rngs={'dropout': rng}))(p)
-    u, s = opt.update(g, s, p)
-    return optax.apply_updates(p, u), s, loss
-
-  s = opt.init(p)
-  losses = []
-  for i in range(10):
-    p, s, loss = step(p, s, jax.random.key(i))
-    losses.append(float(loss))
+  losses = adam_losses(
+      lambda p, rng: _loss(m, p, x, train=True, rngs={'dropout': rng}), p,
+      0.03, 10)
   assert losses[-1] < 0.7 * losses[0], losses

@@ -264,17 +264,22 @@ class ChunkLayout(NamedTuple):
   so the round never recompiles, and surplus chunks (tier `T`) are skipped.
   """
   order: np.ndarray       # [num_chunks * C] cohort position, K for padding
-  chunk_tier: np.ndarray  # [num_chunks] tier of each chunk; T = skip
+  chunk_tier: np.ndarray  # [num_chunks] tier of each chunk; T (1 without
+                          # tiers) = a chunk of padding only, skipped
 
 
 def chunk_layout(num_clients: int, chunk_size: int, tiers=None,
-                 num_tiers: int = 1) -> ChunkLayout:
+                 num_tiers: int = 1, shards: int = 1) -> ChunkLayout:
+  """The slots of a round; `shards` rounds the chunk count up to a multiple
+  (one block of chunks per device of the mesh), adding skipped chunks."""
   k, c = num_clients, chunk_size
   if tiers is None:
     n = -(-k // c)
-    order = np.arange(n * c)
-    order[k:] = k
-    return ChunkLayout(order, np.zeros(n, np.int32))
+    order = np.full(-(-n // shards) * shards * c, k)
+    order[:k] = np.arange(k)
+    chunk_tier = np.zeros(len(order) // c, np.int32)
+    chunk_tier[n:] = 1  # whole chunks of padding: skipped
+    return ChunkLayout(order, chunk_tier)
   tiers = np.asarray(tiers).astype(np.int64).reshape(-1)
   if tiers.shape != (k,) or tiers.min(initial=0) < 0 or tiers.max(
       initial=0) >= num_tiers:
@@ -287,6 +292,7 @@ def chunk_layout(num_clients: int, chunk_size: int, tiers=None,
     m = -(-len(members) // c)
     order.append(np.concatenate([members, np.full(m * c - len(members), k)]))
     chunk_tier += [t] * m
+  n = -(-n // shards) * shards
   order.append(np.full((n - len(chunk_tier)) * c, k))
   chunk_tier += [num_tiers] * (n - len(chunk_tier))
   return ChunkLayout(np.concatenate(order).astype(np.int32),
@@ -306,25 +312,40 @@ class RoundFns(NamedTuple):
   technique: technique_lib.Technique
 
 
+CLIENTS_AXIS = 'clients'
+
+
 def build_round(model: nn.Module, task: Task,
                 technique: technique_lib.Technique,
                 client_optimizer: optax.GradientTransformation,
                 server_optimizer: optax.GradientTransformation, *,
                 chunk_size: int | None = None, prox_mu: float = 0.0,
                 num_tiers: int = 1, donate: bool = True,
-                jit: bool = True) -> RoundFns:
+                jit: bool = True, mesh: jax.sharding.Mesh | None = None
+                ) -> RoundFns:
   """Builds `init(params)` and `round_step(state, cohort, rng, round_num)`.
 
-  `cohort` is a `data.Cohort` (numpy or jax arrays) with `K` clients;
-  `chunk_size` C (None: per-backend default) splits them into chunks
-  scanned sequentially, each a vmap over C clients. `round_num` (a host
-  int; read from `state.round` if omitted and the technique has stages)
-  picks the technique's stage, one compiled program per stage. If the
-  technique specialises per device tier, `cohort.ctx['tier']` (ints in
+  `cohort` is a `data.Cohort` (numpy or jax arrays) with `K` clients, or a
+  `data.IndexedCohort` of row indices into `examples`, the
+  `ResidentData.examples` already on the device (`round_step(...,
+  examples=...)`), gathered chunk by chunk inside the program. `chunk_size`
+  C (None: per-backend default) splits the cohort into chunks scanned
+  sequentially, each a vmap over C clients. `round_num` (a host int; read
+  from `state.round` if omitted and the technique has stages) picks the
+  technique's stage, one compiled program per stage. If the technique
+  specialises per device tier, `cohort.ctx['tier']` (ints in
   `[0, num_tiers)`) routes each client to its tier's program.
+
+  `mesh`: a `jax.sharding.Mesh` with a `'clients'` axis (any other axes are
+  left to XLA). The chunks are split into one contiguous block per device
+  along that axis (`shard_map`); each device scans its block and the
+  weighted sums meet in a `psum`, so the server sees the same sums as on
+  one device, up to float summation order. With `jax.distributed` the mesh
+  spans processes; every process passes the same cohort.
   """
   tech = technique_lib.chain(technique)
   tiered = tech.specialize is not None
+  shards = mesh.shape[CLIENTS_AXIS] if mesh is not None else 1
 
   @functools.lru_cache(maxsize=None)
   def program(stage, tier):
@@ -339,9 +360,12 @@ def build_round(model: nn.Module, task: Task,
     return ServerState(params, server_optimizer.init(params),
                        jnp.zeros((), jnp.int32))
 
-  def run_chunk(stage, tier, state, chunk):
+  def run_chunk(stage, tier, state, examples, chunk):
     """One chunk of C clients of one tier -> weighted sums over them."""
     (batches, mask, weight, ctx), keys, pres = chunk
+    if '_index' in batches:  # device-resident data: gather this chunk's rows
+      batches = {f: jnp.take(x, batches['_index'], axis=0, mode='clip')
+                 for f, x in examples.items()}
     t = program(stage, tier)
     cp = t.chunk_plan(chunk_key(keys[0]), state.round) if t.chunk_plan else None
     out = jax.vmap(client_update_for(stage, tier),
@@ -365,16 +389,47 @@ def build_round(model: nn.Module, task: Task,
             jnp.where(pres, out.download_bits, 0.0))
     return wsum(out.delta), wsum(out.coverage), sums, bits
 
-  def skip_chunk(state, chunk):
+  def skip_chunk(state, examples, chunk):
     """A chunk of padding only: contributes nothing, costs nothing."""
+    del examples
     c = chunk[2].shape[0]
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     sums = {n: jnp.zeros((), jnp.float32)
             for n in SUM_NAMES}
     return zeros, zeros, sums, (jnp.zeros((c,)), jnp.zeros((c,)))
 
-  def round_program(state: ServerState, cohort, order, chunk_tier, rng,
-                    stage):
+  def scan_chunks(state, examples, xs, stage):
+    """Σ over a block of chunks: (delta_sum, coverage, sums), bits [n, C]."""
+    programs = ([functools.partial(run_chunk, stage, t)
+                 for t in range(num_tiers if tiered else 1)] + [skip_chunk])
+
+    def chunk_body(acc, xs_i):
+      chunk, ct = xs_i
+      d, cov, sums, bits = jax.lax.switch(ct, programs, state, examples,
+                                          chunk)
+      acc = jax.tree.map(jnp.add, acc, (d, cov, sums))
+      return acc, bits
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zero_sums = {n: jnp.zeros((), jnp.float32) for n in SUM_NAMES}
+    return jax.lax.scan(chunk_body, (zeros, zeros, zero_sums), xs)
+
+  def scan_sharded(state, examples, xs, stage):
+    """`scan_chunks` per device block of the mesh, sums met by a psum."""
+    def block(state, examples, xs):
+      acc, bits = scan_chunks(state, examples, xs, stage)
+      return (jax.lax.psum(acc, CLIENTS_AXIS),
+              jax.lax.all_gather(bits, CLIENTS_AXIS, tiled=True))
+    p = jax.sharding.PartitionSpec
+    by_client = jax.sharding.NamedSharding(mesh, p(CLIENTS_AXIS))
+    xs = jax.tree.map(lambda x: jax.sharding.reshard(x, by_client), xs)
+    return jax.shard_map(
+        block, mesh=mesh, in_specs=(p(), p(), p(CLIENTS_AXIS)),
+        out_specs=(p(), p()), axis_names={CLIENTS_AXIS},
+        check_vma=False)(state, examples, xs)
+
+  def round_program(state: ServerState, examples, cohort, order, chunk_tier,
+                    rng, stage):
     k = cohort.mask.shape[0]
     num_chunks = chunk_tier.shape[0]
     c = order.shape[0] // num_chunks
@@ -384,34 +439,18 @@ def build_round(model: nn.Module, task: Task,
       x = jnp.take(jnp.asarray(x), order, axis=0, mode='clip')
       return x.reshape((num_chunks, c) + x.shape[1:])
 
+    feats = (dict(cohort.batches) if hasattr(cohort, 'batches')
+             else {'_index': cohort.index})
     batches, mask, weight, ctx = jax.tree.map(
-        chunked, (dict(cohort.batches), cohort.mask, cohort.weight,
-                  dict(cohort.ctx)))
+        chunked, (feats, cohort.mask, cohort.weight, dict(cohort.ctx)))
     weight = jnp.where(present.reshape(num_chunks, c), weight, 0.0)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
         jnp.where(present, order, k + jnp.arange(order.shape[0])))
     keys = keys.reshape((num_chunks, c) + keys.shape[1:])
-    xs = ((batches, mask, weight, ctx), keys,
-          present.reshape(num_chunks, c))
-    xs = (xs, chunk_tier)
-    if tiered:
-      branches = [functools.partial(run_chunk, stage, t)
-                  for t in range(num_tiers)] + [skip_chunk]
-      body = lambda ct, chunk: jax.lax.switch(ct, branches, state, chunk)
-    else:
-      body = lambda _, chunk: run_chunk(stage, 0, state, chunk)
-
-    def chunk_body(acc, xs_i):
-      chunk, ct = xs_i
-      d, cov, sums, bits = body(ct, chunk)
-      acc = jax.tree.map(jnp.add, acc, (d, cov, sums))
-      return acc, bits
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    zero_sums = {n: jnp.zeros((), jnp.float32)
-                 for n in SUM_NAMES}
-    (delta_sum, coverage, sums), (up, down) = jax.lax.scan(
-        chunk_body, (zeros, zeros, zero_sums), xs)
+    xs = (((batches, mask, weight, ctx), keys,
+           present.reshape(num_chunks, c)), chunk_tier)
+    scan = scan_sharded if mesh is not None else scan_chunks
+    (delta_sum, coverage, sums), (up, down) = scan(state, examples, xs, stage)
     new_state = server_update(server_optimizer, state, delta_sum, coverage)
     slot_pos = jnp.where(present, order, k)
     per_client = lambda b: jnp.zeros((k,), jnp.float32).at[slot_pos].set(
@@ -429,19 +468,24 @@ def build_round(model: nn.Module, task: Task,
     round_program = jax.jit(round_program, static_argnames=('stage',),
                             donate_argnums=(0,) if donate else ())
 
-  def round_step(state: ServerState, cohort, rng, round_num=None):
+  def round_step(state: ServerState, cohort, rng, round_num=None,
+                 examples=None):
     stage = None
     if tech.stage is not None:
       stage = tech.stage(int(state.round) if round_num is None
                          else int(round_num))
+    if not hasattr(cohort, 'batches') and examples is None:
+      raise ValueError('An IndexedCohort needs examples=: the '
+                       'ResidentData.examples its indices point into.')
     k = cohort.mask.shape[0]
     c = min(chunk_size or default_chunk_size(k), k)
     tiers = None
     if tiered:
       tiers = np.asarray(cohort.ctx['tier']) if 'tier' in cohort.ctx else (
           np.zeros(k, np.int64))
-    layout = chunk_layout(k, c, tiers, num_tiers)
-    return round_program(state, cohort, layout.order, layout.chunk_tier, rng,
+    layout = chunk_layout(k, c, tiers, num_tiers, shards)
+    return round_program(state, {} if examples is None else examples,
+                         cohort, layout.order, layout.chunk_tier, rng,
                          stage=stage)
 
   first_stage = tech.stage(0) if tech.stage else None

@@ -85,6 +85,57 @@ def _client_rng(seed: int, round_num: int, client_index: int):
   return np.random.default_rng([seed, 0xC0DE, round_num, client_index])
 
 
+def _validate(policy_large, policy_small, weighting, steps, batch_size):
+  if policy_large not in POLICIES_LARGE:
+    raise ValueError(f'policy_large must be one of {POLICIES_LARGE}, got '
+                     f'{policy_large!r}.')
+  if policy_small not in POLICIES_SMALL:
+    raise ValueError(f'policy_small must be one of {POLICIES_SMALL}, got '
+                     f'{policy_small!r}.')
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f'weighting must be one of {WEIGHTINGS}, got '
+                     f'{weighting!r}.')
+  if steps < 1 or batch_size < 1:
+    raise ValueError(f'steps and batch_size must be >= 1, got steps={steps}, '
+                     f'batch_size={batch_size}.')
+
+
+def _example_order(client_id: str, n: int, capacity: int, rng, *,
+                   policy_large: str, policy_small: str,
+                   shuffle: bool) -> np.ndarray:
+  """Which of a client's `n` examples fill its slots, in order (<= capacity).
+
+  The one place the packing policies live: `pack` gathers these rows on the
+  host, `pack_index` sends them to a round that gathers on the device, so
+  both see exactly the same examples.
+  """
+  order = rng.permutation(n) if shuffle else np.arange(n)
+  if n > capacity:
+    if policy_large == 'error':
+      raise ValueError(
+          f'Client {client_id!r} has {n} examples, more than '
+          f'steps*batch_size={capacity}; set policy_large="subsample".')
+    order = order[:capacity]
+  elif n < capacity and policy_small == 'repeat' and n > 0:
+    reps = -(-capacity // n)
+    order = np.concatenate(
+        [order] + [rng.permutation(n) if shuffle else np.arange(n)
+                   for _ in range(reps - 1)])[:capacity]
+  return order
+
+
+def _client_weight(n: int, capacity: int, weighting: str) -> float:
+  return min(n, capacity) if weighting == 'num_examples' else float(n > 0)
+
+
+def _full_ctx(client_indices, ctx):
+  full_ctx: dict[str, Any] = {'client_index': np.asarray(client_indices,
+                                                         np.int32)}
+  if ctx:
+    full_ctx.update({c: np.asarray(v) for c, v in ctx.items()})
+  return full_ctx
+
+
 def pack(data: FederatedData, client_indices: np.ndarray, *, steps: int,
          batch_size: int, seed: int, round_num: int,
          policy_large: str = 'subsample', policy_small: str = 'pad',
@@ -105,18 +156,7 @@ def pack(data: FederatedData, client_indices: np.ndarray, *, steps: int,
   Returns:
     A `Cohort` of numpy arrays.
   """
-  if policy_large not in POLICIES_LARGE:
-    raise ValueError(f'policy_large must be one of {POLICIES_LARGE}, got '
-                     f'{policy_large!r}.')
-  if policy_small not in POLICIES_SMALL:
-    raise ValueError(f'policy_small must be one of {POLICIES_SMALL}, got '
-                     f'{policy_small!r}.')
-  if weighting not in WEIGHTINGS:
-    raise ValueError(f'weighting must be one of {WEIGHTINGS}, got '
-                     f'{weighting!r}.')
-  if steps < 1 or batch_size < 1:
-    raise ValueError(f'steps and batch_size must be >= 1, got steps={steps}, '
-                     f'batch_size={batch_size}.')
+  _validate(policy_large, policy_small, weighting, steps, batch_size)
   capacity = steps * batch_size
   k = len(client_indices)
   first = data.client(int(client_indices[0]))
@@ -128,29 +168,87 @@ def pack(data: FederatedData, client_indices: np.ndarray, *, steps: int,
     ci = int(ci)
     client = data.client(ci)
     n = len(next(iter(client.values())))
-    rng = _client_rng(seed, round_num, ci)
-    order = rng.permutation(n) if shuffle else np.arange(n)
-    if n > capacity:
-      if policy_large == 'error':
-        raise ValueError(
-            f'Client {data.client_ids[ci]!r} has {n} examples, more than '
-            f'steps*batch_size={capacity}; set policy_large="subsample".')
-      order = order[:capacity]
-    elif n < capacity and policy_small == 'repeat' and n > 0:
-      reps = -(-capacity // n)
-      order = np.concatenate(
-          [order] + [rng.permutation(n) if shuffle else np.arange(n)
-                     for _ in range(reps - 1)])[:capacity]
+    order = _example_order(
+        data.client_ids[ci], n, capacity, _client_rng(seed, round_num, ci),
+        policy_large=policy_large, policy_small=policy_small, shuffle=shuffle)
     used = len(order)
     for f, a in client.items():
       batches[f][slot, :used] = a[order]
     mask[slot, :used] = 1.0
-    weight[slot] = (min(n, capacity) if weighting == 'num_examples'
-                    else float(n > 0))
+    weight[slot] = _client_weight(n, capacity, weighting)
   shape = (k, steps, batch_size)
   batches = {f: a.reshape(shape + a.shape[2:]) for f, a in batches.items()}
-  full_ctx: dict[str, Any] = {'client_index': np.asarray(client_indices,
-                                                         np.int32)}
-  if ctx:
-    full_ctx.update({c: np.asarray(v) for c, v in ctx.items()})
-  return Cohort(batches, mask.reshape(shape), weight, full_ctx)
+  return Cohort(batches, mask.reshape(shape), weight,
+                _full_ctx(client_indices, ctx))
+
+
+class ResidentData(NamedTuple):
+  """All training clients' examples in one place, for on-device gathers.
+
+  `examples[f]` is every client's rows of feature `f` back to back (client
+  order), `offsets[i]` where client `i` starts, `sizes[i]` its count. Put
+  `examples` on the accelerator once (`jax.device_put`); each round only
+  an `IndexedCohort` (int32 row indices) crosses from the host, and the
+  round gathers the rows of each chunk inside the jitted program.
+  """
+  examples: Mapping[str, Any]
+  offsets: np.ndarray
+  sizes: np.ndarray
+  client_ids: tuple
+
+  @classmethod
+  def of(cls, data: FederatedData) -> 'ResidentData':
+    sizes = data.client_sizes
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return cls(data.concatenated(), offsets, sizes, tuple(data.client_ids))
+
+  @property
+  def nbytes(self) -> int:
+    return int(sum(np.asarray(a).nbytes if isinstance(a, np.ndarray)
+                   else a.nbytes for a in self.examples.values()))
+
+
+class IndexedCohort(NamedTuple):
+  """A cohort as row indices into `ResidentData.examples`.
+
+  Same fields as `Cohort` but `index` (`[K, S, B]` int32 rows; padding
+  slots point at row 0 with mask 0) replaces the example arrays.
+  """
+  index: np.ndarray
+  mask: np.ndarray
+  weight: np.ndarray
+  ctx: Mapping[str, np.ndarray]
+
+  @property
+  def num_clients(self) -> int:
+    return self.mask.shape[0]
+
+
+def pack_index(resident: ResidentData, client_indices: np.ndarray, *,
+               steps: int, batch_size: int, seed: int, round_num: int,
+               policy_large: str = 'subsample', policy_small: str = 'pad',
+               weighting: str = 'num_examples', shuffle: bool = True,
+               ctx: Mapping[str, np.ndarray] | None = None) -> IndexedCohort:
+  """`pack`, but as row indices: the same examples in the same slots."""
+  _validate(policy_large, policy_small, weighting, steps, batch_size)
+  if resident.offsets[-1] + resident.sizes[-1] >= 2 ** 31:
+    raise ValueError('ResidentData holds 2^31 or more rows; int32 row '
+                     'indices cannot address them.')
+  capacity = steps * batch_size
+  k = len(client_indices)
+  index = np.zeros((k, capacity), np.int32)
+  mask = np.zeros((k, capacity), np.float32)
+  weight = np.zeros((k,), np.float32)
+  for slot, ci in enumerate(client_indices):
+    ci = int(ci)
+    n = int(resident.sizes[ci])
+    order = _example_order(
+        resident.client_ids[ci], n, capacity,
+        _client_rng(seed, round_num, ci), policy_large=policy_large,
+        policy_small=policy_small, shuffle=shuffle)
+    index[slot, :len(order)] = resident.offsets[ci] + order
+    mask[slot, :len(order)] = 1.0
+    weight[slot] = _client_weight(n, capacity, weighting)
+  shape = (k, steps, batch_size)
+  return IndexedCohort(index.reshape(shape), mask.reshape(shape), weight,
+                       _full_ctx(client_indices, ctx))

@@ -7,6 +7,25 @@ Writes workdir/metrics.jsonl, workdir/summary.json, TensorBoard events and
 orbax checkpoints; running the same command again resumes the run. Bad input
 (an unknown config key, impossible shapes, a dataset that is not prepared)
 ends with one line saying what is wrong and exit status 2.
+
+Many devices, many hosts (JAX's own engine, `jax.distributed`):
+
+  # one host, all its accelerators: shard each cohort over every device
+  python launch/train.py ... --config.mesh_clients=-1
+
+  # N hosts (or N processes on one machine): run this on every host, with
+  # its own --process_id, the same --coordinator_address (host 0's
+  # address and a free port) and a --workdir on a shared file system
+  python launch/train.py --config=... --workdir=/shared/run \
+      --coordinator_address=10.0.0.1:1234 --num_processes=N \
+      --process_id=I --config.mesh_clients=-1
+
+On a GPU/TPU cluster whose scheduler JAX recognises (Slurm, Open MPI,
+Cloud TPU pods) the three flags may be left out: pass --distributed and
+`jax.distributed.initialize()` reads them from the environment. On CPU the
+collectives go through gloo. Every process runs the same rounds on its
+part of the mesh; process 0 writes metrics.jsonl and summary.json (the
+others write theirs under workdir/process<I>/), all share the checkpoints.
 """
 
 from absl import app
@@ -24,12 +43,36 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for metrics, checkpoints, summary.')
 flags.mark_flags_as_required(['config', 'workdir'])
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() (implied by '
+    '--coordinator_address); without the flags below JAX reads the cluster '
+    'from the environment (Slurm, Open MPI, TPU pods).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for '
+    'jax.distributed.initialize.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process\'s index, 0..N-1.')
+
+
+def init_distributed():
+  """Joins the `jax.distributed` job the flags describe, if any."""
+  if not (_DISTRIBUTED.value or _COORDINATOR.value):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  # Collectives between CPU devices of different processes; GPU and TPU
+  # backends use their own (NCCL, ICI) whatever this says.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                             _PROCESS_ID.value)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  init_distributed()
   try:
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, DatasetNotPreparedError) as e:

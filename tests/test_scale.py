@@ -10,6 +10,7 @@ processes, because the number of (fake) CPU devices and
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -137,3 +138,103 @@ def test_two_processes_equal_one(tmp_path):
              for x, y in zip(_params(a, 0), _params(b, 2)))
   assert diff < 1e-6
   np.testing.assert_array_equal(a['mesh0/upload_bits'], b['mesh2/upload_bits'])
+
+
+def _train_cmd(workdir, rounds, extra=()):
+  return [sys.executable, os.path.join(os.path.dirname(SCRIPT), '..', '..',
+                                       'launch', 'train.py'),
+          '--config=configs/default.py', f'--workdir={workdir}',
+          f'--config.num_rounds={rounds}', '--config.checkpoint_every=2',
+          '--config.eval_every=2', '--config.progress=False',
+          '--config.chunk_size=2', '--config.accounting=False',
+          '--config.tensorboard=False', *extra]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_cli_on_two_processes_resumes_and_equals_one(tmp_path):
+  """`launch/train.py` with --coordinator_address/--num_processes/
+  --process_id: two gloo processes on a 2-device mesh, stopped after 2
+  rounds and resumed to 4, log the rounds one process runs unbroken."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_backend_optimization_level=0')
+
+  def start(cmd):
+    return subprocess.Popen(cmd, cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  multi = str(tmp_path / 'multi')
+  for rounds in (2, 4):
+    port = _free_port()
+    procs = [start(_train_cmd(multi, rounds, [
+        '--config.mesh_clients=-1', f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2', f'--process_id={i}'])) for i in range(2)]
+    if rounds == 2:
+      single = start(_train_cmd(str(tmp_path / 'single'), 4))
+    for p in procs:
+      _finish(p)
+  _finish(single)
+  got, want = _losses(multi), _losses(str(tmp_path / 'single'))
+  assert [r['round'] for r in got] == [1, 2, 3, 4]
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a['train_loss'], b['train_loss'], rtol=1e-5)
+  np.testing.assert_allclose(got[-1]['test_loss'], want[-1]['test_loss'],
+                             rtol=1e-5)
+  with open(os.path.join(multi, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['processes'] == 2 and summary['mesh_devices'] == 2
+  assert summary['resumed_from_round'] == 2
+  assert os.path.exists(os.path.join(multi, 'process1', 'summary.json'))
+
+
+def test_autotune_times_candidates_then_answers_from_its_cache(tmp_path):
+  kw, params = helpers.tiny_setup('mlp', model_kwargs={'hidden': (16,)})
+  built = []
+
+  def build(c):
+    built.append(c)
+    return core.build_round(**kw, chunk_size=c, donate=False)
+  cohort = helpers.tiny_cohort()
+  state = core.build_round(**kw).init(params)
+  cache = str(tmp_path / 'tune.json')
+  key = core.autotune.cache_key(kw['model'], 'identity', cohort)
+  best, seconds = core.autotune.autotune_chunk_size(
+      build, state, cohort, jax.random.key(0), key=key,
+      candidates=[1, 2, 4, 64], rounds=1, cache_path=cache)
+  assert sorted(seconds) == [1, 2, 4, 7] and built == [1, 2, 4, 7]
+  assert best == min(seconds, key=seconds.get)
+  assert all(s > 0 for s in seconds.values())
+  # The state it timed from is untouched.
+  assert helpers.max_abs_diff(state.params, params) == 0.0
+  again, cached = core.autotune.autotune_chunk_size(
+      build, state, cohort, jax.random.key(0), key=key, cache_path=cache)
+  assert (again, cached) == (best, seconds) and len(built) == 4
+  # Another cohort shape is another key.
+  other = helpers.tiny_cohort(steps=2)
+  assert core.autotune.cache_key(kw['model'], 'identity', other) != key
+
+
+def test_experiment_autotunes_and_places_data(tmp_path, monkeypatch):
+  """`chunk_size=-1` autotunes (cached per shape); host- and
+  device-placed data train the same model."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  import test_experiment  # pylint: disable=g-import-not-at-top
+  from fedjax_eff.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('FEDJAX_EFF_CACHE', str(tmp_path / 'cache'))
+  runs = {}
+  for name, over in [('host', {'data_placement': 'host'}),
+                     ('device', {'data_placement': 'device'}),
+                     ('tuned', {'chunk_size': -1})]:
+    c = test_experiment.tiny_config(
+        num_rounds=2, accounting=False, tensorboard=False, **over)
+    runs[name] = train_and_evaluate(c, str(tmp_path / name))
+  assert runs['host']['data_placement'] == 'host'
+  assert runs['device']['data_placement'] == 'device'
+  assert runs['host']['params_sha256'] == runs['device']['params_sha256']
+  tuned = runs['tuned']
+  assert tuned['chunk_size'] in (1, 2, 4, 5)
+  assert sorted(map(int, tuned['chunk_autotune_seconds'])) == [1, 2, 4, 5]
+  assert os.path.exists(tmp_path / 'cache' / 'chunk_autotune.json')

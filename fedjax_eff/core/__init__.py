@@ -4,6 +4,7 @@ from fedjax_eff.core.round import (ClientOutput, RoundFns, RoundMetrics,
                                    ServerState, build_client_update,
                                    CLIENTS_AXIS, build_round,
                                    default_chunk_size)
+from fedjax_eff.core import autotune
 from fedjax_eff.core.reference import build_reference_round
 from fedjax_eff.core.server_optimizers import make_optimizer, scale_by_reddi
 from fedjax_eff.core.task import (Task, batch_sums, classification, ctc,

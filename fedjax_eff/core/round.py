@@ -315,6 +315,19 @@ class RoundFns(NamedTuple):
 CLIENTS_AXIS = 'clients'
 
 
+def replicate(mesh: jax.sharding.Mesh, x):
+  """`x` with a copy on every device of `mesh` (of every process).
+
+  Kept as is if it already is; otherwise from this process's value, which
+  every process must hold alike (`jax.device_put` cannot move an array
+  committed to one process's device onto another process's devices).
+  """
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(rep, x.ndim):
+    return x
+  return jax.make_array_from_process_local_data(rep, np.asarray(x))
+
+
 def build_round(model: nn.Module, task: Task,
                 technique: technique_lib.Technique,
                 client_optimizer: optax.GradientTransformation,
@@ -422,7 +435,11 @@ def build_round(model: nn.Module, task: Task,
               jax.lax.all_gather(bits, CLIENTS_AXIS, tiled=True))
     p = jax.sharding.PartitionSpec
     by_client = jax.sharding.NamedSharding(mesh, p(CLIENTS_AXIS))
-    xs = jax.tree.map(lambda x: jax.sharding.reshard(x, by_client), xs)
+    explicit = mesh.axis_types[mesh.axis_names.index(CLIENTS_AXIS)] == (
+        jax.sharding.AxisType.Explicit)  # jax.make_mesh's default
+    place = (jax.sharding.reshard if explicit
+             else jax.lax.with_sharding_constraint)
+    xs = jax.tree.map(lambda x: place(x, by_client), xs)
     return jax.shard_map(
         block, mesh=mesh, in_specs=(p(), p(), p(CLIENTS_AXIS)),
         out_specs=(p(), p()), axis_names={CLIENTS_AXIS},
@@ -484,6 +501,8 @@ def build_round(model: nn.Module, task: Task,
       tiers = np.asarray(cohort.ctx['tier']) if 'tier' in cohort.ctx else (
           np.zeros(k, np.int64))
     layout = chunk_layout(k, c, tiers, num_tiers, shards)
+    if mesh is not None:  # e.g. restored onto one device: onto the mesh
+      state = jax.tree.map(functools.partial(replicate, mesh), state)
     return round_program(state, {} if examples is None else examples,
                          cohort, layout.order, layout.chunk_tier, rng,
                          stage=stage)

@@ -18,8 +18,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_rounds = 100
   c.clients_per_round = 10
   # Clients per vmapped chunk; 0 = per-backend default (1 on CPU, where a
-  # scan over clients is fastest; up to 128 on GPU/TPU).
+  # scan over clients is fastest; up to 128 on GPU/TPU); -1 = autotune:
+  # time a few rounds of the first cohort per candidate width, keep the
+  # fastest (cached per model/backend/shape in
+  # ~/.cache/fedjax_eff/chunk_autotune.json; core/autotune.py).
   c.chunk_size = 0
+  # Where the training examples live: 'device' (all clients' examples on
+  # the accelerator once; a round gathers its cohort inside the program and
+  # only indices cross from the host), 'host' (each cohort packed on the
+  # host one round ahead, in a background thread) or 'auto' ('device' when
+  # they take at most a quarter of the device's memory). Same results.
+  c.data_placement = 'auto'
+  # Shard each cohort over a Mesh of this many devices ('clients' axis):
+  # 0 = no mesh, -1 = every device (of every process under
+  # jax.distributed; see launch/train.py for multi-host flags).
+  c.mesh_clients = 0
   # 'federated' (the rounds above) or 'local': every client trains only on
   # its own data, nothing is averaged or communicated (experiment/local.py;
   # FedYolo's baseline). local.num_clients: clients simulated, drawn once

@@ -219,7 +219,7 @@ class LocalTrainer:
           exp.model, exp.task, local_program, exp.client_optimizer,
           exp.config.client.prox_mu)
       step = build_local_step(client_update, program.chunk_plan,
-                              exp.config.chunk_size or None)
+                              max(exp.config.chunk_size, 0) or None)
 
       @functools.partial(jax.jit, donate_argnums=(0,))
       def tier_step(params, sel, batches, mask, ctx, keys, round_num):

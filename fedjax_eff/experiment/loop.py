@@ -1,6 +1,7 @@
 """The round loop federated and local runs share.
 
-Prefetches round r+1's cohort while round r runs, times rounds (accounting
+Prefetches round r+1's cohort while round r runs (and records how long each
+round still waited for it, `host_wait_seconds`), times rounds (accounting
 compiles excluded), evaluates every `eval_every` rounds and at the end,
 writes one metrics line per round, shows progress, and checkpoints every
 `checkpoint_every` rounds and at the end. What a round *does* is the
@@ -42,7 +43,9 @@ def run_rounds(config, workdir: str, start: int, *,
     pending = (pool.submit(cohort, start)
                if start < config.num_rounds else None)
     for r in range(start, config.num_rounds):
+      t_wait = time.time()
       this = pending.result()
+      waited = time.time() - t_wait  # the round waiting on host packing
       pending = (pool.submit(cohort, r + 1)
                  if r + 1 < config.num_rounds else None)
       t_round = time.time()
@@ -54,6 +57,7 @@ def run_rounds(config, workdir: str, start: int, *,
       if done % config.eval_every == 0 or done == config.num_rounds:
         record.update(evaluate(done))
       record['round_seconds'] = time.time() - t_round
+      record['host_wait_seconds'] = waited
       writer.write(done, record)
       last = {'round': done, **record}
       postfix = {'loss': f"{record['train_loss']:.3f}",

@@ -41,6 +41,7 @@ from fedjax_eff.data import registry as data_registry
 from fedjax_eff.experiment import checkpoints
 from fedjax_eff.experiment import loop as loop_lib
 from fedjax_eff.experiment import metrics as metrics_lib
+from fedjax_eff.experiment import placement
 from fedjax_eff.experiment.validation import validate_config
 from fedjax_eff.models import get_model
 
@@ -133,12 +134,22 @@ class Experiment:
                          'is its task.')
       self.tier_of = self.data.client_task
       self.num_tiers = len(self.data.tasks)
-    self.round_fns = core.build_round(
-        self.model, self.task, self.technique, self.client_optimizer,
-        self.server_optimizer, chunk_size=config.chunk_size or None,
-        prox_mu=c.prox_mu, num_tiers=self.num_tiers)
+    self.mesh = placement.make_mesh(config.mesh_clients)
+    self.resident, self.examples = None, None
+    if placement.on_device(config.data_placement,
+                           placement.nbytes(self.data.train)):
+      self.resident = cohort_lib.ResidentData.of(self.data.train)
+      self.examples = placement.put_replicated(self.resident.examples,
+                                               self.mesh)
     self.sampler = cohort_lib.CohortSampler(
         self.data.train.num_clients, config.clients_per_round, config.seed)
+    self.autotune_seconds = None
+    chunk = config.chunk_size
+    if chunk == -1 and config.mode == 'federated':
+      chunk, self.autotune_seconds = self.autotune_chunk_size()
+    self.chunk_size = max(chunk, 0) or core.default_chunk_size(
+        config.clients_per_round)
+    self.round_fns = self.build_round(self.chunk_size)
     self.evaluate = evaluation.build_evaluator(self.model, self.task,
                                                config.eval_batch_size)
     self.error_rates = None
@@ -149,18 +160,43 @@ class Experiment:
           self.model, speech.decode_ids, config.eval_batch_size)
     self.costs: dict[Any, accounting.DeviceCost] = {}
 
+  def build_round(self, chunk_size: int, donate: bool = True
+                  ) -> core.RoundFns:
+    return core.build_round(
+        self.model, self.task, self.technique, self.client_optimizer,
+        self.server_optimizer, chunk_size=chunk_size,
+        prox_mu=self.config.client.prox_mu, num_tiers=self.num_tiers,
+        donate=donate, mesh=self.mesh)
+
+  def autotune_chunk_size(self) -> tuple[int, dict[int, float]]:
+    """The fastest chunk width on round 0's cohort (cached on disk)."""
+    cohort = self.cohort(0)
+    fns = self.build_round(1, donate=False)
+    key = core.autotune.cache_key(
+        self.model, fns.technique.name, cohort,
+        mesh_size=self.mesh.size if self.mesh else 1,
+        extra=repr((self.config.client, self.config.techniques,
+                    self.config.devices)))
+    return core.autotune.autotune_chunk_size(
+        lambda c: self.build_round(c, donate=False),
+        fns.init(self.init_params), cohort, self.round_key(0), key=key,
+        examples=self.examples, log=print)
+
   def init_state(self) -> core.ServerState:
     return self.round_fns.init(self.init_params)
 
-  def cohort(self, round_num: int) -> cohort_lib.Cohort:
+  def cohort(self, round_num: int):
+    """Round `round_num`'s cohort: row indices into the device-resident
+    examples, or (host placement) the examples packed on the host."""
     c = self.config.client
     ids = self.sampler.sample(round_num)
-    cohort = cohort_lib.pack(
-        self.data.train, ids, steps=c.local_steps,
-        batch_size=c.batch_size, seed=self.config.seed, round_num=round_num,
-        policy_large=c.policy_large, policy_small=c.policy_small,
-        weighting=c.weighting)
-    return cohort._replace(ctx=dict(cohort.ctx, tier=self.tier_of[ids]))
+    kw = dict(steps=c.local_steps, batch_size=c.batch_size,
+              seed=self.config.seed, round_num=round_num,
+              policy_large=c.policy_large, policy_small=c.policy_small,
+              weighting=c.weighting, ctx={'tier': self.tier_of[ids]})
+    if self.resident is not None:
+      return cohort_lib.pack_index(self.resident, ids, **kw)
+    return cohort_lib.pack(self.data.train, ids, **kw)
 
   def device_cost(self, technique) -> accounting.DeviceCost:
     """What one device pays to run `technique` (a static program).
@@ -383,8 +419,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = exp.init_state()
   ckpt = checkpoints.RunCheckpointer(os.path.join(workdir, 'checkpoints'),
                                      config.checkpoint_keep)
+  if jax.process_index() > 0:  # under jax.distributed: process 0 reports
+    workdir = os.path.join(workdir, f'process{jax.process_index()}')
+    os.makedirs(workdir, exist_ok=True)
   target = {'state': state,
-            'rng': jax.random.key_data(exp.base_key),
+            'rng': np.asarray(jax.random.key_data(exp.base_key)),
             'sampler': np.asarray([config.seed, 0], np.int64)}
   restored, saved_round = ckpt.restore_latest(target)
   start = 0
@@ -402,7 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def step(r, cohort):
     current['state'], m = exp.round_fns.round_step(
-        current['state'], cohort, exp.round_key(r), round_num=r)
+        current['state'], cohort, exp.round_key(r), round_num=r,
+        examples=exp.examples)
     record = {k: float(v) for k, v in m._asdict().items()
               if not k.startswith('client_')}
     t_acc = time.time()
@@ -446,6 +486,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           h.get('round_seconds', 0.0) for h in history)),
       'params_sha256': params_sha256(state.params),
       'technique': exp.round_fns.technique.name,
+      'chunk_size': exp.chunk_size,
+      'chunk_autotune_seconds': exp.autotune_seconds,
+      'data_placement': 'device' if exp.examples is not None else 'host',
+      'mesh_devices': exp.mesh.size if exp.mesh else 0,
+      'processes': jax.process_count(),
       'device_cost': [dict(stage=repr(stage), tier=tier, **cost.as_dict())
                       for (stage, tier), cost in exp.costs.items()],
       'num_params': int(sum(np.size(x)

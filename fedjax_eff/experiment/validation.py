@@ -8,14 +8,16 @@ from ml_collections.config_flags import config_path
 _POSITIVE_INTS = ('num_rounds', 'clients_per_round', 'client.local_steps',
                   'client.batch_size', 'eval_every', 'checkpoint_every',
                   'eval_batch_size', 'data.num_clients')
-_NON_NEGATIVE = ('chunk_size', 'client.prox_mu', 'data.heldout_clients',
+_NON_NEGATIVE = ('client.prox_mu', 'data.heldout_clients',
                  'local.num_clients')
 _CHOICES = {
     'client.policy_large': ('subsample', 'error'),
     'client.policy_small': ('pad', 'repeat'),
     'client.weighting': ('num_examples', 'uniform'),
     'mode': ('federated', 'local'),
+    'data_placement': ('auto', 'device', 'host'),
 }
+_AT_LEAST_MINUS_ONE = ('chunk_size', 'mesh_clients')  # -1: auto / all
 
 
 def _get(config, dotted):
@@ -37,6 +39,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     v = _get(config, key)
     if v < 0:
       raise ValueError(f'config.{key} must be >= 0, got {v!r}.')
+  for key in _AT_LEAST_MINUS_ONE:
+    v = _get(config, key)
+    if not isinstance(v, int) or v < -1:
+      raise ValueError(f'config.{key} must be an integer >= -1, got {v!r}.')
   for key, choices in _CHOICES.items():
     v = _get(config, key)
     if v not in choices:

@@ -1,0 +1,71 @@
+"""Where a run's pieces live: the mesh of devices and the training data.
+
+Two choices the config makes and this module carries out:
+
+* `config.mesh_clients`: shard each round's cohort over a
+  `jax.sharding.Mesh` with a `'clients'` axis of that many devices (-1 =
+  every device of every process, e.g. under `jax.distributed`), or none.
+* `config.data_placement`: 'device' keeps every training client's examples
+  on the accelerator once (`ResidentData`), so a round only receives row
+  indices and gathers its cohort inside the jitted program; 'host' packs
+  each cohort on the host (in the loop's background thread, one round
+  ahead); 'auto' picks 'device' when the examples take at most
+  `DEVICE_SHARE` of one device's memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+
+from fedjax_eff import core
+
+PLACEMENTS = ('auto', 'device', 'host')
+DEVICE_SHARE = 0.25  # of one device's memory, for 'auto' placement
+
+
+def make_mesh(mesh_clients: int) -> jax.sharding.Mesh | None:
+  if mesh_clients == 0:
+    return None
+  n = jax.device_count() if mesh_clients == -1 else mesh_clients
+  if not 1 <= n <= jax.device_count():
+    raise ValueError(f'config.mesh_clients={mesh_clients} asks for {n} '
+                     f'devices; there are {jax.device_count()} '
+                     f'({jax.process_count()} process(es)).')
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:n]),
+                           (core.CLIENTS_AXIS,))
+
+
+def device_memory_bytes() -> int:
+  """One device's memory: the allocator's limit, or the host's RAM on CPU."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def nbytes(data) -> int:
+  """Bytes of all of a `FederatedData`'s examples (without copying them)."""
+  first = data.client(0)
+  per_example = sum(a.dtype.itemsize * int(np.prod(a.shape[1:]))
+                    for a in first.values())
+  return int(data.client_sizes.sum()) * per_example
+
+
+def on_device(placement: str, nbytes: int) -> bool:
+  if placement not in PLACEMENTS:
+    raise ValueError(f'config.data_placement must be one of {PLACEMENTS}, '
+                     f'got {placement!r}.')
+  if placement == 'auto':
+    return nbytes <= DEVICE_SHARE * device_memory_bytes()
+  return placement == 'device'
+
+
+def put_replicated(tree, mesh: jax.sharding.Mesh | None):
+  """On the device, or a copy on every device of the mesh."""
+  if mesh is None:
+    return jax.device_put(tree)
+  return jax.tree.map(functools.partial(core.round.replicate, mesh), tree)

@@ -65,12 +65,12 @@ def measure(args, keep: float) -> dict:
   exp = train_lib.Experiment(keep_config(args, keep))
   cost = exp.program_cost(0, 0)
   state = exp.init_state()
-  cohort = exp.cohort(0)
+  cohort = exp.cohort(0).cohort
   times = []
   for r in range(args.sim_rounds + 1):  # round 0 compiles
     t = time.perf_counter()
     state, m = exp.round_fns.round_step(state, cohort, exp.round_key(r),
-                                        round_num=r)
+                                        round_num=r, examples=exp.examples)
     jax.block_until_ready(state.params)
     times.append(time.perf_counter() - t)
   return dict(upload_bits=float(m.upload_bits),

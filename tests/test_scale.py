@@ -121,23 +121,27 @@ def _free_port() -> int:
 
 def test_two_processes_equal_one(tmp_path):
   """`jax.distributed` with two CPU processes (gloo collectives), each
-  with one device of a 2-device mesh, trains the model one process does."""
+  with two devices of a 4-device mesh and packing only the clients of its
+  own slots (`local_part`), two device tiers, trains the model one process
+  does."""
   single = tmp_path / 'single.npz'
   multi = tmp_path / 'multi.npz'
   port = _free_port()
+  flags = ['--tiers', '--local_part']
   procs = [_run_script(
-      ['--mesh', '2', '--out', str(multi), '--num_processes', '2',
-       '--process_id', str(i), '--coordinator', f'127.0.0.1:{port}'],
-      num_devices=1) for i in range(2)]
-  base = _run_script(['--mesh', '0', '--out', str(single)], num_devices=1)
+      ['--mesh', '4', '--out', str(multi), '--num_processes', '2',
+       '--process_id', str(i), '--coordinator', f'127.0.0.1:{port}'] + flags,
+      num_devices=2) for i in range(2)]
+  base = _run_script(['--mesh', '0', '--out', str(single)] + flags,
+                     num_devices=1)
   for p in procs + [base]:
     _finish(p)
   a, b = np.load(single), np.load(multi)
-  assert int(b['devices']) == 2
+  assert int(b['devices']) == 4
   diff = max(float(np.max(np.abs(x - y)))
-             for x, y in zip(_params(a, 0), _params(b, 2)))
+             for x, y in zip(_params(a, 0), _params(b, 4)))
   assert diff < 1e-6
-  np.testing.assert_array_equal(a['mesh0/upload_bits'], b['mesh2/upload_bits'])
+  np.testing.assert_array_equal(a['mesh0/upload_bits'], b['mesh4/upload_bits'])
 
 
 def _train_cmd(workdir, rounds, extra=()):

@@ -310,6 +310,7 @@ class RoundFns(NamedTuple):
   client_update: Callable[..., ClientOutput]
   client_update_for: Callable[..., Callable[..., ClientOutput]]
   technique: technique_lib.Technique
+  local_part: Callable[..., np.ndarray] | None = None
 
 
 CLIENTS_AXIS = 'clients'
@@ -354,7 +355,8 @@ def build_round(model: nn.Module, task: Task,
   along that axis (`shard_map`); each device scans its block and the
   weighted sums meet in a `psum`, so the server sees the same sums as on
   one device, up to float summation order. With `jax.distributed` the mesh
-  spans processes; every process passes the same cohort.
+  spans processes: every process passes the same cohort, or each packs
+  only the clients of its own slots (`local_part`, `part_of=`).
   """
   tech = technique_lib.chain(technique)
   tiered = tech.specialize is not None
@@ -446,14 +448,18 @@ def build_round(model: nn.Module, task: Task,
         check_vma=False)(state, examples, xs)
 
   def round_program(state: ServerState, examples, cohort, order, chunk_tier,
-                    rng, stage):
-    k = cohort.mask.shape[0]
+                    rng, stage, num_clients=None):
+    """`cohort` in cohort order, taken into its slots here; or, given
+    `num_clients`, already one row per slot of `order` (`local_part`)."""
+    k = cohort.mask.shape[0] if num_clients is None else num_clients
     num_chunks = chunk_tier.shape[0]
     c = order.shape[0] // num_chunks
     present = order < k
 
     def chunked(x):
-      x = jnp.take(jnp.asarray(x), order, axis=0, mode='clip')
+      x = jnp.asarray(x)
+      if num_clients is None:
+        x = jnp.take(x, order, axis=0, mode='clip')
       return x.reshape((num_chunks, c) + x.shape[1:])
 
     feats = (dict(cohort.batches) if hasattr(cohort, 'batches')
@@ -482,11 +488,43 @@ def build_round(model: nn.Module, task: Task,
     return new_state, metrics
 
   if jit:
-    round_program = jax.jit(round_program, static_argnames=('stage',),
+    round_program = jax.jit(round_program,
+                            static_argnames=('stage', 'num_clients'),
                             donate_argnums=(0,) if donate else ())
 
+  def layout_of(k, tiers):
+    c = min(chunk_size or default_chunk_size(k), k)
+    if tiered and tiers is None:
+      tiers = np.zeros(k, np.int64)
+    return chunk_layout(k, c, np.asarray(tiers) if tiered else None,
+                        num_tiers, shards)
+
+  def local_slots(layout) -> slice:
+    """The slots on this process's devices (one contiguous range)."""
+    if mesh.devices.ndim != 1:
+      raise ValueError('A cohort split across processes needs a 1-D mesh '
+                       f'(the {CLIENTS_AXIS!r} axis only).')
+    mine = [i for i, d in enumerate(mesh.devices.reshape(-1))
+            if d.process_index == jax.process_index()]
+    if not mine or mine != list(range(mine[0], mine[-1] + 1)):
+      raise ValueError('This process\'s devices must be one contiguous run '
+                       'of the mesh.')
+    block = len(layout.order) // shards
+    return slice(mine[0] * block, (mine[-1] + 1) * block)
+
+  def local_part(num_clients: int, tiers=None) -> np.ndarray:
+    """Cohort positions of the slots this process trains, in slot order
+    (`num_clients` for a padding slot): pack these clients (padding slots
+    may hold any client; they weigh nothing) and pass that cohort to
+    `round_step(..., part_of=(num_clients, tiers))`. Each process then
+    packs and holds only its part of the cohort."""
+    if mesh is None:
+      raise ValueError('local_part needs build_round(..., mesh=...).')
+    layout = layout_of(num_clients, tiers)
+    return layout.order[local_slots(layout)]
+
   def round_step(state: ServerState, cohort, rng, round_num=None,
-                 examples=None):
+                 examples=None, part_of=None):
     stage = None
     if tech.stage is not None:
       stage = tech.stage(int(state.round) if round_num is None
@@ -494,19 +532,31 @@ def build_round(model: nn.Module, task: Task,
     if not hasattr(cohort, 'batches') and examples is None:
       raise ValueError('An IndexedCohort needs examples=: the '
                        'ResidentData.examples its indices point into.')
-    k = cohort.mask.shape[0]
-    c = min(chunk_size or default_chunk_size(k), k)
-    tiers = None
-    if tiered:
-      tiers = np.asarray(cohort.ctx['tier']) if 'tier' in cohort.ctx else (
-          np.zeros(k, np.int64))
-    layout = chunk_layout(k, c, tiers, num_tiers, shards)
+    if part_of is not None:  # this process's slots only (local_part)
+      k, tiers = part_of
+      layout = layout_of(k, tiers)
+      part = local_slots(layout)
+      if cohort.mask.shape[0] != part.stop - part.start:
+        raise ValueError(f'part_of: the cohort has {cohort.mask.shape[0]} '
+                         f'rows; local_part gave {part.stop - part.start}.')
+      by_client = jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(CLIENTS_AXIS))
+      cohort = jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(
+              by_client, np.asarray(x), (len(layout.order),) + x.shape[1:]),
+          cohort)
+    else:
+      k = cohort.mask.shape[0]
+      tiers = (cohort.ctx['tier'] if tiered and 'tier' in cohort.ctx
+               else None)
+      layout = layout_of(k, tiers)
     if mesh is not None:  # e.g. restored onto one device: onto the mesh
       state = jax.tree.map(functools.partial(replicate, mesh), state)
     return round_program(state, {} if examples is None else examples,
                          cohort, layout.order, layout.chunk_tier, rng,
-                         stage=stage)
+                         stage=stage,
+                         num_clients=None if part_of is None else k)
 
   first_stage = tech.stage(0) if tech.stage else None
   return RoundFns(init, round_step, client_update_for(first_stage, 0),
-                  client_update_for, tech)
+                  client_update_for, tech, local_part)

@@ -279,8 +279,9 @@ class LocalTrainer:
     """What each device pays to train (peak memory, FLOPs of its program),
     as in a federated run; its communication is zero."""
     zeros = np.zeros(self.num_clients, np.float32)
-    return self.exp.device_metrics(round_num, cohort, types.SimpleNamespace(
-        client_upload_bits=zeros, client_download_bits=zeros))
+    return self.exp.device_metrics(
+        round_num, cohort.ctx['tier'], types.SimpleNamespace(
+            client_upload_bits=zeros, client_download_bits=zeros))
 
   def forward_kwargs(self, round_num: int, tier: int) -> dict:
     """Static model kwargs of the program a tier-`tier` client ran last."""

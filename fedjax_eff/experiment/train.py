@@ -23,7 +23,7 @@ import json
 import os
 import platform
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -70,6 +70,13 @@ def versions() -> dict[str, str]:
   out['backend'] = jax.default_backend()
   out['devices'] = str(jax.devices())
   return out
+
+
+class RoundInput(NamedTuple):
+  """What the loop prefetches for a round."""
+  cohort: Any           # Cohort or IndexedCohort (this process's part)
+  part_of: Any          # (K, tiers) when split across processes, else None
+  tiers: np.ndarray     # [K] device tier of every client of the cohort
 
 
 class Experiment:
@@ -144,12 +151,19 @@ class Experiment:
     self.sampler = cohort_lib.CohortSampler(
         self.data.train.num_clients, config.clients_per_round, config.seed)
     self.autotune_seconds = None
+    self.split_cohort = False
     chunk = config.chunk_size
+    if chunk == -1 and jax.process_count() > 1:
+      raise ValueError('config.chunk_size=-1 (autotune) runs in one process; '
+                       'with several, tune once on one process and pass the '
+                       'chosen config.chunk_size.')
     if chunk == -1 and config.mode == 'federated':
       chunk, self.autotune_seconds = self.autotune_chunk_size()
     self.chunk_size = max(chunk, 0) or core.default_chunk_size(
         config.clients_per_round)
     self.round_fns = self.build_round(self.chunk_size)
+    # Each process packs only the clients its own devices train.
+    self.split_cohort = self.mesh is not None and jax.process_count() > 1
     self.evaluate = evaluation.build_evaluator(self.model, self.task,
                                                config.eval_batch_size)
     self.error_rates = None
@@ -170,7 +184,7 @@ class Experiment:
 
   def autotune_chunk_size(self) -> tuple[int, dict[int, float]]:
     """The fastest chunk width on round 0's cohort (cached on disk)."""
-    cohort = self.cohort(0)
+    cohort = self.cohort(0).cohort
     fns = self.build_round(1, donate=False)
     key = core.autotune.cache_key(
         self.model, fns.technique.name, cohort,
@@ -185,18 +199,27 @@ class Experiment:
   def init_state(self) -> core.ServerState:
     return self.round_fns.init(self.init_params)
 
-  def cohort(self, round_num: int):
+  def cohort(self, round_num: int) -> RoundInput:
     """Round `round_num`'s cohort: row indices into the device-resident
-    examples, or (host placement) the examples packed on the host."""
+    examples, or (host placement) the examples packed on the host. Under
+    `jax.distributed`, only the clients of this process's slots."""
     c = self.config.client
     ids = self.sampler.sample(round_num)
+    tiers = self.tier_of[ids]
+    part_of, mine = None, ids
+    if self.split_cohort:
+      part_of = (len(ids), tiers)
+      mine = ids[np.minimum(self.round_fns.local_part(*part_of),
+                            len(ids) - 1)]
     kw = dict(steps=c.local_steps, batch_size=c.batch_size,
               seed=self.config.seed, round_num=round_num,
               policy_large=c.policy_large, policy_small=c.policy_small,
-              weighting=c.weighting, ctx={'tier': self.tier_of[ids]})
+              weighting=c.weighting, ctx={'tier': self.tier_of[mine]})
     if self.resident is not None:
-      return cohort_lib.pack_index(self.resident, ids, **kw)
-    return cohort_lib.pack(self.data.train, ids, **kw)
+      cohort = cohort_lib.pack_index(self.resident, mine, **kw)
+    else:
+      cohort = cohort_lib.pack(self.data.train, mine, **kw)
+    return RoundInput(cohort, part_of, tiers)
 
   def device_cost(self, technique) -> accounting.DeviceCost:
     """What one device pays to run `technique` (a static program).
@@ -233,11 +256,11 @@ class Experiment:
           core.technique.device_program(program))
     return self.costs[key]
 
-  def device_metrics(self, round_num: int, cohort, m) -> dict[str, float]:
+  def device_metrics(self, round_num: int, tiers, m) -> dict[str, float]:
     """Per-client device cost of the round: means over the cohort and per
     tier (bits as measured in the round, peak/FLOPs from the compiled
-    single-client program of each tier)."""
-    tiers = np.asarray(cohort.ctx['tier'])
+    single-client program of each tier); `tiers`: each client's tier."""
+    tiers = np.asarray(tiers)
     up = np.asarray(m.client_upload_bits)
     down = np.asarray(m.client_download_bits)
     out: dict[str, float] = {}
@@ -439,14 +462,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     f.write(config.to_json_best_effort(indent=2))
   current = {'state': state}
 
-  def step(r, cohort):
+  def step(r, this: RoundInput):
     current['state'], m = exp.round_fns.round_step(
-        current['state'], cohort, exp.round_key(r), round_num=r,
-        examples=exp.examples)
+        current['state'], this.cohort, exp.round_key(r), round_num=r,
+        examples=exp.examples, part_of=this.part_of)
     record = {k: float(v) for k, v in m._asdict().items()
               if not k.startswith('client_')}
     t_acc = time.time()
-    record.update(exp.device_metrics(r, cohort, m))
+    record.update(exp.device_metrics(r, this.tiers, m))
     return record, time.time() - t_acc
 
   def save(done):

@@ -29,6 +29,8 @@ def main(argv=None):
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--tiers', action='store_true')
   p.add_argument('--resident', action='store_true')
+  p.add_argument('--local_part', action='store_true',
+                 help='each process packs only its own slots\' clients')
   p.add_argument('--out', required=True)
   p.add_argument('--coordinator', default='')
   p.add_argument('--num_processes', type=int, default=1)
@@ -66,15 +68,22 @@ def main(argv=None):
     state = fns.init(jax.tree.map(np.array, params))  # donated: a copy
     for r in range(args.rounds):
       ids = np.arange(data.num_clients)
+      k = len(ids)
+      tiers = ids % 2 if args.tiers else None
+      kw_round = {}
+      if args.local_part and size:  # only this process's slots
+        pos = fns.local_part(k, tiers)
+        kw_round['part_of'] = (k, tiers)
+        ids = ids[np.minimum(pos, k - 1)]
+        tiers = tiers[np.minimum(pos, k - 1)] if args.tiers else None
       kw_pack = dict(steps=3, batch_size=4, seed=0, round_num=r,
-                     ctx={'tier': ids % 2} if args.tiers else None)
+                     ctx=None if tiers is None else {'tier': tiers})
       if args.resident:
         cohort = data_lib.pack_index(resident, ids, **kw_pack)
-        state, m = fns.round_step(state, cohort, jax.random.key(r),
-                                  examples=resident.examples)
+        kw_round['examples'] = resident.examples
       else:
         cohort = data_lib.pack(data, ids, **kw_pack)
-        state, m = fns.round_step(state, cohort, jax.random.key(r))
+      state, m = fns.round_step(state, cohort, jax.random.key(r), **kw_round)
     for i, x in enumerate(jax.tree.leaves(state.params)):
       out[f'mesh{size}/param{i}'] = np.asarray(x)
     out[f'mesh{size}/loss'] = np.asarray(m.train_loss)

@@ -242,3 +242,6 @@ def test_experiment_autotunes_and_places_data(tmp_path, monkeypatch):
   assert tuned['chunk_size'] in (1, 2, 4, 5)
   assert sorted(map(int, tuned['chunk_autotune_seconds'])) == [1, 2, 4, 5]
   assert os.path.exists(tmp_path / 'cache' / 'chunk_autotune.json')
+  # Every round records how long it waited for its (prefetched) cohort.
+  waits = [r['host_wait_seconds'] for r in _losses(str(tmp_path / 'device'))]
+  assert len(waits) == 2 and all(w >= 0 for w in waits)

@@ -10,7 +10,9 @@ Two choices the config makes and this module carries out:
   indices and gathers its cohort inside the jitted program; 'host' packs
   each cohort on the host (in the loop's background thread, one round
   ahead); 'auto' picks 'device' when the examples take at most
-  `DEVICE_SHARE` of one device's memory.
+  `DEVICE_SHARE` of one device's memory (`CPU_SHARE` of the RAM on CPU,
+  where the host's per-client arrays, the concatenated copy and the
+  "device" copy all live in the same memory).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fedjax_eff import core
 
 PLACEMENTS = ('auto', 'device', 'host')
 DEVICE_SHARE = 0.25  # of one device's memory, for 'auto' placement
+CPU_SHARE = 0.1
 
 
 def make_mesh(mesh_clients: int) -> jax.sharding.Mesh | None:
@@ -60,7 +63,8 @@ def on_device(placement: str, nbytes: int) -> bool:
     raise ValueError(f'config.data_placement must be one of {PLACEMENTS}, '
                      f'got {placement!r}.')
   if placement == 'auto':
-    return nbytes <= DEVICE_SHARE * device_memory_bytes()
+    share = CPU_SHARE if jax.default_backend() == 'cpu' else DEVICE_SHARE
+    return nbytes <= share * device_memory_bytes()
   return placement == 'device'
 
 

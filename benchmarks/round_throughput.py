@@ -220,26 +220,18 @@ def reference_variant(name, args, work: Workload, use_im2col=True) -> Variant:
                  finite=lambda: _finite(state[0].params))
 
 
-class FedJaxProcess:
-  """FedJAX in its own venv, one round per request (`fedjax_shims --serve`)."""
+class ServedProcess:
+  """A peer in its own venv, one JSON answer per line-request on stdin
+  (`round R` -> `{"seconds": ...}`, `info`), first answering `ready`."""
 
-  def __init__(self, args):
-    pins = [f'jax=={jax.__version__}',
-            f'jaxlib=={importlib.metadata.version("jaxlib")}',
-            f'optax=={importlib.metadata.version("optax")}',
-            f'numpy=={np.__version__}']
-    python = fedjax_shims.ensure_venv(args.fedjax_venv, pins)  # RuntimeError
-    cmd = [python, os.path.join(HERE, 'fedjax_shims.py'), '--serve',
-           '--model', args.model,
-           '--clients_per_round', str(args.clients_per_round),
-           '--examples_per_client', str(args.examples_per_client),
-           '--batch_size', str(args.batch_size), '--epochs', str(args.epochs),
-           '--client_lr', str(args.client_lr),
-           '--server_lr', str(args.server_lr), '--seed', str(args.seed)]
-    print('[fedjax] ' + ' '.join(os.path.relpath(c) if os.path.isabs(c)
-                                 else c for c in cmd), flush=True)
+  def __init__(self, name: str, cmd: list[str],
+               env_extra: dict | None = None):
+    self.name = name
+    print(f'[{name}] ' + ' '.join(os.path.relpath(c) if os.path.isabs(c)
+                                  else c for c in cmd), flush=True)
     env = {k: v for k, v in os.environ.items()
            if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+    env.update(env_extra or {})
     self._stderr = tempfile.TemporaryFile(mode='w+')
     self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=self._stderr,
@@ -251,7 +243,8 @@ class FedJaxProcess:
     if not line:
       self._stderr.seek(0)
       tail = ' | '.join(self._stderr.read().strip().splitlines()[-5:])
-      raise RuntimeError(f'FedJAX process exited {self._proc.poll()}: {tail}')
+      raise RuntimeError(f'{self.name} process exited {self._proc.poll()}: '
+                         f'{tail}')
     out = json.loads(line)
     if 'error' in out:
       raise RuntimeError(out['error'])
@@ -264,20 +257,18 @@ class FedJaxProcess:
 
   def close(self):
     if self._proc.poll() is None:
-      self._proc.stdin.close()
       try:
-        self._proc.wait(timeout=60)
-      except subprocess.TimeoutExpired:
+        self._proc.stdin.close()
+        self._proc.wait(timeout=120)
+      except (OSError, subprocess.TimeoutExpired):
         self._proc.kill()
+        self._proc.wait()
     self._stderr.close()
 
 
-def fedjax_variant(args) -> tuple[Variant | None, dict | None, str | None]:
-  """(variant, info, None) or (None, None, reason); never raises."""
-  try:
-    proc = FedJaxProcess(args)
-  except Exception as e:  # pylint: disable=broad-except
-    return None, None, f'{type(e).__name__}: {e}'
+def served_variant(name: str, proc: ServedProcess, rounds: int
+                   ) -> tuple[Variant, dict]:
+  """A variant timed by the peer's own clock; `info` fills at the end."""
   info: dict = {}
   times: dict[int, float] = {}
 
@@ -288,8 +279,29 @@ def fedjax_variant(args) -> tuple[Variant | None, dict | None, str | None]:
     info.update(proc.request('info'))
     return info.pop('params_finite')
 
-  return Variant('fedjax', run_round, args.rounds, finite=finite,
-                 close=proc.close, own_clock=times), info, None
+  return Variant(name, run_round, rounds, finite=finite, close=proc.close,
+                 own_clock=times), info
+
+
+def fedjax_variant(args) -> tuple[Variant | None, dict | None, str | None]:
+  """(variant, info, None) or (None, None, reason); never raises."""
+  try:
+    pins = [f'jax=={jax.__version__}',
+            f'jaxlib=={importlib.metadata.version("jaxlib")}',
+            f'optax=={importlib.metadata.version("optax")}',
+            f'numpy=={np.__version__}']
+    python = fedjax_shims.ensure_venv(args.fedjax_venv, pins)  # RuntimeError
+    proc = ServedProcess('fedjax', [
+        python, os.path.join(HERE, 'fedjax_shims.py'), '--serve',
+        '--model', args.model,
+        '--clients_per_round', str(args.clients_per_round),
+        '--examples_per_client', str(args.examples_per_client),
+        '--batch_size', str(args.batch_size), '--epochs', str(args.epochs),
+        '--client_lr', str(args.client_lr),
+        '--server_lr', str(args.server_lr), '--seed', str(args.seed)])
+  except Exception as e:  # pylint: disable=broad-except
+    return None, None, f'{type(e).__name__}: {e}'
+  return (*served_variant('fedjax', proc, args.rounds), None)
 
 
 def run_interleaved(variants: list[Variant], log=print) -> None:

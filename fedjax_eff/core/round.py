@@ -424,11 +424,13 @@ def build_round(model: nn.Module, task: Task,
     w = jnp.where(finite & pres, weight, 0.0)
 
     def wsum(tree):  # Σ_c w_c x_c over the finite clients
-      def one(x):
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        return jnp.sum(w.reshape(shape) * jnp.where(finite.reshape(shape), x,
-                                                     0.0), axis=0)
-      return jax.tree.map(one, tree)
+      if w.shape[0] == 1:  # a multiply: XLA:CPU runs a 1-long dot slowly
+        return jax.tree.map(
+            lambda x: w[0] * jnp.where(finite[0], x[0], 0.0), tree)
+      # A dot: on CPU 2x faster than multiply-and-sum at C = 2 (CNN).
+      return jax.tree.map(
+          lambda x: jnp.einsum('c,c...->...', w, jnp.where(
+              finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)), tree)
     ok = finite & pres
     sums = dict(
         loss=jnp.sum(jnp.where(ok, out.loss_sum, 0.0)),

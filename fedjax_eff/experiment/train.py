@@ -143,8 +143,8 @@ class Experiment:
       self.num_tiers = len(self.data.tasks)
     self.mesh = placement.make_mesh(config.mesh_clients)
     self.resident, self.examples = None, None
-    if placement.on_device(config.data_placement,
-                           placement.nbytes(self.data.train)):
+    if config.mode == 'federated' and placement.on_device(
+        config.data_placement, placement.nbytes(self.data.train)):
       self.resident = cohort_lib.ResidentData.of(self.data.train)
       self.examples = placement.put_replicated(self.resident.examples,
                                                self.mesh)

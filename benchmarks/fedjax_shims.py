@@ -174,22 +174,16 @@ def apply_shims() -> list[str]:
   return added
 
 
-def build_fedjax(args) -> tuple[Callable[[int], None], Callable[[], dict]]:
-  """FedJAX's FedAvg on the synthetic data: (run_round(r), info())."""
-  shims = apply_shims()
+def fedavg_runner(model, clients, args, shims: list[str]
+                  ) -> tuple[Callable[[int], None], Callable[[], dict]]:
+  """FedJAX's own FedAvg (jit backend) of `model` over `clients` (id ->
+  {'x', 'y'}): (run_round(r), info()). Shared with peers_workers/."""
   import importlib.metadata as md
   import jax
   import fedjax
   from fedjax.algorithms import fed_avg
-  from fedjax.models import emnist
 
-  if args.model == 'cnn':
-    model = emnist.create_conv_model(only_digits=False)
-  else:
-    model = emnist.create_dense_model(only_digits=False, hidden_units=200)
-  fd = fedjax.InMemoryFederatedData(
-      synthetic_emnist(args.clients_per_round, args.examples_per_client,
-                       args.seed))
+  fd = fedjax.InMemoryFederatedData(clients)
   algorithm = fed_avg.federated_averaging(
       grad_fn=fedjax.model_grad(model),
       client_optimizer=fedjax.optimizers.sgd(args.client_lr),
@@ -209,6 +203,7 @@ def build_fedjax(args) -> tuple[Callable[[int], None], Callable[[], dict]]:
   def info():
     leaves = jax.tree.leaves(state[0].params)
     return dict(
+        framework='fedjax',
         backend=type(fedjax.get_for_each_client_backend()).__name__,
         shims=shims, python=platform.python_version(),
         versions={p: md.version(p) for p in (
@@ -218,6 +213,21 @@ def build_fedjax(args) -> tuple[Callable[[int], None], Callable[[], dict]]:
         num_params=int(sum(np.size(x) for x in leaves)))
 
   return run_round, info
+
+
+def build_fedjax(args) -> tuple[Callable[[int], None], Callable[[], dict]]:
+  """FedJAX's FedAvg on the synthetic data: (run_round(r), info())."""
+  shims = apply_shims()
+  from fedjax.models import emnist
+
+  if args.model == 'cnn':
+    model = emnist.create_conv_model(only_digits=False)
+  else:
+    model = emnist.create_dense_model(only_digits=False, hidden_units=200)
+  return fedavg_runner(
+      model, synthetic_emnist(args.clients_per_round,
+                              args.examples_per_client, args.seed),
+      args, shims)
 
 
 def serve(args):

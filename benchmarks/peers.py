@@ -444,11 +444,7 @@ def main(argv=None):
       total_seconds=time.perf_counter() - t_start,
       machine=machine,
       command=' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
-  line = json.dumps(summary)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(line + '\n')
-  print(line, flush=True)
+  rt.emit_json(summary, args.out)
 
 
 if __name__ == '__main__':

@@ -335,6 +335,15 @@ def run_interleaved(variants: list[Variant], log=print) -> None:
     r += 1
 
 
+def emit_json(summary: dict, out: str | None) -> None:
+  """The benchmark's last output line; also written to `out` if given."""
+  line = json.dumps(summary)
+  if out:
+    with open(out, 'w') as f:
+      f.write(line + '\n')
+  print(line, flush=True)
+
+
 def machine_info() -> dict:
   cpu = None
   try:
@@ -468,11 +477,7 @@ def main(argv=None):
       params_finite={n: r.get('params_finite') for n, r in results.items()},
       machine=machine_info(),
       command=' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
-  line = json.dumps(summary)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(line + '\n')
-  print(line, flush=True)
+  emit_json(summary, args.out)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,6 @@ is layer for layer pfl-research's `simple_cnn`, here on 32x32x3 inputs and
 from __future__ import annotations
 
 import os
-import platform
 import sys
 
 import numpy as np
@@ -25,11 +24,8 @@ import fedjax_shims  # noqa: E402
 
 def build(args):
   shims = fedjax_shims.apply_shims()
-  import importlib.metadata as md
   import haiku as hk
-  import jax
   import fedjax
-  from fedjax.algorithms import fed_avg
   from fedjax.core import metrics
   from fedjax.models import emnist
 
@@ -47,36 +43,7 @@ def build(args):
   for i in range(args.num_clients):
     x, y = common.client_data(i, args.examples_per_client, args.seed)
     clients[common.client_id(i)] = {'x': x, 'y': y}
-  fd = fedjax.InMemoryFederatedData(clients)
-  algorithm = fed_avg.federated_averaging(
-      grad_fn=fedjax.model_grad(model),
-      client_optimizer=fedjax.optimizers.sgd(args.client_lr),
-      server_optimizer=fedjax.optimizers.sgd(args.server_lr),
-      client_batch_hparams=fedjax.ShuffleRepeatBatchHParams(
-          batch_size=args.batch_size, num_epochs=args.epochs,
-          seed=args.seed))
-  sampler = fedjax.client_samplers.UniformGetClientSampler(
-      fd, num_clients=args.clients_per_round, seed=args.seed)
-  state = [algorithm.init(model.init(jax.random.PRNGKey(args.seed)))]
-
-  def run_round(r):
-    sampler.set_round_num(r)
-    state[0], _ = algorithm.apply(state[0], sampler.sample())
-    jax.block_until_ready(state[0].params)
-
-  def info():
-    leaves = jax.tree.leaves(state[0].params)
-    return dict(
-        framework='fedjax',
-        backend=type(fedjax.get_for_each_client_backend()).__name__,
-        shims=shims, python=platform.python_version(),
-        versions={p: md.version(p) for p in (
-            'fedjax', 'dm-haiku', 'jax', 'jaxlib', 'optax', 'numpy')},
-        params_finite=all(bool(np.all(np.isfinite(np.asarray(x))))
-                          for x in leaves),
-        num_params=int(sum(np.size(x) for x in leaves)))
-
-  return run_round, info
+  return fedjax_shims.fedavg_runner(model, clients, args, shims)
 
 
 def main():

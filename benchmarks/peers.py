@@ -115,13 +115,7 @@ def parse_args(argv=None):
                  help='create (pip install) missing peer venvs under '
                  f'{os.path.relpath(VENVS)}; without it a missing venv is '
                  'reported and that peer skipped.')
-  p.add_argument('--num_clients', type=int, default=1000)
-  p.add_argument('--clients_per_round', type=int, default=50)
-  p.add_argument('--examples_per_client', type=int, default=50)
-  p.add_argument('--batch_size', type=int, default=10)
-  p.add_argument('--epochs', type=int, default=1)
-  p.add_argument('--client_lr', type=float, default=0.1)
-  p.add_argument('--server_lr', type=float, default=1.0)
+  common.add_workload_flags(p)
   p.add_argument('--rounds', type=int, default=5,
                  help='timed rounds per variant, after one warm-up round.')
   p.add_argument('--chunk_sizes', default='1,10',
@@ -346,22 +340,10 @@ def main(argv=None):
     variants.append(v)
     peer_info[name] = info
 
-  try:
-    rt.run_interleaved(variants, log=lambda m: print(m, flush=True))
-    results: dict[str, dict] = {}
-    for v in variants:
-      if v.error is None:
-        try:
-          finite = v.finite()
-        except Exception as e:  # pylint: disable=broad-except
-          finite = f'unknown ({type(e).__name__}: {e})'
-        results[v.name] = dict(fedjax_shims.summarize(v.first, v.times),
-                               params_finite=finite)
-      elif v.name in peer_info:
-        peer_errors[v.name] = v.error
-  finally:
-    for v in variants:
-      v.close()
+  results = rt.time_variants(variants)
+  for v in variants:
+    if v.error is not None and v.name in peer_info:
+      peer_errors[v.name] = v.error
   for name, info in peer_info.items():
     if 'num_params' in info:
       num_params[name] = info['num_params']

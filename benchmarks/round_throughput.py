@@ -335,6 +335,26 @@ def run_interleaved(variants: list[Variant], log=print) -> None:
     r += 1
 
 
+def time_variants(variants: list[Variant]) -> dict[str, dict]:
+  """Times `variants` interleaved, then closes them all; per variant that
+  ran: its round-time summary and whether its parameters are finite."""
+  try:
+    run_interleaved(variants, log=lambda m: print(m, flush=True))
+    results: dict[str, dict] = {}
+    for v in variants:
+      if v.error is None:
+        try:
+          finite = v.finite()
+        except Exception as e:  # pylint: disable=broad-except
+          finite = f'unknown ({type(e).__name__}: {e})'
+        results[v.name] = dict(fedjax_shims.summarize(v.first, v.times),
+                               params_finite=finite)
+  finally:
+    for v in variants:
+      v.close()
+  return results
+
+
 def emit_json(summary: dict, out: str | None) -> None:
   """The benchmark's last output line; also written to `out` if given."""
   line = json.dumps(summary)
@@ -393,20 +413,7 @@ def main(argv=None):
     else:
       variants.append(fj)
 
-  try:
-    run_interleaved(variants, log=lambda m: print(m, flush=True))
-    results: dict[str, dict] = {}
-    for v in variants:
-      if v.error is None:
-        try:
-          finite = v.finite()
-        except Exception as e:  # pylint: disable=broad-except
-          finite = f'unknown ({type(e).__name__}: {e})'
-        results[v.name] = dict(fedjax_shims.summarize(v.first, v.times),
-                               params_finite=finite)
-  finally:
-    for v in variants:
-      v.close()
+  results = time_variants(variants)
   for v in variants:
     if v.name == 'fedjax' and v.error is not None:
       fedjax_error = v.error

@@ -60,8 +60,8 @@ def client_data(i: int, examples: int, seed: int = 0
   return x, y
 
 
-def worker_parser(description: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=description)
+def add_workload_flags(p: argparse.ArgumentParser) -> None:
+  """The pfl CIFAR-10 workload, the same flags in the parent and workers."""
   p.add_argument('--num_clients', type=int, default=1000)
   p.add_argument('--clients_per_round', type=int, default=50)
   p.add_argument('--examples_per_client', type=int, default=50)
@@ -69,6 +69,11 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
   p.add_argument('--epochs', type=int, default=1)
   p.add_argument('--client_lr', type=float, default=0.1)
   p.add_argument('--server_lr', type=float, default=1.0)
+
+
+def worker_parser(description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
+  add_workload_flags(p)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--max_rounds', type=int, default=1000,
                  help='upper bound for frameworks that need a round count '

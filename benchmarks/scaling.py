@@ -2,7 +2,8 @@
 
 What it measures, per model (EMNIST CNN, MLP 784-200-200-62) and per cohort
 size K, each in its own fresh subprocess so that the peak RSS
-(`getrusage(RUSAGE_SELF).ru_maxrss`, monotonic) belongs to that one K:
+(`/proc/self/status` VmHWM, monotonic; not `ru_maxrss`, which keeps the
+parent's RSS across fork and exec) belongs to that one K:
 
 * `resident` (the main variant): `fedjax_eff.core.build_round(...,
   chunk_size=1)` (the CPU default) fed from device-resident data: the whole
@@ -46,9 +47,11 @@ Run:
 
 Prints a table, then as its last line one JSON object:
 `max_clients_per_round` (largest K that ran for every model), per model and K
-`peak_rss_bytes`, `seconds_per_round`, `rounds_per_second`,
-`clients_per_second`, `compile_seconds`, `efficiency_vs_floor` per model,
-the step sweep, errors, machine and versions. `--out PATH` also writes it.
+`peak_rss_bytes`, `device_peak_bytes_in_use` (the allocator's peak where
+the backend keeps one: GPU, TPU; null on CPU), `seconds_per_round`,
+`rounds_per_second`, `clients_per_second`, `compile_seconds`,
+`efficiency_vs_floor` per model, the step sweep, errors, machine and
+versions. `--out PATH` also writes it.
 """
 
 from __future__ import annotations
@@ -123,8 +126,20 @@ def _proc_status_bytes(field: str) -> int | None:
 
 
 def _peak_rss_bytes() -> int:
-  # Linux reports ru_maxrss in KiB.
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  # VmHWM is this process's own peak; ru_maxrss (KiB on Linux) survives
+  # exec, so it would also count the parent's RSS at fork.
+  hwm = _proc_status_bytes('VmHWM')
+  return hwm if hwm is not None else (
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _device_memory_bytes() -> dict:
+  """The first local device's allocator figures (`peak_bytes_in_use`,
+  `bytes_in_use`, `bytes_limit`), or {} where the backend keeps none (CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {f'device_{f}': int(stats[f]) for f in
+          ('peak_bytes_in_use', 'bytes_in_use', 'bytes_limit') if f in stats}
 
 
 def _another_round(times: list[float], t_start: float, budget: float,
@@ -275,6 +290,7 @@ def run_worker(cfg: dict) -> dict:
                floor_ms_per_step=fmed / (k * s) * 1e3,
                round_ms_per_client=med / k * 1e3,
                overhead_ms_per_client=(dev - fmed) / k * 1e3)
+  out.update(_device_memory_bytes())
   out.update(peak_rss_bytes=_peak_rss_bytes(),
              peak_rss_above_setup_bytes=max(
                  _peak_rss_bytes() - out['hwm_after_setup_bytes'], 0))
@@ -283,6 +299,16 @@ def run_worker(cfg: dict) -> dict:
 
 # ---------------------------------------------------------------------------
 # Parent side.
+
+
+def base_cfg(args, num_clients: int) -> dict:
+  """A worker's settings from the flags, less model, mode, k and steps."""
+  return dict(num_clients=num_clients,
+              examples_per_client=args.examples_per_client,
+              batch_size=args.batch_size, chunk_size=args.chunk_size,
+              client_lr=args.client_lr, server_lr=args.server_lr,
+              seed=args.seed, rounds=args.rounds,
+              budget_seconds=args.budget_seconds)
 
 
 def spawn(cfg: dict, timeout: float, log=print) -> dict:
@@ -335,12 +361,7 @@ def main(argv=None):
   sweep = ints(args.sweep_steps)
   all_k = cohorts + packed + floors + ([args.sweep_cohort] if sweep else [])
   num_clients = args.num_clients or max(all_k)
-  base = dict(num_clients=num_clients,
-              examples_per_client=args.examples_per_client,
-              batch_size=args.batch_size, chunk_size=args.chunk_size,
-              client_lr=args.client_lr, server_lr=args.server_lr,
-              seed=args.seed, rounds=args.rounds,
-              budget_seconds=args.budget_seconds)
+  base = base_cfg(args, num_clients)
   log = lambda m: print(m, flush=True)
   log(f'models={model_names} K={cohorts} packed={packed} floor={floors} '
       f'sweep S={sweep} at K={args.sweep_cohort}; data {num_clients} clients '
@@ -432,6 +453,10 @@ def main(argv=None):
                                        for m, v in ran.items()},
       peak_rss_bytes=pick('peak_rss_bytes'),
       peak_rss_above_setup_bytes=pick('peak_rss_above_setup_bytes'),
+      device_peak_bytes_in_use={
+          m: {str(k): r.get('device_peak_bytes_in_use')
+              for k, r in sorted(runs[m]['resident'].items()) if ok(r)}
+          for m in model_names},
       seconds_per_round=pick('seconds_per_round'),
       rounds_per_second=pick('rounds_per_second'),
       clients_per_second=pick('clients_per_second'),

@@ -1,0 +1,61 @@
+"""benchmarks/accelerator_suite.py: its reduced CPU run and its budget.
+
+Keys and sanity of the figures only; never a timing (DESIGN.md)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITE = os.path.join(ROOT, 'benchmarks', 'accelerator_suite.py')
+MODELS = ('cnn', 'mlp')
+
+
+def run_suite(tmp_path, *flags):
+  out = tmp_path / 'suite.json'
+  proc = subprocess.run([sys.executable, SUITE, '--out', str(out), *flags],
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  last = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert json.loads(out.read_text()) == last
+  return last, proc.stdout
+
+
+def positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_reduced_run(tmp_path):
+  s, _ = run_suite(tmp_path, '--reduced')
+  assert s['benchmark'] == 'accelerator_suite'
+  assert s['backend'] and s['device_kind'] and s['jax_version']
+  assert s['errors'] == {} and s['skipped'] == []
+  for m in MODELS:
+    assert positive(s['best_clients_per_second'][m])
+    assert str(s['best_chunk'][m]) in s['sweep'][m]
+    assert set(s['sweep'][m]) == {'1', '8'}
+    for r in s['sweep'][m].values():
+      assert positive(r['seconds_per_round'])
+      assert positive(r['clients_per_second'])
+      assert r['params_finite'] is True
+    assert s['max_clients_per_round_per_model'][m] == 16
+    assert positive(s['memory_per_client_bytes'][m])
+    run = s['scaling'][m]['16']
+    assert positive(run['clients_per_second']) and run['params_finite']
+    assert positive(s['efficiency_vs_floor'][m])
+  assert s['max_clients_per_round'] == 16
+  # CPU keeps no allocator statistics: the peak RSS stands in.
+  assert s['memory_source'] in ('device_peak_bytes_in_use', 'peak_rss_bytes')
+  assert positive(s['elapsed_s'])
+
+
+def test_spent_budget_skips_everything(tmp_path):
+  s, stdout = run_suite(tmp_path, '--reduced', '--budget_s', '0')
+  assert 'skipped: sweep budget spent' in stdout
+  assert 'skipped: budget spent' in stdout
+  assert s['sweep'] == {m: {} for m in MODELS}
+  assert len(s['skipped']) == 2 * 2 + 2 * 2  # sweep C=1,8; K=16 and floor
+  assert s['errors'] == {} and s['max_clients_per_round'] is None
+  assert s['best_clients_per_second'] == {m: None for m in MODELS}

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from fedjax_eff.data.sources import DatasetNotPreparedError
 from fedjax_eff.experiment import cli
+from fedjax_eff.experiment import errors
 from fedjax_eff.experiment.pretrain import pretrain
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +34,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     summary = pretrain(_CONFIG.value, _WORKDIR.value)
+  except errors.RunFailed as e:
+    cli.fail(str(e), e.exit_code, hard=True)
   except (ValueError, DatasetNotPreparedError) as e:
     cli.fail(str(e))
   print('pretrained: ' + ', '.join(

@@ -4,9 +4,23 @@
       [--config.num_rounds=50 --config.server.optimizer=fedadam ...]
 
 Writes workdir/metrics.jsonl, workdir/summary.json, TensorBoard events and
-orbax checkpoints; running the same command again resumes the run. Bad input
-(an unknown config key, impossible shapes, a dataset that is not prepared)
-ends with one line saying what is wrong and exit status 2.
+orbax checkpoints; running the same command again resumes the run. A
+workdir holds one run: a second process on it is refused, and so is a
+resume whose config changes a key that alters the trajectory (learning
+rates, clients, steps, model, optimizers...; --allow_config_change=KEY,...
+continues anyway). num_rounds, eval_every, checkpoint_every and the like
+may change freely.
+
+Exit status, always with one line on stderr when not 0:
+  0    done (or already done)
+  1    the run failed after starting: an I/O error (disk full), out of
+       memory, max_failed_rounds rounds in a row that changed nothing;
+       the last good checkpoint is kept
+  2    bad input: an unknown or impossible config key, a missing config
+       file or dataset, a workdir that is a file, locked by another run or
+       holding a run of another config, a round that cannot fit in memory
+  130  SIGINT / 143 SIGTERM: the round in flight was finished and saved;
+       the same command resumes
 
 Many devices, many hosts (JAX's own engine, `jax.distributed`):
 
@@ -35,6 +49,7 @@ from ml_collections import config_flags
 
 from fedjax_eff.data.sources import DatasetNotPreparedError
 from fedjax_eff.experiment import cli
+from fedjax_eff.experiment import errors
 from fedjax_eff.experiment import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -54,6 +69,11 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process\'s index, 0..N-1.')
+_ALLOW_CHANGE = flags.DEFINE_list(
+    'allow_config_change', [], 'Config keys (dotted, e.g. '
+    'client.learning_rate) that may differ from the run recorded in '
+    '--workdir when resuming; each change is logged to '
+    'workdir/config_changes.jsonl.')
 
 
 def init_distributed():
@@ -74,9 +94,18 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   init_distributed()
   try:
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value,
+        allow_config_change=tuple(_ALLOW_CHANGE.value))
+  except errors.RunFailed as e:
+    cli.fail(str(e), e.exit_code, hard=True)
+  except errors.RunInterrupted as e:
+    cli.fail(str(e), e.exit_code)
   except (ValueError, DatasetNotPreparedError) as e:
     cli.fail(str(e))
+  except KeyboardInterrupt:  # before the first round: nothing to save
+    cli.fail('interrupted before the first round finished; nothing was '
+             'lost: run the same command to start again.', 130)
   final = summary['final_metrics']
   print('done: ' + ', '.join(
       f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'

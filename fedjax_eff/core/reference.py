@@ -150,7 +150,7 @@ def build_reference_round(model, task, technique, client_optimizer,
     to32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
     new_state = server_step(state, to32(acc_delta), to32(acc_cov))
     metrics: dict[str, Any] = dict(
-        train_loss=loss / max(examples, 1.0),
+        train_loss=loss / examples if examples > 0 else float('nan'),
         train_accuracy=correct / max(scored, 1.0), num_clients=k,
         num_dropped=dropped, upload_bits=up.mean(), download_bits=down.mean(),
         client_upload_bits=up, client_download_bits=down)

@@ -70,6 +70,7 @@ class RoundMetrics(NamedTuple):
   num_dropped: jax.Array          # non-finite updates left out
   upload_bits: jax.Array          # mean per client of the cohort
   download_bits: jax.Array
+  server_step_skipped: jax.Array  # 1.0: the server step was non-finite
   client_upload_bits: jax.Array   # [K] per client, in cohort order
   client_download_bits: jax.Array
 
@@ -105,6 +106,23 @@ def client_keys(rng: jax.Array, num: int) -> jax.Array:
 def split_client_key(key: jax.Array):
   """(plan, train, encode) keys of one client."""
   return tuple(jax.random.split(key, 3))
+
+
+def gather_rows(examples: Mapping[str, jax.Array], index: jax.Array,
+                mask: jax.Array) -> dict[str, jax.Array]:
+  """`examples[f][index]`, with padded slots (`mask` 0) set to zero.
+
+  `index`, `mask`: `[..., S, B]`. A padded slot's index points at some real
+  row (row 0); multiplying its loss by a 0 mask would not cancel a NaN or
+  inf held there (NaN x 0 = NaN), so padding is *selected* out: the slot
+  holds zeros, exactly what `data.cohort.pack` puts in padding on the
+  host, and both placements train on identical arrays.
+  """
+  def take(x):
+    rows = jnp.take(x, index, axis=0, mode='clip')
+    keep = mask.reshape(mask.shape + (1,) * (rows.ndim - mask.ndim)) > 0
+    return jnp.where(keep, rows, jnp.zeros((), rows.dtype))
+  return {f: take(x) for f, x in examples.items()}
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:
@@ -270,8 +288,20 @@ def server_update(server_optimizer: optax.GradientTransformation,
   """Per-parameter mean delta over covering clients, then the optimizer.
 
   A parameter with zero coverage gets a zero pseudo-gradient and no update,
-  so it keeps its value.
+  so it keeps its value. A step whose new parameters or optimizer state
+  are not all finite (an overflowing server learning rate, say) is skipped
+  whole: params and optimizer state stay as they were, only the round
+  advances (`guarded_server_update` says whether it was skipped).
   """
+  return guarded_server_update(server_optimizer, state, delta_sum,
+                               coverage)[0]
+
+
+def guarded_server_update(server_optimizer: optax.GradientTransformation,
+                          state: ServerState, delta_sum: PyTree,
+                          coverage: PyTree) -> tuple[ServerState, jax.Array]:
+  """`server_update`, and a bool: True when the step was non-finite and
+  skipped."""
   covered = jax.tree.map(lambda c: c > 0, coverage)
   mean_delta = jax.tree.map(
       lambda d, c, k: jnp.where(k, d / jnp.where(k, c, 1.0), 0.0),
@@ -279,8 +309,13 @@ def server_update(server_optimizer: optax.GradientTransformation,
   updates, opt_state = server_optimizer.update(mean_delta, state.opt_state,
                                                state.params)
   updates = jax.tree.map(lambda u, k: jnp.where(k, u, 0.0), updates, covered)
-  return ServerState(optax.apply_updates(state.params, updates), opt_state,
-                     state.round + 1)
+  params = optax.apply_updates(state.params, updates)
+  ok = tree_all_finite((params, opt_state))
+  keep = lambda new, old: jax.tree.map(
+      lambda a, b: jnp.where(ok, a, b), new, old)
+  return ServerState(keep(params, state.params),
+                     keep(opt_state, state.opt_state),
+                     state.round + 1), ~ok
 
 
 def default_chunk_size(num_clients: int, backend: str | None = None) -> int:
@@ -414,8 +449,7 @@ def build_round(model: nn.Module, task: Task,
     """One chunk of C clients of one tier -> weighted sums over them."""
     (batches, mask, weight, ctx), keys, pres = chunk
     if '_index' in batches:  # device-resident data: gather this chunk's rows
-      batches = {f: jnp.take(x, batches['_index'], axis=0, mode='clip')
-                 for f, x in examples.items()}
+      batches = gather_rows(examples, batches['_index'], mask)
     t = program(stage, tier)
     cp = t.chunk_plan(chunk_key(keys[0]), state.round) if t.chunk_plan else None
     out = over_clients(client_update_for(stage, tier), mask.shape[0])(
@@ -523,16 +557,21 @@ def build_round(model: nn.Module, task: Task,
     scan = scan_sharded if mesh is not None else scan_chunks
     (delta_sum, coverage, sums), (up, down) = scan(state, examples, xs, stage,
                                                    dispatch)
-    new_state = server_update(server_optimizer, state, delta_sum, coverage)
+    new_state, skipped = guarded_server_update(server_optimizer, state,
+                                               delta_sum, coverage)
     slot_pos = jnp.where(present, order, k)
     per_client = lambda b: jnp.zeros((k,), jnp.float32).at[slot_pos].set(
         b.reshape(-1), mode='drop')
     up, down = per_client(up), per_client(down)
     metrics = RoundMetrics(
-        train_loss=sums['loss'] / jnp.maximum(sums['examples'], 1.0),
+        # NaN (null in metrics.jsonl) when no example counted: every
+        # client dropped, not a loss of 0.
+        train_loss=jnp.where(sums['examples'] > 0, sums['loss'] / jnp.maximum(
+            sums['examples'], 1.0), jnp.nan),
         train_accuracy=sums['correct'] / jnp.maximum(sums['scored'], 1.0),
         num_clients=jnp.asarray(k, jnp.float32), num_dropped=sums['dropped'],
         upload_bits=jnp.mean(up), download_bits=jnp.mean(down),
+        server_step_skipped=skipped.astype(jnp.float32),
         client_upload_bits=up, client_download_bits=down)
     return new_state, metrics
 

@@ -112,6 +112,11 @@ def default_config() -> ml_collections.ConfigDict:
       pretrain_fraction=0.0,
       part='federated',
       seed=0,
+      # Fault injection (reliability tests, robustness studies): the first
+      # N training clients (by index) get NaN in every float feature of
+      # their first example. The round must drop exactly those clients
+      # when they are sampled and train on the rest as if they were absent.
+      nan_clients=0,
   ))
 
 
@@ -283,6 +288,9 @@ def load(cfg: Any) -> DataBundle:
   with `pretrain_fraction` > 0, `train` keeps only the `part` named
   (`reserve_for_pretraining`)."""
   bundle = _load(cfg)
+  poisoned = int(_get(cfg, 'nan_clients'))
+  if poisoned:
+    bundle = bundle._replace(train=with_nan_examples(bundle.train, poisoned))
   fraction = float(_get(cfg, 'pretrain_fraction'))
   part = _get(cfg, 'part')
   if part not in PARTS:
@@ -297,6 +305,25 @@ def load(cfg: Any) -> DataBundle:
 
 
 PARTS = ('federated', 'pretrain')
+
+
+def with_nan_examples(train: FederatedData, num_clients: int
+                      ) -> FederatedData:
+  """`train` with NaN in every float feature of the first example of each
+  of its first `num_clients` clients (`data.nan_clients`)."""
+  if not 0 <= num_clients <= train.num_clients:
+    raise ValueError(f'data.nan_clients={num_clients} must be in [0, '
+                     f'{train.num_clients}].')
+  clients = {}
+  for i, cid in enumerate(train.client_ids):
+    data = train.client(i)
+    if i < num_clients:
+      data = {f: a.copy() for f, a in data.items()}
+      for a in data.values():
+        if np.issubdtype(a.dtype, np.floating) and len(a):
+          a[0] = np.nan
+    clients[cid] = data
+  return FederatedData(clients, order=train.client_ids)
 
 
 def reserve_for_pretraining(train: FederatedData, fraction: float,

@@ -112,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 256
   c.checkpoint_every = 10
   c.checkpoint_keep = 3
+  # Stop (exit 1, one line) after this many rounds in a row that changed
+  # nothing: every client update non-finite and dropped, or the server
+  # step non-finite and skipped (0 = never stop).
+  c.max_failed_rounds = 5
   c.progress = True
   c.tensorboard = True
   return c

@@ -62,9 +62,11 @@ from fedjax_eff import core
 from fedjax_eff.core import round as round_lib
 from fedjax_eff.data import cohort as cohort_lib
 from fedjax_eff.experiment import checkpoints
+from fedjax_eff.experiment import errors
 from fedjax_eff.experiment import loop as loop_lib
 from fedjax_eff.experiment import metrics as metrics_lib
 from fedjax_eff.experiment import train as train_lib
+from fedjax_eff.experiment import workdir as workdir_lib
 from fedjax_eff.experiment.validation import validate_config
 
 PyTree = Any
@@ -332,13 +334,25 @@ def _check_workdir_mode(workdir: str) -> None:
 
 
 def train_local(config: ml_collections.ConfigDict, workdir: str, *,
-                progress: bool | None = None) -> dict[str, Any]:
+                progress: bool | None = None,
+                allow_config_change: tuple[str, ...] = ()) -> dict[str, Any]:
   """Runs (or resumes) local-only training in `workdir`; returns the
-  summary (also written to workdir/summary.json)."""
-  t0 = time.time()
+  summary (also written to workdir/summary.json). The workdir guarantees
+  of `train.train_and_evaluate` hold (lock, recorded config, errors)."""
   validate_config(config)  # before anything touches the workdir
-  os.makedirs(workdir, exist_ok=True)
-  _check_workdir_mode(workdir)
+  workdir_lib.make_workdir(workdir)
+  with workdir_lib.RunLock(workdir, jax.process_index()):
+    with errors.translated(workdir):
+      _check_workdir_mode(workdir)
+      ckpt_dir = os.path.join(workdir, 'checkpoints')
+      workdir_lib.check_config(
+          workdir, config, resuming=workdir_lib.has_checkpoints(ckpt_dir),
+          allow=allow_config_change)
+      return _train_local(config, workdir, progress)
+
+
+def _train_local(config, workdir, progress):
+  t0 = time.time()
   exp = train_lib.Experiment(config)
   trainer = LocalTrainer(exp)
   params = trainer.init()
@@ -348,22 +362,21 @@ def train_local(config: ml_collections.ConfigDict, workdir: str, *,
   target = {'state': {'params': params, 'round': np.zeros((), np.int32)},
             'rng': rng_data, 'clients': trainer.clients,
             'sampler': np.asarray([config.seed, 0], np.int64)}
-  restored, step = ckpt.restore_latest(target)
+  restored, step = train_lib.resume_point(workdir, ckpt, target)
   start = 0
   if step is not None:
     if not np.array_equal(np.asarray(restored['rng']), np.asarray(rng_data)):
-      raise ValueError(f'The checkpoint in {workdir} was written with another '
-                       'config.seed; use a fresh --workdir.')
+      raise errors.RunRefused(
+          f'The checkpoint in {workdir} was written with another '
+          'config.seed; use a fresh --workdir.')
     if not np.array_equal(np.asarray(restored['clients']), trainer.clients):
-      raise ValueError(f'The checkpoint in {workdir} simulates other clients '
-                       '(config.local.num_clients or the data changed); use '
-                       'a fresh --workdir.')
+      raise errors.RunRefused(
+          f'The checkpoint in {workdir} simulates other clients '
+          '(config.local.num_clients or the data changed); use '
+          'a fresh --workdir.')
     params = jax.tree.map(jnp.asarray, restored['state']['params'])
     start = int(restored['state']['round'])
-    logging.info('Resumed local training from round %d in %s.', start,
-                 workdir)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.announce_resume(start, config.num_rounds, workdir)
   current = {'params': params, 'per_client': []}
 
   def step(r, cohort):
@@ -435,6 +448,6 @@ def train_local(config: ml_collections.ConfigDict, workdir: str, *,
       'config': json.loads(config.to_json_best_effort()),
       'versions': train_lib.versions(),
   }
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  workdir_lib.write_atomic(os.path.join(workdir, 'summary.json'),
+                           json.dumps(summary, indent=2))
   return summary

@@ -11,6 +11,10 @@ caller's: `step(r, cohort) -> (record, untimed_seconds)`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import math
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -18,6 +22,46 @@ from absl import logging
 import tqdm
 
 from fedjax_eff.experiment import metrics as metrics_lib
+from fedjax_eff.experiment.errors import RunFailed, RunInterrupted
+
+
+@contextlib.contextmanager
+def stop_signals():
+  """SIGTERM and SIGINT set `flag['signum']` instead of killing the run, so
+  the loop can finish and save the round in flight; a second signal stops
+  at once (as the signal's default would)."""
+  flag: dict[str, int | None] = {'signum': None}
+  if threading.current_thread() is not threading.main_thread():
+    yield flag  # handlers can only be set from the main thread
+    return
+  previous = {}
+
+  def handler(signum, frame):
+    del frame
+    if flag['signum'] is not None:  # the second one: stop now
+      signal.signal(signum, previous[signum])
+      signal.raise_signal(signum)
+      return
+    flag['signum'] = signum
+    print(f'{signal.Signals(signum).name}: finishing the round in flight, '
+          'saving it, then stopping (send it again to stop at once).',
+          flush=True)
+
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    previous[sig] = signal.signal(sig, handler)
+  try:
+    yield flag
+  finally:
+    for sig, h in previous.items():
+      signal.signal(sig, h)
+
+
+def failed_round(record: dict[str, Any]) -> bool:
+  """No client update reached the server, or its step was non-finite."""
+  loss = record.get('train_loss')
+  no_update = (record.get('num_dropped', 0) > 0
+               and not (isinstance(loss, float) and math.isfinite(loss)))
+  return no_update or record.get('server_step_skipped', 0) > 0
 
 
 def run_rounds(config, workdir: str, start: int, *,
@@ -38,7 +82,11 @@ def run_rounds(config, workdir: str, start: int, *,
                   disable=not show, dynamic_ncols=True, desc=desc)
   last: dict[str, Any] = {}
   compile_s = None
+  failed_in_a_row = 0
+  limit = config.get('max_failed_rounds', 0)
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  signals = stop_signals()
+  stop = signals.__enter__()
   try:
     pending = (pool.submit(cohort, start)
                if start < config.num_rounds else None)
@@ -69,9 +117,32 @@ def run_rounds(config, workdir: str, start: int, *,
       bar.update(1)
       if not show and ('test_accuracy' in record or done == start + 1):
         logging.info('round %d: %s', done, record)
-      if done % config.checkpoint_every == 0 or done == config.num_rounds:
+      saved = done % config.checkpoint_every == 0 or done == config.num_rounds
+      if saved:
         save(done)
+      if failed_round(record):
+        failed_in_a_row += 1
+        print(f'WARNING: round {done}: no client update was finite '
+              f"({record.get('num_dropped', 0):g} dropped) or the server "
+              'step was non-finite and skipped; the model did not change.',
+              flush=True)
+        if limit and failed_in_a_row >= limit:
+          raise RunFailed(
+              f'{failed_in_a_row} rounds in a row (to round {done}) changed '
+              'nothing: every client update or the server step was '
+              'non-finite. Likely a learning rate too high (config.client.'
+              f'learning_rate={config.client.learning_rate}, config.server.'
+              f'learning_rate={config.server.learning_rate}) or NaN/inf in '
+              'the data; see num_dropped in metrics.jsonl '
+              '(config.max_failed_rounds sets this limit).')
+      else:
+        failed_in_a_row = 0
+      if stop['signum'] is not None:
+        if not saved:
+          save(done)
+        raise RunInterrupted(stop['signum'], done, workdir)
   finally:
+    signals.__exit__(None, None, None)
     pool.shutdown(wait=False, cancel_futures=True)
     bar.close()
     writer.close()

@@ -7,12 +7,16 @@ checkpoint are dropped, so the file reads as if the run had never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 import numpy as np
+
+from fedjax_eff.experiment.workdir import write_atomic
 
 
 def to_python(value: Any) -> Any:
@@ -29,45 +33,119 @@ def to_python(value: Any) -> Any:
 
 
 class MetricWriter:
-  """Appends per-round metrics to `workdir/metrics.jsonl` and TensorBoard."""
+  """Appends per-round metrics to `workdir/metrics.jsonl` and TensorBoard.
+
+  On resume the file is rewritten (atomically) to rounds `1..resume_round`,
+  each once: lines of later rounds, torn lines and repeats are dropped.
+  Every write is flushed; an I/O error (a full disk) raises in the caller's
+  thread, TensorBoard's included.
+  """
 
   def __init__(self, workdir: str, resume_round: int = 0,
                tensorboard: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if os.path.exists(self.path):
-      kept = []
-      with open(self.path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-          if record.get('round', 0) <= resume_round:
-            kept.append(json.dumps(record))
-      with open(self.path, 'w') as f:
-        f.writelines(k + '\n' for k in kept)
+      kept = [json.dumps(r) for r in read_metrics(workdir)
+              if r['round'] <= resume_round]
+      write_atomic(self.path, ''.join(k + '\n' for k in kept))
     self._file = open(self.path, 'a')
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
-                               purge_step=resume_round + 1)
+      self._tb = TensorBoardWriter(os.path.join(workdir, 'tensorboard'),
+                                   purge_step=resume_round + 1)
 
   def write(self, round_num: int, metrics: Mapping[str, Any]) -> None:
     record = {'round': int(round_num), **to_python(dict(metrics))}
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    with _naming(self.path):
+      self._file.write(json.dumps(record) + '\n')
+      self._file.flush()
     if self._tb is not None:
-      for k, v in record.items():
-        if k != 'round' and isinstance(v, (int, float)):
-          self._tb.add_scalar(k, v, round_num)
+      with _naming(self._tb.path):
+        self._tb.scalars(round_num, {k: v for k, v in record.items()
+                                     if k != 'round'})
 
   def close(self) -> None:
-    self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+    try:
+      with _naming(self.path):
+        self._file.close()
+    finally:
+      if self._tb is not None:
+        with _naming(self._tb.path):
+          self._tb.close()
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+  """An OSError without a file name (a failed write) gets `path`."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename:
+      raise
+    raise OSError(e.errno, e.strerror or str(e), path) from e
+
+
+class TensorBoardWriter:
+  """Scalars into a TensorBoard event file, written in the caller's thread.
+
+  tensorboardX's `SummaryWriter` writes from a thread fed by a bounded
+  queue; when that thread dies (a full disk) the next `add_scalar` blocks
+  forever. Written synchronously, the error reaches the round loop. Events
+  of steps >= `purge_step` from an earlier, crashed attempt are hidden by
+  TensorBoard (a SessionLog START at `purge_step`, as SummaryWriter does).
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None = None):
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._summary, self._pb = summary, event_pb2
+    os.makedirs(logdir, exist_ok=True)
+    self._writer = EventsWriter(os.path.join(logdir, 'events'))
+    self.path = self._writer._file_name  # pylint: disable=protected-access
+    if purge_step is not None:
+      self._writer.write_event(event_pb2.Event(
+          step=purge_step, session_log=event_pb2.SessionLog(
+              status=event_pb2.SessionLog.START)))
+    self._writer.flush()
+
+  def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    for k, v in values.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        self._writer.write_event(self._pb.Event(
+            wall_time=time.time(), step=int(step),
+            summary=self._summary.scalar(k, float(v))))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The readable records of `workdir/metrics.jsonl`, in order, each round
+  once (its first line); a torn or foreign line is skipped."""
+  records, seen = [], set()
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return records
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by a crash
+      if isinstance(record, dict) and isinstance(record.get('round'), int):
+        if record['round'] not in seen:
+          seen.add(record['round'])
+          records.append(record)
+  return records
+
+
+def complete_rounds(workdir: str) -> int:
+  """The largest k such that metrics.jsonl holds every round 1..k: a resume
+  must restart at or before the first round whose line is missing."""
+  have = {r['round'] for r in read_metrics(workdir)}
+  k = 0
+  while k + 1 in have:
+    k += 1
+  return k

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from fedjax_eff import core
+from fedjax_eff.experiment.errors import RunRefused
 
 PLACEMENTS = ('auto', 'device', 'host')
 DEVICE_SHARE = 0.25  # of one device's memory, for 'auto' placement
@@ -73,3 +74,65 @@ def put_replicated(tree, mesh: jax.sharding.Mesh | None):
   if mesh is None:
     return jax.device_put(tree)
   return jax.tree.map(functools.partial(core.round.replicate, mesh), tree)
+
+
+def available_memory_bytes() -> int:
+  """What a round may still take: the accelerator's free memory, or on CPU
+  the host's available RAM (`MemAvailable`; the physical RAM if unknown)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if stats.get('bytes_limit'):
+    return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return device_memory_bytes()
+
+
+def round_memory_estimate(*, clients: int, chunk: int, steps: int,
+                          batch: int, example_bytes: int, param_bytes: int,
+                          on_device_data: bool) -> dict[str, int]:
+  """A lower bound on a round's memory, from shapes alone (no compile).
+
+  cohort: host placement holds `K S B` examples three times (the packed
+  cohort being trained, the next one prefetched, the device copy); device
+  placement holds int32 indices and a float mask per slot and gathers one
+  chunk's `C S B` examples. model: the server's params, optimizer state
+  (two slots assumed), delta and coverage sums, and per client of a chunk
+  its params, gradients, optimizer state, delta and coverage. Activations
+  come on top (they need the compiled program), so a round that exceeds
+  this estimate cannot fit.
+  """
+  slots = clients * steps * batch
+  cohort = (slots * 8 + chunk * steps * batch * example_bytes
+            if on_device_data else 3 * slots * example_bytes)
+  model = param_bytes * (5 + 6 * chunk)
+  return {'cohort': int(cohort), 'model': int(model),
+          'total': int(cohort + model)}
+
+
+def memory_advice(need: int, have: int, config) -> str:
+  c = config.client
+  return (f'a round needs at least {need / 2**30:.2f} GiB but '
+          f'{have / 2**30:.2f} GiB is available. Lower config.chunk_size '
+          f'({config.chunk_size}; 0 = the backend default), '
+          f'config.client.batch_size ({c.batch_size}), '
+          f'config.client.local_steps ({c.local_steps}) or '
+          f'config.clients_per_round ({config.clients_per_round}).')
+
+
+def check_round_fits(config, *, example_bytes: int, param_bytes: int,
+                     on_device_data: bool, chunk: int) -> None:
+  """Raises `RunRefused` before compiling if a round cannot fit."""
+  c = config.client
+  est = round_memory_estimate(
+      clients=config.clients_per_round, chunk=chunk, steps=c.local_steps,
+      batch=c.batch_size, example_bytes=example_bytes,
+      param_bytes=param_bytes, on_device_data=on_device_data)
+  have = available_memory_bytes()
+  if est['total'] > have:
+    raise RunRefused('out of memory: ' + memory_advice(est['total'], have,
+                                                       config))

@@ -33,7 +33,9 @@ import orbax.checkpoint as ocp
 from fedjax_eff import core
 from fedjax_eff.core import round as round_lib
 from fedjax_eff.experiment import checkpoints
+from fedjax_eff.experiment import errors
 from fedjax_eff.experiment import metrics as metrics_lib
+from fedjax_eff.experiment import workdir as workdir_lib
 from fedjax_eff.models import hf
 
 
@@ -112,9 +114,17 @@ def _drop(tree: Any, skip: str) -> Any:
 def pretrain(config, workdir: str) -> dict:
   """Central training of `config.model` on the pooled training clients
   (only those reserved for pretraining if `data.pretrain_fraction` > 0)."""
+  workdir_lib.make_workdir(workdir)
+  with workdir_lib.RunLock(workdir), errors.translated(workdir):
+    workdir_lib.check_config(
+        workdir, config, resuming=workdir_lib.has_checkpoints(
+            os.path.join(workdir, 'checkpoints')))
+    return _pretrain(config, workdir)
+
+
+def _pretrain(config, workdir: str) -> dict:
   from fedjax_eff.experiment.train import Experiment  # pylint: disable=g-import-not-at-top
   t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
   p = config.pretrain
   if config.data.get('pretrain_fraction', 0.0) > 0:
     # Pretrain on the clients the federated run leaves out (Ro et al.:
@@ -179,6 +189,7 @@ def pretrain(config, workdir: str) -> dict:
              'wall_time_seconds': time.time() - t0,
              'params': out, **exp.eval_metrics(params, 0),
              'config': json.loads(config.to_json_best_effort())}
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(metrics_lib.to_python(summary), f, indent=2)
+  workdir_lib.write_atomic(os.path.join(workdir, 'summary.json'),
+                           json.dumps(metrics_lib.to_python(summary),
+                                      indent=2))
   return summary

@@ -18,7 +18,6 @@ a resumed run ends with the same `params_sha256` as an unbroken one.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -39,23 +38,18 @@ from fedjax_eff.core import evaluation
 from fedjax_eff.data import cohort as cohort_lib
 from fedjax_eff.data import registry as data_registry
 from fedjax_eff.experiment import checkpoints
+from fedjax_eff.experiment import errors
 from fedjax_eff.experiment import loop as loop_lib
 from fedjax_eff.experiment import metrics as metrics_lib
 from fedjax_eff.experiment import placement
+from fedjax_eff.experiment import workdir as workdir_lib
 from fedjax_eff.experiment.validation import validate_config
 from fedjax_eff.models import get_model
 
 
 def params_sha256(params: Any) -> str:
   """SHA-256 of the parameters' bytes, leaves in sorted-path order."""
-  h = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
-                           key=lambda kv: jax.tree_util.keystr(kv[0])):
-    leaf = np.asarray(leaf)
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(str(leaf.dtype).encode() + str(leaf.shape).encode())
-    h.update(np.ascontiguousarray(leaf).tobytes())
-  return h.hexdigest()
+  return checkpoints.tree_sha256(params)
 
 
 def versions() -> dict[str, str]:
@@ -161,6 +155,14 @@ class Experiment:
       chunk, self.autotune_seconds = self.autotune_chunk_size()
     self.chunk_size = max(chunk, 0) or core.default_chunk_size(
         config.clients_per_round)
+    placement.check_round_fits(
+        config, example_bytes=sum(
+            v.dtype.itemsize * int(np.prod(v.shape[1:]))
+            for v in example.values()),
+        param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(
+            self.init_params))),
+        on_device_data=self.examples is not None,
+        chunk=min(self.chunk_size, config.clients_per_round))
     self.round_fns = self.build_round(self.chunk_size)
     # Each process packs only the clients its own devices train.
     self.split_cohort = self.mesh is not None and jax.process_count() > 1
@@ -431,35 +433,73 @@ def client_tiers(num_clients: int, fractions, seed: int) -> np.ndarray:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       *, progress: bool | None = None) -> dict[str, Any]:
-  """Runs (or resumes) the experiment in `workdir`; returns the summary."""
+                       *, progress: bool | None = None,
+                       allow_config_change: tuple[str, ...] = ()
+                       ) -> dict[str, Any]:
+  """Runs (or resumes) the experiment in `workdir`; returns the summary.
+
+  The workdir is locked for the run (`workdir_lib.RunLock`), its recorded
+  config must match (`workdir_lib.check_config`; `allow_config_change`
+  names trajectory keys the caller knowingly changes). Ends with
+  `errors.RunRefused` (bad input), `RunFailed` (I/O, memory, a run that
+  stopped learning) or `RunInterrupted` (a signal, after saving).
+  """
   if config.get('mode') == 'local':  # no server: experiment/local.py
     from fedjax_eff.experiment import local  # pylint: disable=g-import-not-at-top
-    return local.train_local(config, workdir, progress=progress)
+    return local.train_local(config, workdir, progress=progress,
+                             allow_config_change=allow_config_change)
+  validate_config(config)  # before anything touches the workdir
+  workdir_lib.make_workdir(workdir)
+  with workdir_lib.RunLock(workdir, jax.process_index()):
+    with errors.translated(workdir):
+      return _train(config, workdir, progress, allow_config_change)
+
+
+def resume_point(workdir: str, ckpt: checkpoints.RunCheckpointer,
+                 target: Any) -> tuple[Any, int | None]:
+  """The newest good checkpoint whose rounds metrics.jsonl holds in full
+  (a torn or lost line is re-run from the step before it); newer
+  checkpoints are removed, the run re-creates them."""
+  complete = metrics_lib.complete_rounds(workdir)
+  steps = ckpt.all_steps()
+  restored, step = ckpt.restore_latest(target, max_step=complete)
+  if steps and steps[-1] > (step or 0):
+    if steps[-1] > complete:
+      print(f'WARNING: metrics.jsonl holds rounds 1..{complete} only; '
+            f'resuming from round {step or 0} and re-running the rest.',
+            flush=True)
+    ckpt.delete_after(step or 0)
+  return restored, step
+
+
+def _train(config, workdir, progress, allow_config_change):
   t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if jax.process_index() == 0:
+    workdir_lib.check_config(workdir, config,
+                             resuming=workdir_lib.has_checkpoints(ckpt_dir),
+                             allow=allow_config_change)
   exp = Experiment(config)
   state = exp.init_state()
-  ckpt = checkpoints.RunCheckpointer(os.path.join(workdir, 'checkpoints'),
-                                     config.checkpoint_keep)
+  ckpt = checkpoints.RunCheckpointer(ckpt_dir, config.checkpoint_keep)
+  main_workdir = workdir
   if jax.process_index() > 0:  # under jax.distributed: process 0 reports
     workdir = os.path.join(workdir, f'process{jax.process_index()}')
     os.makedirs(workdir, exist_ok=True)
   target = {'state': state,
             'rng': np.asarray(jax.random.key_data(exp.base_key)),
             'sampler': np.asarray([config.seed, 0], np.int64)}
-  restored, saved_round = ckpt.restore_latest(target)
+  restored, saved_round = resume_point(main_workdir, ckpt, target)
   start = 0
   if saved_round is not None:
     if not np.array_equal(np.asarray(restored['rng']),
                           np.asarray(target['rng'])):
-      raise ValueError(f'The checkpoint in {workdir} was written with another '
-                       'config.seed; use a fresh --workdir.')
+      raise errors.RunRefused(
+          f'The checkpoint in {workdir} was written with another '
+          'config.seed; use a fresh --workdir.')
     state = jax.tree.map(jnp.asarray, restored['state'])
     start = int(state.round)
-    logging.info('Resumed from round %d in %s.', start, workdir)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.announce_resume(start, config.num_rounds, workdir)
   current = {'state': state}
 
   def step(r, this: RoundInput):
@@ -507,6 +547,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'first_round_seconds_incl_compile': compile_s,
       'train_wall_time_seconds_total': float(sum(
           h.get('round_seconds', 0.0) for h in history)),
+      'server_steps_skipped': int(sum(
+          h.get('server_step_skipped') or 0 for h in history)),
+      'failed_rounds': int(sum(loop_lib.failed_round(h) for h in history)),
       'params_sha256': params_sha256(state.params),
       'technique': exp.round_fns.technique.name,
       'chunk_size': exp.chunk_size,
@@ -524,6 +567,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'config': json.loads(config.to_json_best_effort()),
       'versions': versions(),
   }
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  workdir_lib.write_atomic(os.path.join(workdir, 'summary.json'),
+                           json.dumps(summary, indent=2))
   return summary

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections.config_flags import config_path
 
+from fedjax_eff.experiment.workdir import flatten
+
 _POSITIVE_INTS = ('num_rounds', 'clients_per_round', 'client.local_steps',
                   'client.batch_size', 'eval_every', 'checkpoint_every',
+                  'checkpoint_keep',
                   'eval_batch_size', 'data.num_clients')
 _NON_NEGATIVE = ('client.prox_mu', 'data.heldout_clients',
-                 'local.num_clients')
+                 'local.num_clients', 'max_failed_rounds', 'data.nan_clients')
 _CHOICES = {
     'client.policy_large': ('subsample', 'error'),
     'client.policy_small': ('pad', 'repeat'),
@@ -55,9 +60,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'config.clients_per_round={config.clients_per_round} is more than '
         f'config.data.num_clients={config.data.num_clients}.')
-  if _get(config, 'client.learning_rate') <= 0:
-    raise ValueError('config.client.learning_rate must be > 0, got '
-                     f'{config.client.learning_rate!r}.')
+  check_numbers(config)
+
+
+# A learning rate above this is a typo, not a setting: with it one step
+# moves a weight by thousands of times its gradient and overflows float32
+# within a few rounds.
+MAX_LEARNING_RATE = 1e3
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Every float in the config is finite; every `*learning_rate` lies in
+  (0, MAX_LEARNING_RATE]."""
+  for key, v in flatten(config.to_dict()).items():
+    values = v if isinstance(v, (list, tuple)) else [v]
+    for x in values:
+      if isinstance(x, dict):
+        check_numbers(ml_collections.ConfigDict(x))
+        continue
+      if isinstance(x, float) and not math.isfinite(x):
+        raise ValueError(f'config.{key}={x!r} must be a finite number.')
+    if key.endswith('learning_rate') and isinstance(v, (int, float)):
+      if not 0 < v <= MAX_LEARNING_RATE:
+        raise ValueError(
+            f'config.{key}={v!r} must be > 0 and at most '
+            f'{MAX_LEARNING_RATE:g} (a larger rate overflows float32 '
+            'within a few steps).')
 
 
 def find_unknown_overrides(argv) -> list[str]:

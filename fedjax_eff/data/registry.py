@@ -17,8 +17,8 @@ import numpy as np
 from fedjax_eff.data import partitions, sources
 from fedjax_eff.data.federated import FederatedData
 
-SOURCES = ('digits', 'tfds', 'synthetic', 'stdlib', 'markov', 'stackoverflow',
-           'speech', 'librispeech')
+SOURCES = ('digits', 'fashion_mnist', 'tfds', 'synthetic', 'stdlib', 'markov',
+           'stackoverflow', 'speech', 'librispeech')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
 
 
@@ -52,14 +52,17 @@ class DataBundle(NamedTuple):
 def default_config() -> ml_collections.ConfigDict:
   """The data config contract with its defaults (`cfg.data` of experiments)."""
   return ml_collections.ConfigDict(dict(
-      source='digits',        # 'digits' | 'tfds' | 'synthetic' | 'stdlib' |
-                              # 'markov' | 'stackoverflow' (the last three:
-                              # next-token text)
+      source='digits',        # 'digits' | 'fashion_mnist' | 'tfds' |
+                              # 'synthetic' | 'stdlib' | 'markov' |
+                              # 'stackoverflow' (the last three: next-token
+                              # text) | 'speech' | 'librispeech'
       name='',                # tfds name: 'mnist', 'emnist/byclass', ...
       # tfds data_dir (None: TFDS default) and .npz cache of converted
       # arrays; typed so `--config.data.data_dir=DIR` can override None.
       # stackoverflow: the directory holding TFF's files (required; see
-      # fedjax_eff.data.stackoverflow).
+      # fedjax_eff.data.stackoverflow). fashion_mnist: the directory of its
+      # four IDX files (None: /usr/share/datasets/fashion-mnist, Debian's
+      # dataset-fashion-mnist package).
       data_dir=ml_collections.FieldReference(None, field_type=str),
       # (stdlib: the built corpus, default ~/.cache/fedjax_eff/stdlib;
       # stackoverflow: where stackoverflow.sqlite.lzma is decompressed)
@@ -71,7 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
       shards_per_client=2,
       test_fraction=0.2,      # digits: central test split; synthetic,
                               # markov: per client test portion; stdlib:
-                              # fraction of modules held out
+                              # fraction of modules held out (unused by
+                              # fashion_mnist and tfds: their own test split)
       synthetic_alpha=1.0,
       synthetic_beta=1.0,
       synthetic_dim=60,
@@ -354,6 +358,10 @@ def _load(cfg: Any) -> DataBundle:
 
   * digits: a stratified central test split of `test_fraction`; the rest is
     partitioned over `num_clients + heldout_clients` clients.
+  * fashion_mnist: the 60,000 training images of the IDX files in
+    `data_dir` (default: Debian's dataset-fashion-mnist path) are
+    partitioned likewise; the official 10,000 test images are the central
+    test set (`test_fraction` does not apply).
   * tfds: the 'train' split is partitioned likewise; the 'test' split is
     the central test set.
   * synthetic: `num_clients + heldout_clients` synthetic(alpha, beta)
@@ -441,6 +449,9 @@ def _load(cfg: Any) -> DataBundle:
     central, test = sources.load_digits(test_fraction, seed)
     if not len(test['y']):
       test = None
+    num_classes = 10
+  elif source == 'fashion_mnist':
+    central, test = sources.load_fashion_mnist(_get(cfg, 'data_dir'))
     num_classes = 10
   elif source == 'tfds':
     name = _get(cfg, 'name')

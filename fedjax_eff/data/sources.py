@@ -5,6 +5,9 @@ into clients by `partitions`; federated sources return `FederatedData`.
 
 * `load_digits`: scikit-learn's 1,797 real 8x8 handwritten digits, bundled
   with the package, so experiments and tests run with no network.
+* `load_fashion_mnist`: Fashion-MNIST's 60,000 + 10,000 real 28x28 images
+  from IDX files (`read_idx`), by default where Debian's
+  `dataset-fashion-mnist` package puts them, so no network is needed.
 * `load_tfds`: TFDS image classification sets (MNIST, EMNIST, CIFAR-10/100)
   through `tfds.data_source`, the random-access ArrayRecord path that needs
   no TensorFlow. Converted arrays are cached as `.npz`, since decoding
@@ -17,6 +20,7 @@ into clients by `partitions`; federated sources return `FederatedData`.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 
@@ -34,7 +38,8 @@ _READ_CHUNK = 1024
 
 
 class DatasetNotPreparedError(FileNotFoundError):
-  """A TFDS dataset is not on disk and may not be downloaded here."""
+  """A dataset (TFDS, Fashion-MNIST) is not on disk and may not be
+  downloaded here."""
 
 
 # ----------------------------------------------------------------- digits --
@@ -61,6 +66,97 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0
   test = np.sort(np.concatenate(test))
   train = np.setdiff1d(np.arange(len(y)), test)
   return {'x': x[train], 'y': y[train]}, {'x': x[test], 'y': y[test]}
+
+
+# ------------------------------------------------------------ IDX files --
+
+# IDX type code -> big-endian numpy dtype.
+_IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4',
+               0x0D: '>f4', 0x0E: '>f8'}
+
+
+def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
+  """One IDX file (LeCun's MNIST format), gzipped or plain, as an array.
+
+  Format: two zero bytes, a type code (0x08 unsigned byte, 0x09 signed
+  byte, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64), the number of
+  dimensions d, then d big-endian uint32 sizes, then the values in C order,
+  big-endian. MNIST-style files are `...-idx3-ubyte` (images
+  [n, rows, cols] uint8) and `...-idx1-ubyte` (labels [n] uint8).
+
+  Gzip is recognised by its magic bytes, not the file name. Raises
+  ValueError if the header is not IDX, `ndim` is given and differs, or the
+  data is shorter or longer than the sizes say. Returns the array in native
+  byte order.
+  """
+  with open(path, 'rb') as f:
+    raw = f.read()
+  if raw[:2] == b'\x1f\x8b':
+    raw = gzip.decompress(raw)
+  if len(raw) < 4 or raw[:2] != b'\0\0' or raw[2] not in _IDX_DTYPES:
+    raise ValueError(f'{path} is not an IDX file (magic {raw[:4].hex()}).')
+  dtype, dims = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+  if ndim is not None and dims != ndim:
+    raise ValueError(f'{path} has {dims} dimensions, expected {ndim}.')
+  header = 4 + 4 * dims
+  if len(raw) < header:
+    raise ValueError(f'{path}: IDX header cut short ({len(raw)} bytes).')
+  shape = tuple(int(d) for d in np.frombuffer(raw, '>u4', dims, 4))
+  expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if len(raw) != expected:
+    raise ValueError(f'{path}: shape {shape} needs {expected} bytes, the '
+                     f'file holds {len(raw)}.')
+  data = np.frombuffer(raw, dtype, offset=header).reshape(shape)
+  return data.astype(dtype.newbyteorder('='))
+
+
+# ---------------------------------------------------------- fashion-mnist --
+
+# Where Debian's dataset-fashion-mnist package installs the four files.
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+_FASHION_FILES = {'train': ('train-images-idx3-ubyte',
+                            'train-labels-idx1-ubyte'),
+                  'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+
+
+def _idx_path(data_dir: str, stem: str) -> str | None:
+  for name in (stem, stem + '.gz'):
+    path = os.path.join(data_dir, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def load_fashion_mnist(data_dir: str | None = None) -> tuple[Arrays, Arrays]:
+  """Fashion-MNIST (Xiao et al. 2017) as (train, test) arrays.
+
+  Reads the four IDX files named in `_FASHION_FILES` (`train-images-idx3-
+  ubyte` and so on, each plain or with `.gz`) from `data_dir`, by default `FASHION_MNIST_DIR`, where
+  `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) puts them. `x` is
+  float32 [N, 28, 28, 1] in [0, 1] (bytes / 255), `y` int32 [N] in 0..9;
+  the official split is 60,000 train and 10,000 test images. Raises
+  `DatasetNotPreparedError` if a file is missing.
+  """
+  data_dir = os.path.expanduser(data_dir or FASHION_MNIST_DIR)
+  out = []
+  for split, stems in _FASHION_FILES.items():
+    paths = [_idx_path(data_dir, s) for s in stems]
+    if None in paths:
+      missing = stems[paths.index(None)]
+      raise DatasetNotPreparedError(
+          f'Fashion-MNIST file {missing}[.gz] is not in {data_dir}: run '
+          f'`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, as root) '
+          f'or pass --config.data.data_dir=DIR holding the four IDX files.')
+    images, labels = read_idx(paths[0], ndim=3), read_idx(paths[1], ndim=1)
+    if len(images) != len(labels):
+      raise ValueError(f'Fashion-MNIST {split}: {len(images)} images but '
+                       f'{len(labels)} labels in {data_dir}.')
+    if labels.size and labels.max() > 9:
+      raise ValueError(f'Fashion-MNIST {split}: label {labels.max()} > 9 '
+                       f'in {paths[1]}.')
+    out.append({'x': (images.astype(np.float32) / np.float32(255.0))[..., None],
+                'y': labels.astype(np.int32)})
+  return out[0], out[1]
 
 
 # ------------------------------------------------------------------- tfds --

@@ -327,7 +327,7 @@ def test_default_config_is_the_contract():
       'synthetic_classes', 'seq_len', 'max_sequences', 'vocab_size',
       'max_modules', 'markov_states', 'markov_concentration',
       'markov_heterogeneity', 'n_mels', 'max_frames', 'classes', 'tasks',
-      'pretrain_fraction', 'part', 'seed'}
+      'pretrain_fraction', 'part', 'seed', 'nan_clients'}
 
 
 def test_classes_keep_and_relabel():

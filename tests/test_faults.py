@@ -21,6 +21,8 @@ import optax
 import pytest
 
 from fedjax_eff import core
+from fedjax_eff.data import FederatedData
+from fedjax_eff.data import cohort as cohort_lib
 from fedjax_eff.experiment import errors
 from fedjax_eff.experiment import train as train_lib
 from fedjax_eff.experiment import train_and_evaluate
@@ -60,15 +62,21 @@ def one_error_line(stderr):
 
 # 1. Padding contributes nothing, whatever the data holds.
 
-def test_gather_rows_selects_padding_out():
-  examples = {'x': jnp.asarray([[np.nan, np.inf], [1.0, 2.0], [3.0, 4.0]]),
-              'y': jnp.asarray([7, 8, 9])}
-  index = jnp.asarray([[[2, 0], [1, 0]]])  # [C=1, S=2, B=2], row 0 padding
-  mask = jnp.asarray([[[1.0, 0.0], [1.0, 0.0]]])
-  got = core.round.gather_rows(examples, index, mask)
-  np.testing.assert_array_equal(got['x'][0, :, 1], np.zeros((2, 2)))
-  np.testing.assert_array_equal(got['x'][0, :, 0], [[3.0, 4.0], [1.0, 2.0]])
-  np.testing.assert_array_equal(got['y'][0], [[9, 0], [8, 0]])
+def test_padded_slots_point_at_a_zero_row():
+  """Device-resident padding gathers zeros, never a real (maybe NaN) row."""
+  data = FederatedData({'a': {'x': np.full((3, 2), np.nan, np.float32),
+                              'y': np.zeros(3, np.int32)},
+                        'b': {'x': np.ones((5, 2), np.float32),
+                              'y': np.ones(5, np.int32)}})
+  resident = cohort_lib.ResidentData.of(data)
+  assert resident.pad_row == 8
+  np.testing.assert_array_equal(resident.examples['x'][8], [0.0, 0.0])
+  kw = dict(steps=2, batch_size=4, seed=0, round_num=0)
+  indexed = cohort_lib.pack_index(resident, np.array([0, 1]), **kw)
+  packed = cohort_lib.pack(data, np.array([0, 1]), **kw)
+  np.testing.assert_array_equal(indexed.index[indexed.mask == 0], 8)
+  np.testing.assert_array_equal(
+      resident.examples['x'][indexed.index], packed.batches['x'])
 
 
 def test_batch_sums_ignore_nan_in_padded_examples():

@@ -108,23 +108,6 @@ def split_client_key(key: jax.Array):
   return tuple(jax.random.split(key, 3))
 
 
-def gather_rows(examples: Mapping[str, jax.Array], index: jax.Array,
-                mask: jax.Array) -> dict[str, jax.Array]:
-  """`examples[f][index]`, with padded slots (`mask` 0) set to zero.
-
-  `index`, `mask`: `[..., S, B]`. A padded slot's index points at some real
-  row (row 0); multiplying its loss by a 0 mask would not cancel a NaN or
-  inf held there (NaN x 0 = NaN), so padding is *selected* out: the slot
-  holds zeros, exactly what `data.cohort.pack` puts in padding on the
-  host, and both placements train on identical arrays.
-  """
-  def take(x):
-    rows = jnp.take(x, index, axis=0, mode='clip')
-    keep = mask.reshape(mask.shape + (1,) * (rows.ndim - mask.ndim)) > 0
-    return jnp.where(keep, rows, jnp.zeros((), rows.dtype))
-  return {f: take(x) for f, x in examples.items()}
-
-
 def tree_all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
                             for x in jax.tree.leaves(tree)]))
@@ -288,10 +271,10 @@ def server_update(server_optimizer: optax.GradientTransformation,
   """Per-parameter mean delta over covering clients, then the optimizer.
 
   A parameter with zero coverage gets a zero pseudo-gradient and no update,
-  so it keeps its value. A step whose new parameters or optimizer state
-  are not all finite (an overflowing server learning rate, say) is skipped
-  whole: params and optimizer state stay as they were, only the round
-  advances (`guarded_server_update` says whether it was skipped).
+  so it keeps its value. A step whose new parameters are not all finite
+  (an overflowing server learning rate, say) is skipped whole: params and
+  optimizer state stay as they were, only the round advances
+  (`guarded_server_update` says whether it was skipped).
   """
   return guarded_server_update(server_optimizer, state, delta_sum,
                                coverage)[0]
@@ -310,7 +293,11 @@ def guarded_server_update(server_optimizer: optax.GradientTransformation,
                                                state.params)
   updates = jax.tree.map(lambda u, k: jnp.where(k, u, 0.0), updates, covered)
   params = optax.apply_updates(state.params, updates)
-  ok = tree_all_finite((params, opt_state))
+  # The new params only: a NaN or inf anywhere in the step (mean delta,
+  # optimizer state, a rate) reaches them. (Checking the optimizer state
+  # as well changed XLA:CPU's fusion of the step enough to move host- and
+  # device-placed rounds apart by an ulp.)
+  ok = tree_all_finite(params)
   keep = lambda new, old: jax.tree.map(
       lambda a, b: jnp.where(ok, a, b), new, old)
   return ServerState(keep(params, state.params),
@@ -449,7 +436,9 @@ def build_round(model: nn.Module, task: Task,
     """One chunk of C clients of one tier -> weighted sums over them."""
     (batches, mask, weight, ctx), keys, pres = chunk
     if '_index' in batches:  # device-resident data: gather this chunk's rows
-      batches = gather_rows(examples, batches['_index'], mask)
+      # (padded slots point at ResidentData's all-zero row: selected out)
+      batches = {f: jnp.take(x, batches['_index'], axis=0, mode='clip')
+                 for f, x in examples.items()}
     t = program(stage, tier)
     cp = t.chunk_plan(chunk_key(keys[0]), state.round) if t.chunk_plan else None
     out = over_clients(client_update_for(stage, tier), mask.shape[0])(

@@ -186,10 +186,14 @@ class ResidentData(NamedTuple):
   """All training clients' examples in one place, for on-device gathers.
 
   `examples[f]` is every client's rows of feature `f` back to back (client
-  order), `offsets[i]` where client `i` starts, `sizes[i]` its count. Put
-  `examples` on the accelerator once (`jax.device_put`); each round only
-  an `IndexedCohort` (int32 row indices) crosses from the host, and the
-  round gathers the rows of each chunk inside the jitted program.
+  order), then one all-zero row (`pad_row`), `offsets[i]` where client `i`
+  starts, `sizes[i]` its count. Put `examples` on the accelerator once
+  (`jax.device_put`); each round only an `IndexedCohort` (int32 row
+  indices) crosses from the host, and the round gathers the rows of each
+  chunk inside the jitted program. Padded slots point at the zero row, so
+  they hold exactly what `pack` puts in padding: a NaN or inf in a real
+  example can never reach a padded slot (where a 0 mask would not cancel
+  it: NaN x 0 = NaN).
   """
   examples: Mapping[str, Any]
   offsets: np.ndarray
@@ -200,7 +204,14 @@ class ResidentData(NamedTuple):
   def of(cls, data: FederatedData) -> 'ResidentData':
     sizes = data.client_sizes
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    return cls(data.concatenated(), offsets, sizes, tuple(data.client_ids))
+    rows = {f: np.concatenate([a, np.zeros((1,) + a.shape[1:], a.dtype)])
+            for f, a in data.concatenated().items()}
+    return cls(rows, offsets, sizes, tuple(data.client_ids))
+
+  @property
+  def pad_row(self) -> int:
+    """The all-zero row padded slots point at (after every client's)."""
+    return int(self.offsets[-1] + self.sizes[-1])
 
   @property
   def nbytes(self) -> int:
@@ -212,7 +223,8 @@ class IndexedCohort(NamedTuple):
   """A cohort as row indices into `ResidentData.examples`.
 
   Same fields as `Cohort` but `index` (`[K, S, B]` int32 rows; padding
-  slots point at row 0 with mask 0) replaces the example arrays.
+  slots point at `ResidentData.pad_row`, all zeros, with mask 0) replaces
+  the example arrays.
   """
   index: np.ndarray
   mask: np.ndarray
@@ -231,12 +243,12 @@ def pack_index(resident: ResidentData, client_indices: np.ndarray, *,
                ctx: Mapping[str, np.ndarray] | None = None) -> IndexedCohort:
   """`pack`, but as row indices: the same examples in the same slots."""
   _validate(policy_large, policy_small, weighting, steps, batch_size)
-  if resident.offsets[-1] + resident.sizes[-1] >= 2 ** 31:
+  if resident.pad_row >= 2 ** 31 - 1:
     raise ValueError('ResidentData holds 2^31 or more rows; int32 row '
                      'indices cannot address them.')
   capacity = steps * batch_size
   k = len(client_indices)
-  index = np.zeros((k, capacity), np.int32)
+  index = np.full((k, capacity), resident.pad_row, np.int32)
   mask = np.zeros((k, capacity), np.float32)
   weight = np.zeros((k,), np.float32)
   for slot, ci in enumerate(client_indices):

@@ -68,7 +68,8 @@ def load_params(path: str, like: Any, skip: str = '') -> Any:
       raise ValueError(f'{where}: {e}') from None
     return jax.tree.map(jnp.asarray, hf.fill_params(_drop(loaded, skip),
                                                     like, where))
-  if os.path.isfile(os.path.join(path, 'config.json')):
+  if (os.path.isfile(os.path.join(path, 'config.json'))
+      and not os.path.isdir(params_dir(path))):  # a pretrain workdir has both
     raise ValueError(f'config.init_checkpoint={path!r} has a config.json but '
                      'no *.safetensors weights (only safetensors is read; '
                      'convert pytorch_model.bin first).')

@@ -469,6 +469,13 @@ def resume_point(workdir: str, ckpt: checkpoints.RunCheckpointer,
             f'resuming from round {step or 0} and re-running the rest.',
             flush=True)
     ckpt.delete_after(step or 0)
+  elif complete > (step or 0):
+    # Rounds logged after the newest checkpoint: killed between the two, or
+    # a checkpoint missing (deleted, moved aside as unreadable).
+    print(f'WARNING: no checkpoint after round {step or 0}, but '
+          f'metrics.jsonl holds rounds to {complete}: re-running rounds '
+          f'{(step or 0) + 1}..{complete} (deterministic: same results).',
+          flush=True)
   return restored, step
 
 

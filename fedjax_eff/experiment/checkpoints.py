@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -73,15 +74,32 @@ def io_reason(e: BaseException) -> str:
   return f'{type(e).__name__}: {first[:160]}'
 
 
+def _closed_loop_filter(previous):
+  """An unraisable-exception hook that drops orbax's 'Event loop is closed'
+  errors (its writer callbacks, once a save has failed) and passes on the
+  rest."""
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and 'Event loop is closed' in str(unraisable.exc_value)):
+      previous(unraisable)
+  return hook
+
+
 @contextlib.contextmanager
 def _orbax_quiet():
-  """absl logging at FATAL only, while orbax writes."""
+  """While orbax writes: absl logging at FATAL only (its threads log
+  tracebacks of a failed write, which the run reports in one line), and
+  the closed-loop errors of its callbacks dropped, for good if the save
+  fails (they keep arriving after it has)."""
   level = logging.get_verbosity()
+  hook = sys.unraisablehook
   logging.set_verbosity(logging.FATAL)
+  sys.unraisablehook = _closed_loop_filter(hook)
   try:
     yield
   finally:
     logging.set_verbosity(level)
+  sys.unraisablehook = hook  # reached on success only
 
 
 class CorruptCheckpoint(Exception):

@@ -1,4 +1,4 @@
-"""Central pretraining: trains a config's model on its pooled training data.
+r"""Central pretraining: trains a config's model on its pooled training data.
 
   python launch/pretrain.py --config=configs/default.py --workdir=runs/pre \
       [--config.pretrain.steps=2000 --config.pretrain.learning_rate=3e-4]

@@ -1,4 +1,4 @@
-"""Trains a federated experiment from a config; resumes from --workdir.
+r"""Trains a federated experiment from a config; resumes from --workdir.
 
   python launch/train.py --config=configs/default.py --workdir=runs/default \
       [--config.num_rounds=50 --config.server.optimizer=fedadam ...]

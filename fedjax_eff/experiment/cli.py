@@ -13,7 +13,12 @@ import sys
 from absl import flags
 from absl import logging
 
-from fedjax_eff.experiment.validation import find_unknown_overrides
+from fedjax_eff.experiment import validation
+
+# The shipped configs (`configs/*.py`, `configs/lm/*.py`), for suggestions.
+CONFIGS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__)))), 'configs')
 
 
 def fail(message: str, code: int = 2, hard: bool = False):
@@ -30,18 +35,54 @@ def fail(message: str, code: int = 2, hard: bool = False):
   sys.exit(code)
 
 
+def suggest_config_file(path: str) -> str | None:
+  """A config file whose name is close to the missing `path` (same folder
+  as typed first, then `configs/` and `configs/lm/`), as the user would
+  type it, or None."""
+  file, sep, spec = path.partition(':')
+  folder, name = os.path.split(file)
+  candidates = {}  # displayed path -> file name
+  folders = [folder or '.', CONFIGS_DIR, os.path.join(CONFIGS_DIR, 'lm')]
+  for d in folders:
+    try:
+      names = sorted(os.listdir(d))
+    except OSError:
+      continue
+    for n in names:
+      full = os.path.join(d, n)
+      if not n.endswith('.py') or n.startswith('_') or not os.path.isfile(
+          full):
+        continue
+      if d == (folder or '.'):
+        shown = os.path.join(folder, n)
+      else:
+        shown = os.path.relpath(full)
+        if shown.startswith('..'):
+          shown = full
+      candidates.setdefault(shown, n)
+  best = validation.suggest(name, set(candidates.values()))
+  if best is None:
+    return None
+  shown = next(s for s, n in candidates.items() if n == best)
+  return shown + sep + spec
+
+
 def parse_flags(argv):
-  """absl parsing, with unknown `--config.KEY` overrides named plainly."""
+  """absl parsing, with a missing config file or an unknown `--config.KEY`
+  override named plainly, with the closest existing one."""
   for i, arg in enumerate(argv[1:], start=1):
     path = (arg.split('=', 1)[1] if arg.startswith('--config=') else
             argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
     if path is not None and not os.path.isfile(path.partition(':')[0]):
-      fail(f'--config={path}: no such config file (see configs/ for the '
-           'shipped ones).')
-  unknown = find_unknown_overrides(argv)
+      close = suggest_config_file(path)
+      fail(f'--config={path}: no such config file ' + (
+          f'(did you mean --config={close}?)' if close else
+          '(see configs/ for the shipped ones).'))
+  unknown = validation.unknown_overrides(argv)
   if unknown:
-    fail('unknown config key(s): ' + ', '.join(
-        f'config.{k}' for k in unknown) + '; see fedjax_eff/experiment/'
+    fail(f'unknown config key{"s" if len(unknown) > 1 else ""} ' + ', '.join(
+        f'config.{k}' + (f' (did you mean config.{close}?)' if close else '')
+        for k, close in unknown) + '; see fedjax_eff/experiment/'
          'defaults.py for the keys a config has.')
   try:
     return flags.FLAGS(argv)

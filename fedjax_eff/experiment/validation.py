@@ -94,6 +94,62 @@ def find_unknown_overrides(argv) -> list[str]:
   Loads the config file named by `--config=PATH` the way ml_collections
   does, so a misspelt override is reported by name before flag parsing.
   """
+  return [key for key, _ in unknown_overrides(argv)]
+
+
+def unknown_overrides(argv) -> list[tuple[str, str | None]]:
+  """`(key, closest known key or None)` for each `--config.KEY` override
+  of `argv` that the config named by `--config=PATH` lacks."""
+  config, overrides = _config_and_overrides(argv)
+  if config is None:
+    return []
+  unknown = [key for key in overrides if not _has_key(config, key)]
+  keys = dotted_keys(config) if unknown else []
+  return [(key, suggest(key, keys)) for key in unknown]
+
+
+def suggest(word: str, candidates) -> str | None:
+  """The candidate closest to `word` (difflib), or None if none is close."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+  return close[0] if close else None
+
+
+def dotted_keys(node, prefix: str = '') -> list[str]:
+  """Every key a `--config.KEY` override may name: `a`, `a.b`, and
+  `a[0].b` inside lists of dicts."""
+  out = []
+  if isinstance(node, (dict, ml_collections.ConfigDict)):
+    for k in node.keys():
+      key = f'{prefix}.{k}' if prefix else str(k)
+      out.append(key)
+      out.extend(dotted_keys(node[k], key))
+  elif isinstance(node, (list, tuple)) and prefix:
+    for i, item in enumerate(node):
+      if isinstance(item, (dict, ml_collections.ConfigDict)):
+        out.extend(dotted_keys(item, f'{prefix}[{i}]'))
+  return out
+
+
+def _has_key(config, key: str) -> bool:
+  node = config
+  try:
+    parts = config_path.split(key)
+  except ValueError:
+    return False
+  for part in parts:
+    if isinstance(node, (dict, ml_collections.ConfigDict)) and part in node:
+      node = node[part]
+    elif (isinstance(node, (list, tuple)) and isinstance(part, int)
+          and -len(node) <= part < len(node)):
+      node = node[part]  # --config.techniques[0].p=...
+    else:
+      return False
+  return True
+
+
+def _config_and_overrides(argv):
+  """(the config `--config=PATH[:arg]` builds, or None; the override keys)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   path, overrides = None, []
   for i, arg in enumerate(argv[1:], start=1):
@@ -104,32 +160,15 @@ def find_unknown_overrides(argv) -> list[str]:
     elif arg.startswith('--config.'):
       overrides.append(arg[len('--config.'):].split('=', 1)[0])
   if not path or not overrides:
-    return []
+    return None, overrides
   path, _, arg = path.partition(':')  # 'configs/x.py:arg' -> get_config(arg)
   spec = importlib.util.spec_from_file_location('_fedjax_eff_cfg', path)
   if spec is None or spec.loader is None:
-    return []
+    return None, overrides
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
     config = module.get_config(*((arg,) if arg else ()))
   except Exception:  # pylint: disable=broad-except
-    return []  # let ml_collections report a broken config file itself
-  unknown = []
-  for key in overrides:
-    node = config
-    try:
-      parts = config_path.split(key)
-    except ValueError:
-      unknown.append(key)
-      continue
-    for part in parts:
-      if isinstance(node, (dict, ml_collections.ConfigDict)) and part in node:
-        node = node[part]
-      elif (isinstance(node, (list, tuple)) and isinstance(part, int)
-            and -len(node) <= part < len(node)):
-        node = node[part]  # --config.techniques[0].p=...
-      else:
-        unknown.append(key)
-        break
-  return unknown
+    return None, overrides  # let ml_collections report a broken config
+  return config, overrides

@@ -18,7 +18,7 @@ from fedjax_eff.data import partitions, sources
 from fedjax_eff.data.federated import FederatedData
 
 SOURCES = ('digits', 'fashion_mnist', 'tfds', 'synthetic', 'stdlib', 'markov',
-           'stackoverflow', 'speech', 'librispeech')
+           'stackoverflow', 'speech', 'librispeech', 'npz')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
 
 
@@ -55,14 +55,16 @@ def default_config() -> ml_collections.ConfigDict:
       source='digits',        # 'digits' | 'fashion_mnist' | 'tfds' |
                               # 'synthetic' | 'stdlib' | 'markov' |
                               # 'stackoverflow' (the last three: next-token
-                              # text) | 'speech' | 'librispeech'
+                              # text) | 'speech' | 'librispeech' | 'npz'
+                              # (your own arrays: sources.load_npz)
       name='',                # tfds name: 'mnist', 'emnist/byclass', ...
       # tfds data_dir (None: TFDS default) and .npz cache of converted
       # arrays; typed so `--config.data.data_dir=DIR` can override None.
       # stackoverflow: the directory holding TFF's files (required; see
       # fedjax_eff.data.stackoverflow). fashion_mnist: the directory of its
       # four IDX files (None: /usr/share/datasets/fashion-mnist, Debian's
-      # dataset-fashion-mnist package).
+      # dataset-fashion-mnist package). npz: a directory of <client
+      # id>.npz files or one .npz with a client_id array (required).
       data_dir=ml_collections.FieldReference(None, field_type=str),
       # (stdlib: the built corpus, default ~/.cache/fedjax_eff/stdlib;
       # stackoverflow: where stackoverflow.sqlite.lzma is decompressed)
@@ -287,6 +289,30 @@ def _load_speech(cfg: Any, source: str, num_clients: int, num_heldout: int,
                     speech.VOCAB_SIZE, (frames, n_mels))
 
 
+def _load_npz(path: str | None, num_clients: int, num_heldout: int
+              ) -> DataBundle:
+  """The `npz` source: held-out clients last in sorted id order."""
+  clients, ids, test = sources.load_npz(path)
+  if num_heldout >= len(ids):
+    raise ValueError(f'data.heldout_clients={num_heldout} leaves no training '
+                     f'clients among the {len(ids)} in data.data_dir={path}.')
+  train_ids = ids[:len(ids) - num_heldout][:num_clients]
+  heldout_ids = ids[len(ids) - num_heldout:] if num_heldout else []
+  train = FederatedData({c: clients[c] for c in train_ids}, order=train_ids)
+  heldout = (FederatedData({c: clients[c] for c in heldout_ids},
+                           order=heldout_ids) if heldout_ids else None)
+  labels = [clients[c]['y'] for c in train_ids + heldout_ids]
+  if test is not None:
+    labels.append(test['y'])
+  top = max((int(y.max()) for y in labels if y.size), default=-1)
+  low = min((int(y.min()) for y in labels if y.size), default=0)
+  if top < 0 or low < 0:
+    raise ValueError(f'data.data_dir={path}: labels y must be integers >= 0 '
+                     f'(found {low}..{top}).')
+  return DataBundle(train, heldout, test, top + 1,
+                    tuple(clients[ids[0]]['x'].shape[1:]))
+
+
 def load(cfg: Any) -> DataBundle:
   """Builds the `DataBundle` that `cfg` (see `default_config`) describes;
   with `pretrain_fraction` > 0, `train` keeps only the `part` named
@@ -388,6 +414,15 @@ def _load(cfg: Any) -> DataBundle:
     synthetic speaker): `heldout_clients` speakers by a stable hash are
     held out (and pooled as `test`), training takes at most `num_clients`
     of the rest.
+  * npz: your own arrays in `data_dir` (`sources.load_npz`: a directory
+    of `<client id>.npz` files, or one `.npz` with a `client_id` array).
+    The last `heldout_clients` ids in sorted order (numerically when every
+    id is an integer) are the held-out clients; the first `num_clients` of
+    the rest train (fewer if there are fewer). `test` is `test.npz` in the
+    directory or the file's `x_test`/`y_test` arrays (None without).
+    `num_classes` is the largest label of any split + 1, `input_shape`
+    x's shape after the first axis. `partition`, `test_fraction` and
+    `seed` do not apply.
   * librispeech: TFDS LibriSpeech, one client per speaker: the first
     `num_clients` speakers of train_clean100, the first `heldout_clients`
     of dev_clean as held-out clients, all of test_clean as `test`.
@@ -440,6 +475,12 @@ def _load(cfg: Any) -> DataBundle:
       raise ValueError(f'data.classes is not supported for '
                        f'data.source={source!r}.')
     return _load_speech(cfg, source, num_clients, num_heldout, seed)
+
+  if source == 'npz':
+    if classes:
+      raise ValueError("data.classes is not supported for data.source='npz' "
+                       '(write the classes you want into the files).')
+    return _load_npz(_get(cfg, 'data_dir'), num_clients, num_heldout)
 
   if source in ('stdlib', 'markov', 'stackoverflow'):
     return _load_text(cfg, source, classes, num_clients, num_heldout, seed,

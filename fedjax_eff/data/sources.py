@@ -413,3 +413,142 @@ def synthetic_leaf_split(alpha: float, beta: float, num_clients: int,
   return split_clients(
       synthetic_leaf(alpha, beta, num_clients, seed, dim, num_classes, iid,
                      max_examples), test_fraction)
+
+
+# -------------------------------------------------------------------- npz --
+
+NPZ_TEST_FILE = 'test.npz'
+_KEY = 'data.data_dir'
+
+
+def _npz_arrays(path: str) -> Arrays:
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{_KEY}: cannot read {path} as .npz ({type(e).__name__}'
+                     f': {str(e).splitlines()[0] if str(e) else ""}).'
+                     ) from e
+
+
+def _npz_client(arrays: Arrays, where: str) -> Arrays:
+  """`arrays` checked (x and y present, equal length, integer y) with
+  float64 -> float32 and int64 -> int32 (JAX's default precision)."""
+  for need in ('x', 'y'):
+    if need not in arrays:
+      raise ValueError(f'{_KEY}: {where} has no {need!r} array (it has '
+                       f'{sorted(arrays)}); every client needs x and y.')
+  lengths = {k: len(a) if np.ndim(a) else None for k, a in arrays.items()}
+  if len(set(lengths.values())) > 1 or None in lengths.values():
+    raise ValueError(f'{_KEY}: {where} has arrays of unequal length '
+                     f'{lengths}; x, y and every other feature need one row '
+                     'per example.')
+  if not np.issubdtype(arrays['y'].dtype, np.integer):
+    raise ValueError(f'{_KEY}: {where} has y of dtype {arrays["y"].dtype}; '
+                     'labels must be integers 0..num_classes-1.')
+  out = {}
+  for k, a in arrays.items():
+    if a.dtype == np.float64:
+      a = a.astype(np.float32)
+    elif a.dtype == np.int64 or a.dtype == np.uint64:
+      a = a.astype(np.int32)
+    out[k] = a
+  return out
+
+
+def _npz_sorted(ids) -> list[str]:
+  """Client ids in order: numerically when every id is an integer."""
+  ids = [str(c) for c in ids]
+  if all(c.lstrip('-').isdigit() for c in ids):
+    return sorted(ids, key=int)
+  return sorted(ids)
+
+
+def load_npz(path: str) -> tuple[dict[str, Arrays], list[str], Arrays | None]:
+  """A user's federated arrays: `(clients, sorted ids, test or None)`.
+
+  Two layouts, told apart by whether `path` is a directory or a file:
+
+  * a directory with one `<client id>.npz` per client (the file stem is the
+    id), each holding `x`, `y` and any other per-example features of equal
+    length; `test.npz` in it, if present, is the central test set (same
+    features);
+  * one `.npz` with a `client_id` array (ints or strings, one per row) and
+    `x`, `y`, ... of the same length; `x_test`, `y_test` (and `<f>_test`
+    for each other feature `f`), if present, are the central test set.
+
+  Ids are sorted numerically when every id is an integer, else as
+  strings. `y` must be integers; float64 arrays become float32 and int64
+  become int32. Example (100 clients of 20 examples, 8 features, 3 classes):
+
+    import os, numpy as np
+    rng = np.random.default_rng(0)
+    os.makedirs('mydata', exist_ok=True)
+    for c in range(100):
+      np.savez(f'mydata/{c}.npz', x=rng.normal(size=(20, 8)).astype('f4'),
+               y=rng.integers(0, 3, 20))
+    np.savez('mydata/test.npz', x=rng.normal(size=(200, 8)).astype('f4'),
+             y=rng.integers(0, 3, 200))
+
+  Raises ValueError naming `data.data_dir` for a missing path, a missing
+  `x`/`y`/`client_id`, arrays of unequal length or a `client_id` of
+  another length, and clients whose features differ.
+  """
+  if not path:
+    raise ValueError(f"{_KEY} must name a directory of per-client .npz files "
+                     "or one .npz file with a client_id array when "
+                     "data.source='npz'.")
+  path = os.path.expanduser(path)
+  test = None
+  if os.path.isdir(path):
+    names = sorted(n for n in os.listdir(path)
+                   if n.endswith('.npz') and n != NPZ_TEST_FILE)
+    if not names:
+      raise ValueError(f'{_KEY}={path} holds no <client id>.npz files.')
+    clients = {}
+    for n in names:
+      f = os.path.join(path, n)
+      clients[n[:-len('.npz')]] = _npz_client(_npz_arrays(f), f)
+    test_path = os.path.join(path, NPZ_TEST_FILE)
+    if os.path.isfile(test_path):
+      test = _npz_client(_npz_arrays(test_path), test_path)
+  elif os.path.isfile(path):
+    arrays = _npz_arrays(path)
+    if 'client_id' not in arrays:
+      raise ValueError(f'{_KEY}: {path} has no client_id array (it has '
+                       f'{sorted(arrays)}); one .npz needs one id per row, '
+                       'or pass a directory of <client id>.npz files.')
+    ids = arrays.pop('client_id')
+    test = {k[:-len('_test')]: arrays.pop(k) for k in list(arrays)
+            if k.endswith('_test')}
+    everything = _npz_client(arrays, path)
+    rows = len(everything['x'])
+    if np.ndim(ids) != 1 or len(ids) != rows:
+      raise ValueError(f'{_KEY}: {path} has client_id of shape '
+                       f'{np.shape(ids)} but {rows} rows in x, y, ...; '
+                       'client_id needs one entry per row.')
+    ids = np.asarray(ids).astype(str)
+    order = np.argsort(ids, kind='stable')
+    uniq, starts = np.unique(ids[order], return_index=True)
+    bounds = list(starts[1:]) + [len(ids)]
+    clients = {str(c): {k: a[order[s:e]] for k, a in everything.items()}
+               for c, s, e in zip(uniq, starts, bounds)}
+    test = _npz_client(test, f'{path} (its *_test arrays)') if test else None
+  else:
+    raise ValueError(f'{_KEY}={path} does not exist (a directory of '
+                     '<client id>.npz files, or one .npz file).')
+  ids = _npz_sorted(clients)
+  first = clients[ids[0]]
+  spec = {k: (a.shape[1:], a.dtype) for k, a in first.items()}
+  for cid in ids:
+    have = {k: (a.shape[1:], a.dtype) for k, a in clients[cid].items()}
+    if have != spec:
+      raise ValueError(f'{_KEY}: client {cid!r} has features {have}, client '
+                       f'{ids[0]!r} has {spec}; every client needs the same '
+                       'features, shapes and dtypes.')
+  if test is not None:
+    have = {k: (a.shape[1:], a.dtype) for k, a in test.items()}
+    if have != spec:
+      raise ValueError(f'{_KEY}: the test set has features {have}, the '
+                       f'clients have {spec}.')
+  return clients, ids, test

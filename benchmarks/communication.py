@@ -26,6 +26,8 @@ modules and head too.
   python benchmarks/communication.py --rounds 5 --variants full,lora_r4
   python benchmarks/communication.py --rounds 120 --seeds 0,1,2 \
       --variants full,lora_r4                        # mean over seeds
+  python benchmarks/communication.py --replot \
+      --out benchmarks/results/communication_120_seeds.json  # PNG from JSON
 
 Last line: one JSON object with `upload_ratio` and `accuracy` per variant
 (and `upload_bits`, `download_bits`, `accuracy_gap`, `seconds`).
@@ -114,11 +116,17 @@ def downstream_config(name: str, rounds: int, backbone: str):
 
 
 def plot(rows: dict, path: str) -> None:
-  """Accuracy against upload bits per client per round (log scale)."""
+  """Accuracy against upload bits per client per round (log scale); with
+  several seeds, their mean and standard deviation."""
+  seeds = max(len(r.get('accuracy_per_seed') or [0]) for r in rows.values())
   plots.labelled_scatter(
-      {n: (r['upload_bits'] / 8e3, r['accuracy'])
+      {n: (r['upload_bits'] / 8e3, r['accuracy'],
+           float(np.std(r['accuracy_per_seed'], ddof=1)) if seeds > 1
+           else None)
        for n, r in rows.items() if r['upload_bits']}, path,
-      xlabel='upload per client per round (kB)', ylabel='test accuracy',
+      xlabel='upload per client per round (kB)',
+      ylabel='test accuracy' + (f' (mean ± s.d., {seeds} seeds)'
+                                if seeds > 1 else ''),
       title='Fine-tuning a pretrained ViT: upload vs accuracy')
 
 
@@ -132,7 +140,13 @@ def main():
   parser.add_argument('--workdir', default='/tmp/fedjax_eff_communication')
   parser.add_argument('--out', default=os.path.join(
       ROOT, 'benchmarks', 'results', 'communication.json'))
+  parser.add_argument('--replot', action='store_true',
+                      help='train nothing: redraw --out\'s PNG from its JSON')
   args = parser.parse_args()
+  if args.replot:
+    with open(args.out) as f:
+      plot(json.load(f)['variants'], os.path.splitext(args.out)[0] + '.png')
+    return
   names = [v for v in args.variants.split(',') if v]
   bad = [v for v in names if v not in VARIANTS]
   if bad:

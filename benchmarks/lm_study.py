@@ -26,6 +26,7 @@ upload.
 
   python benchmarks/lm_study.py                  # ~35 min on 2 CPU cores
   python benchmarks/lm_study.py --rounds 5 --variants lstm_fedadam,tf_q4
+  python benchmarks/lm_study.py --replot         # the PNG from the JSON
 
 Writes benchmarks/results/lm_study.{json,md,png}. Last line: one JSON
 object with `perplexity` and `upload_bytes_per_client_round` per variant.
@@ -138,7 +139,13 @@ def main():
   parser.add_argument('--merge', action='store_true',
                       help='keep the other variants already in --out (same '
                       'rounds/clients/steps) and add or replace these')
+  parser.add_argument('--replot', action='store_true',
+                      help='train nothing: redraw --out\'s PNG from its JSON')
   args = parser.parse_args()
+  if args.replot:
+    with open(args.out) as f:
+      plot(json.load(f)['variants'], os.path.splitext(args.out)[0] + '.png')
+    return
   names = [v for v in args.variants.split(',') if v]
   bad = [v for v in names if v not in VARIANTS]
   if bad:

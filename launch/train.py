@@ -48,6 +48,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from fedjax_eff.data.sources import DatasetNotPreparedError
+from fedjax_eff.experiment import callbacks
 from fedjax_eff.experiment import cli
 from fedjax_eff.experiment import errors
 from fedjax_eff.experiment import train_and_evaluate
@@ -69,6 +70,12 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process\'s index, 0..N-1.')
+_CALLBACKS = flags.DEFINE_list(
+    'callbacks', [], 'Your own hooks: FILE.py:FACTORY (or '
+    'package.module:FACTORY), FACTORY(workdir, config) returning an object '
+    'with on_round_end / on_evaluate / on_checkpoint / on_run_end; e.g. '
+    'examples/csv_logger.py:CsvLogger. See fedjax_eff/experiment/'
+    'callbacks.py.')
 _ALLOW_CHANGE = flags.DEFINE_list(
     'allow_config_change', [], 'Config keys (dotted, e.g. '
     'client.learning_rate) that may differ from the run recorded in '
@@ -91,12 +98,15 @@ def init_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
+  if not flags.FLAGS['verbosity'].present:  # quiet libraries by default
+    logging.set_verbosity(logging.WARNING)
   init_distributed()
   try:
+    hooks = tuple(callbacks.load(spec, _WORKDIR.value, _CONFIG.value)
+                  for spec in _CALLBACKS.value)
     summary = train_and_evaluate(
         _CONFIG.value, _WORKDIR.value,
-        allow_config_change=tuple(_ALLOW_CHANGE.value))
+        allow_config_change=tuple(_ALLOW_CHANGE.value), callbacks=hooks)
   except errors.RunFailed as e:
     cli.fail(str(e), e.exit_code, hard=True)
   except errors.RunInterrupted as e:
@@ -107,10 +117,11 @@ def main(argv):
     cli.fail('interrupted before the first round finished; nothing was '
              'lost: run the same command to start again.', 130)
   final = summary['final_metrics']
+  shown = {k: final[k] for k in ('round', 'train_loss') if k in final}
+  shown.update(callbacks.headline(final))
   print('done: ' + ', '.join(
       f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
-      for k, v in final.items()
-      if k in ('round', 'train_loss', 'test_accuracy', 'heldout_accuracy')))
+      for k, v in shown.items()))
   for cost in summary.get('device_cost', []):
     where = ', '.join(([f"stage {cost['stage']}"] if cost['stage'] != 'None'
                        else []) + [f"tier {cost['tier']}"])

@@ -67,6 +67,23 @@ def batch_sums(task: Task, out: jax.Array, batch: Batch,
               jnp.sum(loss_units), jnp.sum(scored_units))
 
 
+def example_sums(task: Task, out: jax.Array, batch: Batch,
+                 mask: jax.Array) -> jax.Array:
+  """`batch_sums` before the sum over the batch: `[B, 4]` (loss, correct,
+  loss units, scored units) per example, zero for padding (`mask` 0)."""
+  batch = dict(batch, _mask=mask)
+  real = mask > 0
+  pick = lambda v: jnp.where(real, v, 0.0)
+  if task.units is None:
+    loss_units = scored_units = mask
+  else:
+    loss_units, scored_units = (pick(u) for u in task.units(batch))
+  return jnp.stack([pick(task.loss(out, batch)),
+                    pick(task.correct(out, batch)),
+                    loss_units.astype(jnp.float32),
+                    scored_units.astype(jnp.float32)], -1)
+
+
 def classification() -> Task:
   """Softmax cross-entropy on integer labels `y`, accuracy as the metric."""
   def loss(logits, batch):

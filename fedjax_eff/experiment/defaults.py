@@ -116,7 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
   # nothing: every client update non-finite and dropped, or the server
   # step non-finite and skipped (0 = never stop).
   c.max_failed_rounds = 5
+  # A progress bar on a terminal; elsewhere (logs, notebooks' captured
+  # output, progress=False) a line every log_every_seconds (0 = none).
   c.progress = True
+  c.log_every_seconds = 30.0
   c.tensorboard = True
   return c
 

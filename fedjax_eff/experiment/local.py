@@ -61,6 +61,7 @@ import numpy as np
 from fedjax_eff import core
 from fedjax_eff.core import round as round_lib
 from fedjax_eff.data import cohort as cohort_lib
+from fedjax_eff.experiment import callbacks as callbacks_lib
 from fedjax_eff.experiment import checkpoints
 from fedjax_eff.experiment import errors
 from fedjax_eff.experiment import loop as loop_lib
@@ -149,18 +150,9 @@ def client_eval_metrics(exp: train_lib.Experiment, params: PyTree,
   if data.tasks:
     task = int(data.client_task[client_index])
     data, fwd = data.tasks[task], dict(fwd, task=task)
-  evaluate = functools.partial(exp.evaluate, **fwd)
-  out = {}
-  if data.test is not None:
-    m = evaluate(params, data.test)
-    out.update(test_loss=m['loss'], test_accuracy=m['accuracy'])
-  heldout = data.heldout
-  if heldout is not None and heldout.num_clients:
-    m = evaluate(params, heldout.concatenated())
-    per_client = [evaluate(params, heldout.client(i))['accuracy']
-                  for i in range(heldout.num_clients)]
-    out.update(heldout_loss=m['loss'], heldout_accuracy=m['accuracy'],
-               heldout_client_accuracy_mean=float(np.mean(per_client)))
+  out = train_lib.central_metrics(
+      functools.partial(exp.evaluate, params, **fwd), data.test,
+      data.heldout)
   if exp.config.task.name == 'lm':
     out.update(train_lib.with_perplexity(out))
   return out
@@ -335,7 +327,8 @@ def _check_workdir_mode(workdir: str) -> None:
 
 def train_local(config: ml_collections.ConfigDict, workdir: str, *,
                 progress: bool | None = None,
-                allow_config_change: tuple[str, ...] = ()) -> dict[str, Any]:
+                allow_config_change: tuple[str, ...] = (),
+                callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
   """Runs (or resumes) local-only training in `workdir`; returns the
   summary (also written to workdir/summary.json). The workdir guarantees
   of `train.train_and_evaluate` hold (lock, recorded config, errors)."""
@@ -348,10 +341,12 @@ def train_local(config: ml_collections.ConfigDict, workdir: str, *,
       workdir_lib.check_config(
           workdir, config, resuming=workdir_lib.has_checkpoints(ckpt_dir),
           allow=allow_config_change)
-      return _train_local(config, workdir, progress)
+      summary = _train_local(config, workdir, progress, callbacks)
+  callbacks_lib.call(callbacks, 'on_run_end', summary)
+  return summary
 
 
-def _train_local(config, workdir, progress):
+def _train_local(config, workdir, progress, callbacks):
   t0 = time.time()
   exp = train_lib.Experiment(config)
   trainer = LocalTrainer(exp)
@@ -399,7 +394,9 @@ def _train_local(config, workdir, progress):
   try:
     last, compile_s = loop_lib.run_rounds(
         config, workdir, start, cohort=trainer.cohort, step=step,
-        evaluate=evaluate, save=save, progress=progress, desc='local rounds')
+        evaluate=evaluate, save=save, progress=progress, desc='local rounds',
+        callbacks=callbacks,
+        tensorboard=config.tensorboard and jax.process_index() == 0)
   finally:
     ckpt.close()
   params, per_client = current['params'], current['per_client']

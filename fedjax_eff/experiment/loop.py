@@ -13,14 +13,16 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import math
+import os
 import signal
+import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from absl import logging
 import tqdm
 
+from fedjax_eff.experiment import callbacks as callbacks_lib
 from fedjax_eff.experiment import metrics as metrics_lib
 from fedjax_eff.experiment.errors import RunFailed, RunInterrupted
 
@@ -69,17 +71,33 @@ def run_rounds(config, workdir: str, start: int, *,
                step: Callable[[int, Any], tuple[dict[str, float], float]],
                evaluate: Callable[[int], dict[str, float]],
                save: Callable[[int], None], progress: bool | None = None,
-               desc: str = 'rounds') -> tuple[dict[str, Any], float | None]:
+               desc: str = 'rounds', callbacks: Sequence[Any] = (),
+               tensorboard: bool | None = None
+               ) -> tuple[dict[str, Any], float | None]:
   """Runs rounds `start..config.num_rounds-1`.
+
+  Progress: a bar when `progress` (default `config.progress`) is on and
+  stderr is a terminal; otherwise a line every `config.log_every_seconds`
+  (`callbacks_lib.ProgressLog`; 0 = none). `callbacks`: see
+  `experiment/callbacks.py`.
 
   Returns (the last round's record with its `round`, seconds of the first
   round including compilation, None if no round ran).
   """
-  writer = metrics_lib.MetricWriter(workdir, resume_round=start,
-                                    tensorboard=config.tensorboard)
+  writer = metrics_lib.MetricWriter(
+      workdir, resume_round=start,
+      tensorboard=config.tensorboard if tensorboard is None else tensorboard,
+      config=config)
   show = config.progress if progress is None else progress
+  bar_on = bool(show) and sys.stderr.isatty()
   bar = tqdm.tqdm(total=config.num_rounds, initial=start, unit='round',
-                  disable=not show, dynamic_ncols=True, desc=desc)
+                  disable=not bar_on, dynamic_ncols=True, desc=desc)
+  callbacks = list(callbacks)
+  every = config.get('log_every_seconds', 30.0)
+  if not bar_on and every > 0 and progress is not False:
+    callbacks.insert(0, callbacks_lib.ProgressLog(start, config.num_rounds,
+                                                  every))
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
   last: dict[str, Any] = {}
   compile_s = None
   failed_in_a_row = 0
@@ -103,11 +121,15 @@ def run_rounds(config, workdir: str, start: int, *,
         compile_s = time.time() - t_round
       done = r + 1
       if done % config.eval_every == 0 or done == config.num_rounds:
-        record.update(evaluate(done))
+        evaluated = evaluate(done)
+        record.update(evaluated)
+        callbacks_lib.call(callbacks, 'on_evaluate', done, evaluated)
       record['round_seconds'] = time.time() - t_round
       record['host_wait_seconds'] = waited
       writer.write(done, record)
       last = {'round': done, **record}
+      callbacks_lib.call(callbacks, 'on_round_end', done,
+                         metrics_lib.to_python(record))
       postfix = {'loss': f"{record['train_loss']:.3f}",
                  'acc': f"{record['train_accuracy']:.3f}"}
       for k in ('test_accuracy', 'heldout_accuracy'):
@@ -115,11 +137,10 @@ def run_rounds(config, workdir: str, start: int, *,
           postfix[k.split('_')[0] + '_acc'] = f'{last[k]:.3f}'
       bar.set_postfix(postfix, refresh=False)
       bar.update(1)
-      if not show and ('test_accuracy' in record or done == start + 1):
-        logging.info('round %d: %s', done, record)
       saved = done % config.checkpoint_every == 0 or done == config.num_rounds
       if saved:
         save(done)
+        callbacks_lib.call(callbacks, 'on_checkpoint', done, ckpt_dir)
       if failed_round(record):
         failed_in_a_row += 1
         print(f'WARNING: round {done}: no client update was finite '
@@ -140,6 +161,7 @@ def run_rounds(config, workdir: str, start: int, *,
       if stop['signum'] is not None:
         if not saved:
           save(done)
+          callbacks_lib.call(callbacks, 'on_checkpoint', done, ckpt_dir)
         raise RunInterrupted(stop['signum'], done, workdir)
   finally:
     signals.__exit__(None, None, None)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedjax_eff.experiment.workdir import write_atomic
+from fedjax_eff.experiment.workdir import config_dict, flatten, write_atomic
 
 
 def to_python(value: Any) -> Any:
@@ -42,7 +42,7 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, resume_round: int = 0,
-               tensorboard: bool = True):
+               tensorboard: bool = True, config=None):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if os.path.exists(self.path):
       kept = [json.dumps(r) for r in read_metrics(workdir)
@@ -53,6 +53,9 @@ class MetricWriter:
     if tensorboard:
       self._tb = TensorBoardWriter(os.path.join(workdir, 'tensorboard'),
                                    purge_step=resume_round + 1)
+      if config is not None and resume_round == 0:
+        with _naming(self._tb.path):
+          self._tb.config(config)
 
   def write(self, round_num: int, metrics: Mapping[str, Any]) -> None:
     record = {'round': int(round_num), **to_python(dict(metrics))}
@@ -72,6 +75,23 @@ class MetricWriter:
       if self._tb is not None:
         with _naming(self._tb.path):
           self._tb.close()
+
+
+_TAG_GROUPS = (
+    ('train/', ('train_', 'num_clients', 'num_dropped', 'server_step')),
+    ('eval/', ('test_', 'heldout_', 'keep', 'task', 'probe_')),
+    ('cost/', ('upload_bits', 'download_bits', 'device_', 'tier', 'sim_')),
+    ('time/', ('round_seconds', 'host_wait_seconds')),
+)
+
+
+def tensorboard_tag(key: str) -> str:
+  """`train/`, `eval/`, `cost/` or `time/` + the metrics.jsonl key (other
+  keys under `other/`), so TensorBoard groups them in sections."""
+  for group, prefixes in _TAG_GROUPS:
+    if key.startswith(prefixes):
+      return group + key
+  return 'other/' + key
 
 
 @contextlib.contextmanager
@@ -110,11 +130,29 @@ class TensorBoardWriter:
     self._writer.flush()
 
   def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    """Each number under its group's tag (`tensorboard_tag`)."""
     for k, v in values.items():
       if isinstance(v, (int, float)) and not isinstance(v, bool):
         self._writer.write_event(self._pb.Event(
             wall_time=time.time(), step=int(step),
-            summary=self._summary.scalar(k, float(v))))
+            summary=self._summary.scalar(tensorboard_tag(k), float(v))))
+    self._writer.flush()
+
+  def config(self, config) -> None:
+    """The config as text (TEXT tab) and as hparams (HPARAMS tab, against
+    the headline eval metrics), once at a run's first start."""
+    flat = flatten(config_dict(config))
+    text = '\n'.join(f'    {k} = {v!r}' for k, v in sorted(flat.items()))
+    hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+               for k, v in flat.items() if v is not None}
+    metrics = {tensorboard_tag(k): 0.0 for k in (
+        'test_accuracy', 'heldout_accuracy', 'test_perplexity', 'test_cer',
+        'train_loss')}
+    summaries = [self._summary.text('config', text),
+                 *self._summary.hparams(hparams, metrics)]
+    for summary in summaries:
+      self._writer.write_event(self._pb.Event(wall_time=time.time(),
+                                              summary=summary))
     self._writer.flush()
 
   def close(self) -> None:

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from fedjax_eff import core
 from fedjax_eff.core import round as round_lib
+from fedjax_eff.experiment import callbacks as callbacks_lib
 from fedjax_eff.experiment import checkpoints
 from fedjax_eff.experiment import errors
 from fedjax_eff.experiment import metrics as metrics_lib
@@ -158,6 +159,11 @@ def _pretrain(config, workdir: str) -> dict:
   start = start or 0
   writer = metrics_lib.MetricWriter(workdir, resume_round=start,
                                     tensorboard=False)
+  progress = callbacks_lib.ProgressLog(start, p.steps, unit='step',
+                                       every_seconds=config.get(
+                                           'log_every_seconds', 30.0))
+  if start:
+    workdir_lib.announce_resume(start, p.steps, workdir)
   key = jax.random.key(config.seed + 0x9e7)
   params, opt_state = state['params'], state['opt_state']
   try:
@@ -171,8 +177,9 @@ def _pretrain(config, workdir: str) -> dict:
                                           jax.random.fold_in(key, s))
       done = s + 1
       if done % p.log_every == 0 or done == p.steps:
-        writer.write(done, {'train_loss': float(loss),
-                            'train_accuracy': float(acc)})
+        record = {'train_loss': float(loss), 'train_accuracy': float(acc)}
+        writer.write(done, record)
+        progress.on_round_end(done, record)
       if done % p.checkpoint_every == 0 or done == p.steps:
         ckpt.save(done, {'params': params, 'opt_state': opt_state})
   finally:

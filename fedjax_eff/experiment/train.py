@@ -37,6 +37,7 @@ from fedjax_eff import techniques as techniques_lib
 from fedjax_eff.core import evaluation
 from fedjax_eff.data import cohort as cohort_lib
 from fedjax_eff.data import registry as data_registry
+from fedjax_eff.experiment import callbacks as callbacks_lib
 from fedjax_eff.experiment import checkpoints
 from fedjax_eff.experiment import errors
 from fedjax_eff.experiment import loop as loop_lib
@@ -297,18 +298,8 @@ class Experiment:
       return self.probe_metrics(params, fwd)
     if self.data.tasks:
       return self.task_metrics(params, round_num)
-    out = {}
-    evaluate = functools.partial(self.evaluate, **fwd)
-    if self.data.test is not None:
-      m = evaluate(params, self.data.test)
-      out.update(test_loss=m['loss'], test_accuracy=m['accuracy'])
-    if self.data.heldout is not None and self.data.heldout.num_clients:
-      m = evaluate(params, self.data.heldout.concatenated())
-      per_client = [evaluate(params, self.data.heldout.client(i))
-                    for i in range(self.data.heldout.num_clients)]
-      out.update(heldout_loss=m['loss'], heldout_accuracy=m['accuracy'],
-                 heldout_client_accuracy_mean=float(np.mean(
-                     [p['accuracy'] for p in per_client])))
+    out = central_metrics(functools.partial(self.evaluate, params, **fwd),
+                          self.data.test, self.data.heldout)
     if self.config.task.name == 'lm':
       out.update(with_perplexity(out))
     if self.error_rates is not None:
@@ -395,6 +386,45 @@ class Experiment:
     return out
 
 
+def central_metrics(evaluate, test, heldout) -> dict[str, float]:
+  """`test_*` on the central test set, `heldout_*` on the held-out clients
+  (pooled, and `heldout_client_accuracy_mean`, the mean over clients of
+  each one's accuracy), each set evaluated once: one pass over the pooled
+  held-out examples gives both held-out figures (per-client sums by
+  segment), and a test set that *is* the held-out clients' examples (the
+  stdlib corpus) is not evaluated again.
+
+  `evaluate(arrays, segments=None)`: a `build_evaluator` function with the
+  params (and forward kwargs) bound.
+  """
+  out: dict[str, float] = {}
+  pooled = None
+  if heldout is not None and heldout.num_clients:
+    pooled = heldout.concatenated()
+    n = heldout.num_clients
+    m = evaluate(pooled, segments=np.repeat(np.arange(n),
+                                            heldout.client_sizes))
+    sums = np.zeros((n, 4))
+    sums[:len(m['segment_sums'])] = m['segment_sums']
+    out.update(heldout_loss=m['loss'], heldout_accuracy=m['accuracy'],
+               heldout_client_accuracy_mean=float(np.mean(
+                   sums[:, 1] / np.maximum(sums[:, 3], 1.0))))
+  if test is not None:
+    if pooled is not None and _same_arrays(test, pooled):
+      out.update(test_loss=out['heldout_loss'],
+                 test_accuracy=out['heldout_accuracy'])
+    else:
+      m = evaluate(test)
+      out.update(test_loss=m['loss'], test_accuracy=m['accuracy'])
+  return out
+
+
+def _same_arrays(a, b) -> bool:
+  return a.keys() == b.keys() and all(
+      np.shape(a[k]) == np.shape(b[k]) and np.array_equal(a[k], b[k])
+      for k in a)
+
+
 def _take(arrays, n):
   return {k: v[:n] for k, v in arrays.items()}
 
@@ -434,8 +464,8 @@ def client_tiers(num_clients: int, fractions, seed: int) -> np.ndarray:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, progress: bool | None = None,
-                       allow_config_change: tuple[str, ...] = ()
-                       ) -> dict[str, Any]:
+                       allow_config_change: tuple[str, ...] = (),
+                       callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
   """Runs (or resumes) the experiment in `workdir`; returns the summary.
 
   The workdir is locked for the run (`workdir_lib.RunLock`), its recorded
@@ -443,16 +473,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   names trajectory keys the caller knowingly changes). Ends with
   `errors.RunRefused` (bad input), `RunFailed` (I/O, memory, a run that
   stopped learning) or `RunInterrupted` (a signal, after saving).
+  `callbacks`: the user's hooks (`experiment/callbacks.py`).
   """
   if config.get('mode') == 'local':  # no server: experiment/local.py
     from fedjax_eff.experiment import local  # pylint: disable=g-import-not-at-top
     return local.train_local(config, workdir, progress=progress,
-                             allow_config_change=allow_config_change)
+                             allow_config_change=allow_config_change,
+                             callbacks=callbacks)
   validate_config(config)  # before anything touches the workdir
   workdir_lib.make_workdir(workdir)
   with workdir_lib.RunLock(workdir, jax.process_index()):
     with errors.translated(workdir):
-      return _train(config, workdir, progress, allow_config_change)
+      summary = _train(config, workdir, progress, allow_config_change,
+                       callbacks)
+  callbacks_lib.call(callbacks, 'on_run_end', summary)
+  return summary
 
 
 def resume_point(workdir: str, ckpt: checkpoints.RunCheckpointer,
@@ -479,7 +514,7 @@ def resume_point(workdir: str, ckpt: checkpoints.RunCheckpointer,
   return restored, step
 
 
-def _train(config, workdir, progress, allow_config_change):
+def _train(config, workdir, progress, allow_config_change, callbacks):
   t0 = time.time()
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if jax.process_index() == 0:
@@ -528,7 +563,9 @@ def _train(config, workdir, progress, allow_config_change):
         config, workdir, start, cohort=exp.cohort, step=step,
         evaluate=lambda done: exp.eval_metrics(current['state'].params,
                                                done),
-        save=save, progress=progress)
+        save=save, progress=progress, callbacks=callbacks,
+        # under jax.distributed only process 0 writes events
+        tensorboard=config.tensorboard and jax.process_index() == 0)
   finally:
     ckpt.close()
   state = current['state']

@@ -85,3 +85,42 @@ def test_labels_layout_keys_nested_lists_and_ties():
       {'progress': False, 'techniques': [{'bits': 8}], 'seed': 0}]) == [
           'progress=true', 'progress=false']
   assert plotting.legend_labels(['x', 'y'], cfgs[1:]) == ['x', 'y']
+
+
+def test_benchmark_labels_do_not_overlap(tmp_path):
+  """The shared scatter of benchmarks/plots.py on a crowded cluster (two
+  coincident points, six within a few pixels): no two label boxes meet."""
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  try:
+    import plots  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  pts = {f'variant_{i}': (2.4 + 0.02 * i, 60 + 3 * i) for i in range(6)}
+  pts.update(coincident=(2.4, 60.0), far=(0.1, 900.0))
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.scatter(*zip(*pts.values()))
+  ax.set_xscale('log')
+  ax.margins(x=0.25, y=0.12)
+  notes = plots.place_labels(ax, list(pts.values()), list(pts),
+                             ['k'] * len(pts))
+  fig.canvas.draw()
+  # The text's own box (an Annotation's also spans its leader line).
+  boxes = [matplotlib.text.Text.get_window_extent(n) for n in notes]
+  for i, a in enumerate(boxes):
+    assert ax.get_window_extent().contains(a.x0, a.y0)
+    for b in boxes[i + 1:]:
+      assert not a.overlaps(b), (a, b)
+  plt.close(fig)
+  assert plots.spans_decades([60, 963]) and not plots.spans_decades([0.9, 1])
+
+
+def test_table_figures_from_results_json(tmp_path):
+  r = subprocess.run([sys.executable, os.path.join(
+      ROOT, 'benchmarks', 'plot_tables.py'), '--out_dir', str(tmp_path)],
+                     capture_output=True, text=True, timeout=60, check=False)
+  assert r.returncode == 0, r.stderr
+  for name in ('scaling.png', 'device_cost.png'):
+    assert os.path.getsize(tmp_path / name) > 1000

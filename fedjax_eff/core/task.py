@@ -52,25 +52,19 @@ class Sums(NamedTuple):
 def batch_sums(task: Task, out: jax.Array, batch: Batch,
                mask: jax.Array) -> Sums:
   """The task's sums over the real examples (`mask` `[B]`) of a batch."""
-  batch = dict(batch, _mask=mask)
-  real = mask > 0
-  # Selected, not multiplied: NaN x 0 is NaN, so a padded example's values
-  # must never reach a sum (padded inputs are zeros as well, see
-  # `core.round.gather_rows`, so their gradients are finite zeros).
-  pick = lambda v: jnp.where(real, v, 0.0)
-  if task.units is None:
-    loss_units = scored_units = mask
-  else:
-    loss_units, scored_units = (pick(u) for u in task.units(batch))
-  return Sums(jnp.sum(pick(task.loss(out, batch))),
-              jnp.sum(pick(task.correct(out, batch))),
-              jnp.sum(loss_units), jnp.sum(scored_units))
+  per = example_sums(task, out, batch, mask)
+  return Sums(*(jnp.sum(per[:, i]) for i in range(4)))
 
 
 def example_sums(task: Task, out: jax.Array, batch: Batch,
                  mask: jax.Array) -> jax.Array:
   """`batch_sums` before the sum over the batch: `[B, 4]` (loss, correct,
-  loss units, scored units) per example, zero for padding (`mask` 0)."""
+  loss units, scored units) per example, zero for padding (`mask` 0).
+
+  Selected, not multiplied: NaN x 0 is NaN, so a padded example's values
+  never reach a sum (padded inputs are zeros as well, see
+  `data.ResidentData`, so their gradients are finite zeros).
+  """
   batch = dict(batch, _mask=mask)
   real = mask > 0
   pick = lambda v: jnp.where(real, v, 0.0)

@@ -4,10 +4,21 @@ import os
 
 import pytest
 
+
+def _jaxlib_before(major: int, minor: int) -> bool:
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  try:
+    version = importlib.metadata.version('jaxlib').split('.')
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return tuple(int(v) for v in version[:2]) < (major, minor)
+
+
 # Legacy (non-MLIR) XLA:CPU fusion emitters compile these small programs
-# about twice as fast; compile time dominates the suite.
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false '
-                      '--xla_cpu_use_fusion_emitters=false')
+# about twice as fast; compile time dominates the suite. XLA from jaxlib
+# 0.11 on no longer knows the flag (and aborts on unknown flags).
+os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false' + (
+    ' --xla_cpu_use_fusion_emitters=false' if _jaxlib_before(0, 11) else ''))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 

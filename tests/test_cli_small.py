@@ -69,3 +69,22 @@ def test_suggestions_in_process():
   assert cli.suggest_config_file(
       os.path.join(ROOT, 'configs', 'fashion_mnst.py')) == os.path.join(
           ROOT, 'configs', 'fashion_mnist.py')
+
+
+def test_multi_host_examples_parse_and_use_real_flags():
+  """launch/slurm_example.sbatch and launch/tpu_vm_example.sh are valid
+  bash and pass launch/train.py only flags it defines."""
+  import re
+  with open(TRAIN) as f:
+    defined = set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", f.read()))
+  assert {'distributed', 'coordinator_address', 'workdir'} <= defined
+  for name in ('slurm_example.sbatch', 'tpu_vm_example.sh'):
+    path = os.path.join(ROOT, 'launch', name)
+    subprocess.run(['bash', '-n', path], check=True)
+    with open(path) as f:
+      text = f.read()
+    call = text[text.rindex('launch/train.py'):]
+    used = set(re.findall(r'--(\w+)[=\s]', call)) - {'config'}
+    assert 'distributed' in used, name
+    assert used <= defined, (name, used - defined)
+    assert '--config.mesh_clients=-1' in call

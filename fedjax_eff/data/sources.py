@@ -16,6 +16,8 @@ into clients by `partitions`; federated sources return `FederatedData`.
   whose heterogeneity is set by two numbers and whose labels are a
   deterministic function of the features, so the best reachable accuracy is
   known to be 100% for each client's own model.
+* `load_npz`: your own arrays, a directory of `<client id>.npz` files or
+  one `.npz` with a `client_id` array (`data.source='npz'`).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import sys
 
 import numpy as np
 
@@ -215,7 +216,7 @@ def _read_examples(source, keys: tuple[str, ...], desc: str) -> Arrays:
     raise ValueError(f'TFDS {desc} has no examples.')
   out = {}
   batched = True
-  with tqdm(total=n, desc=desc, unit='ex', disable=n < _PROGRESS_MIN,
+  with tqdm(total=n, desc=desc, unit='ex', disable=n < _PROGRESS_MIN or not sys.stderr.isatty(),
             leave=False) as bar:
     start = 0
     while start < n:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import re
 import shutil
 import subprocess
@@ -390,7 +391,7 @@ def _build_espeak(path, speakers, ids, knobs, version, threads, progress):
   with ThreadPoolExecutor(max(1, int(threads))) as pool:
     results = list(tqdm(pool.map(work, jobs), total=len(jobs),
                         desc='speech: espeak-ng', unit='utt',
-                        disable=not progress, leave=False))
+                        disable=not progress or not sys.stderr.isatty(), leave=False))
   max_frames = max(len(f) for f, _, _ in results)
   max_label = max(len(l) for _, l, _ in results)
   clients, k = {}, 0
@@ -467,13 +468,13 @@ def load_librispeech(split: str, data_dir: str | None = None,
   # Pass 1: speakers (decodes each example; TFDS reads whole records).
   speakers = np.array([int(source[i]['speaker_id']) for i in
                        tqdm(range(n), desc=f'librispeech {split}: speakers',
-                            disable=not progress, leave=False)])
+                            disable=not progress or not sys.stderr.isatty(), leave=False)])
   chosen = np.unique(speakers)[:max_clients or None]
   rows = {s: np.flatnonzero(speakers == s) for s in chosen}
   # Pass 2: features of the chosen speakers' utterances.
   per, total = {}, sum(len(r) for r in rows.values())
   with tqdm(total=total, desc=f'librispeech {split}: features',
-            disable=not progress, leave=False) as bar:
+            disable=not progress or not sys.stderr.isatty(), leave=False) as bar:
     for s, idx in rows.items():
       utts = []
       for i in idx:

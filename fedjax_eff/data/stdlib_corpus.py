@@ -278,7 +278,7 @@ def _build(path: str, modules: dict[str, str], knobs: dict, root: str,
   from tqdm.auto import tqdm
   lines = {}
   for name, p in tqdm(modules.items(), desc='stdlib: read', unit='module',
-                      disable=not progress, leave=False):
+                      disable=not progress or not sys.stderr.isatty(), leave=False):
     got = read_lines(p)
     if got:
       lines[name] = got
@@ -293,7 +293,7 @@ def _build(path: str, modules: dict[str, str], knobs: dict, root: str,
   cap = knobs['max_sequences'] or None
   clients = {}
   for name in tqdm(train + held, desc='stdlib: encode', unit='module',
-                   disable=not progress, leave=False):
+                   disable=not progress or not sys.stderr.isatty(), leave=False):
     clients[name] = to_sequences([tok.encode(l) for l in lines[name][:cap]],
                                  knobs['seq_len'])
   # Build in a temporary directory and rename: readers never see a partial

@@ -60,10 +60,11 @@ def suggest_config_file(path: str) -> str | None:
         if shown.startswith('..'):
           shown = full
       candidates.setdefault(shown, n)
-  best = validation.suggest(name, set(candidates.values()))
+  stem = lambda n: n[:-len('.py')] if n.endswith('.py') else n
+  best = validation.suggest(stem(name), {stem(n) for n in candidates.values()})
   if best is None:
     return None
-  shown = next(s for s, n in candidates.items() if n == best)
+  shown = next(s for s, n in candidates.items() if stem(n) == best)
   return shown + sep + spec
 
 

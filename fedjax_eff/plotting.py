@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from typing import Any, Sequence
 
 # Keys that change how a run is laid out, saved or shown, never what it
@@ -32,7 +33,11 @@ LAYOUT_KEYS = frozenset({
     'mesh_clients', 'max_failed_rounds', 'data.cache_dir',
     'pretrain.log_every', 'pretrain.checkpoint_every'})
 
-# family -> (metric keys in line order, axis label, higher is better)
+MAX_LABEL_KEYS = 4  # then '(+N more)'
+# Legend lines wrap at this many characters.
+LABEL_WIDTH = 80
+
+# (family, metric keys: solid then dashed line, axis label)
 FAMILIES = (
     ('perplexity', ('test_perplexity', 'heldout_perplexity'), 'perplexity'),
     ('cer', ('test_cer', 'heldout_cer'), 'character error rate'),
@@ -126,11 +131,17 @@ def legend_labels(workdirs: Sequence[str],
   differ = [k for k in keys
             if len({json.dumps(f[k], default=str) if k in f else None
                     for f in flat}) > 1]
-  shown = [k for k in differ if k not in LAYOUT_KEYS] or differ
+  # Keys every run has, then the rest (a key an older run lacks is usually
+  # a default added since); layout keys only when nothing else differs.
+  everywhere = [k for k in differ if all(k in f for f in flat)]
+  shown = ([k for k in everywhere if k not in LAYOUT_KEYS] or
+           [k for k in differ if k not in LAYOUT_KEYS] or differ)
   if not shown:
     return names
+  more = len(shown) - MAX_LABEL_KEYS
   labels = [', '.join(f'{k}={_show(f[k]) if k in f else "unset"}'
-                      for k in shown) for f in flat]
+                      for k in shown[:MAX_LABEL_KEYS]) +
+            (f' (+{more} more)' if more > 0 else '') for f in flat]
   return [f'{label} ({name})' if labels.count(label) > 1 else label
           for label, name in zip(labels, names)]
 
@@ -247,8 +258,10 @@ def plot_runs(workdirs: Sequence[str], out: str | None = None
   fig.suptitle(ylabel + split, fontsize=10)
   handles = [matplotlib.lines.Line2D([], [], color=colors[i % len(colors)])
              for i in range(len(runs))]
-  ncol = 1 if max(map(len, labels)) > 60 else min(len(labels), 3)
-  legend = fig.legend(handles, labels, loc='lower center', ncol=ncol,
+  wrapped = [textwrap.fill(l, LABEL_WIDTH, subsequent_indent='  ')
+             for l in labels]
+  ncol = 1 if max(map(len, labels)) > 40 else min(len(labels), 3)
+  legend = fig.legend(handles, wrapped, loc='lower center', ncol=ncol,
                       fontsize=8, frameon=False)
   fig.tight_layout()
   # Room under the panels for the legend's rows.

@@ -124,3 +124,11 @@ def test_table_figures_from_results_json(tmp_path):
   assert r.returncode == 0, r.stderr
   for name in ('scaling.png', 'device_cost.png'):
     assert os.path.getsize(tmp_path / name) > 1000
+
+
+def test_labels_prefer_shared_keys_and_cap_their_number():
+  a = {f'k{i}': 0 for i in range(6)}
+  b = {f'k{i}': 1 for i in range(6)}
+  b['added_since'] = True  # an older run's config lacks it
+  assert plotting.legend_labels(['a', 'b'], [a, b]) == [
+      'k0=0, k1=0, k2=0, k3=0 (+2 more)', 'k0=1, k1=1, k2=1, k3=1 (+2 more)']

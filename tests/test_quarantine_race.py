@@ -4,11 +4,12 @@ checkpoint is unreadable (issue 21, item 8).
 Under `jax.distributed` every process calls `RunCheckpointer.restore_latest`
 on the shared `workdir/checkpoints`; orbax's restore ends in a barrier, so
 the processes try the same steps in lockstep and all find the newest one
-unreadable. Each then moves it to `checkpoints_unreadable/`: the first
-move wins, and today the second process's `shutil.move` raises
-FileNotFoundError (the step is gone), so its run fails while the first
-resumes. The test plays that with two threads (two checkpointers on one
-directory) held together where each checks a restored step's digest.
+unreadable. If each moved it to `checkpoints_unreadable/`, the first move
+would win and the second would raise FileNotFoundError (the step is gone),
+ending that process's run: only process 0 moves, and a step already gone
+is not an error. The test plays two restorers with two threads (two
+checkpointers on one directory) held together where each checks a
+restored step's digest.
 """
 
 import json
@@ -16,7 +17,6 @@ import os
 import threading
 
 import numpy as np
-import pytest
 
 from fedjax_eff.experiment import checkpoints
 
@@ -30,13 +30,6 @@ def _corrupt_digest(directory, step):
     json.dump(digest, f)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason='checkpoints.restore_latest moves an unreadable step with '
-           'shutil.move in every process; the second finds it gone '
-           '(FileNotFoundError). Fix pending: only process 0 moves, with '
-           'os.rename, a step already gone is not an error, then a barrier '
-           'before every process reloads.')
 def test_two_restorers_quarantine_once_and_both_fall_back(tmp_path,
                                                           monkeypatch):
   directory = str(tmp_path / 'checkpoints')

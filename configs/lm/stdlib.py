@@ -21,6 +21,12 @@ Tokens (comma-separated, any order):
   partial    train the top half of the layers (and the head's norm/output);
              the embedding and the lower half are frozen, not uploaded
   q8 | q4    upload 8- or 4-bit stochastic-rounding codes (blocks of 256)
+  paper      Reddi et al.'s round sizes: 50 clients per round, 16 local
+             steps, at most 1,000 sentences per module, 1,500 rounds,
+             evaluation every 50 (about a day on 2 CPU cores: an
+             accelerator's setting). Without it the round is sized for a
+             CPU: 10 clients x 4 steps, at most 256 sentences per module,
+             300 rounds, evaluation every 25 (README: how long each takes)
   pretrain   reserve 20% of the training modules (a stable hash) for
              central pretraining; then fine-tune federated on the rest:
                python launch/pretrain.py --config=configs/lm/stdlib.py:\\
@@ -57,7 +63,7 @@ MODELS = {
 # Reddi et al. (2021), Stack Overflow next-word prediction.
 SERVERS = {'fedavg': (1.0, {}), 'fedadam': (1e-2, dict(eps=1e-5)),
            'fedyogi': (1e-2, dict(eps=1e-5))}
-VARIANTS = ('partial', 'q8', 'q4', 'pretrain')
+VARIANTS = ('partial', 'q8', 'q4', 'pretrain', 'paper')
 
 
 def parse(spec: str) -> tuple[str, str, set[str]]:
@@ -97,6 +103,11 @@ def apply(c: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
           name='quantize', bits=bits, block_size=256, download_bits=0)))
   if 'pretrain' in variants:
     c.data.pretrain_fraction = 0.2
+  if 'paper' in variants:  # Reddi et al. (2021)'s Stack Overflow rounds
+    c.num_rounds, c.clients_per_round = 1500, 50
+    c.client.local_steps, c.data.max_sequences = 16, 1000
+    c.eval_every = c.checkpoint_every = 50
+    c.pretrain.steps = 5000
   c.spec = ','.join([model, server] + sorted(variants))
   return c
 
@@ -106,17 +117,17 @@ def get_config(spec: str = 'transformer,fedadam'):
   c.data.source = 'stdlib'
   c.data.seq_len = 20
   c.data.vocab_size = _V
-  c.data.max_sequences = 1000
+  c.data.max_sequences = 256  # 'paper': 1000
   c.data.test_fraction = 0.1
   c.task.name = 'lm'
-  c.num_rounds = 1500
-  c.clients_per_round = 50
+  c.num_rounds = 300  # 'paper': 1500
+  c.clients_per_round = 10  # 'paper': 50
   c.client.optimizer, c.client.learning_rate = 'sgd', 10 ** -0.5
-  c.client.local_steps, c.client.batch_size = 16, 16
-  c.eval_every = 50
-  c.checkpoint_every = 50
+  c.client.local_steps, c.client.batch_size = 4, 16  # 'paper': 16, 16
+  c.eval_every = 25  # 'paper': 50
+  c.checkpoint_every = 25
   c.eval_batch_size = 512
   c.pretrain = ml_collections.ConfigDict(dict(
-      steps=5000, batch_size=64, optimizer='adam', learning_rate=1e-3,
-      log_every=100, checkpoint_every=500))
+      steps=1000, batch_size=64, optimizer='adam', learning_rate=1e-3,
+      log_every=100, checkpoint_every=500))  # 'paper': 5000 steps
   return apply(c, spec)

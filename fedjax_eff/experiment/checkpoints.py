@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -225,16 +224,26 @@ class RunCheckpointer:
               f'({type(e).__name__}: {why}); falling back to the previous '
               'one.', flush=True)
         bad.append(step)
-    if bad:
-      # Moved aside, not deleted: the run re-creates these steps, and the
-      # unreadable files stay available for inspection.
+    # Moved aside, not deleted: the run re-creates these steps, and the
+    # unreadable files stay available for inspection. Under jax.distributed
+    # every process restores in lockstep (orbax's restore ends in a
+    # barrier) and finds the same steps unreadable: only process 0 moves
+    # them, and the others wait for it before re-listing.
+    if bad and jax.process_index() == 0:
       quarantine = self.directory + '_unreadable'
       os.makedirs(quarantine, exist_ok=True)
       for step in bad:
         dst = os.path.join(quarantine, f'{step}-{time.time_ns()}')
-        shutil.move(os.path.join(self.directory, str(step)), dst)
+        try:  # atomic on one file system; never a copy
+          os.rename(os.path.join(self.directory, str(step)), dst)
+        except FileNotFoundError:
+          continue  # already moved aside (by another restorer)
         print(f'WARNING: moved unreadable checkpoint {step} to {dst}.',
               flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('fedjax_eff:checkpoint_quarantine')
+    if bad:
       self._manager.reload()
     return result
 

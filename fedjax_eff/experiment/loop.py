@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+import jax
+import numpy as np
 import tqdm
 
 from fedjax_eff.experiment import callbacks as callbacks_lib
@@ -56,6 +58,19 @@ def stop_signals():
   finally:
     for sig, h in previous.items():
       signal.signal(sig, h)
+
+
+def stop_requested(flag: dict[str, int | None]) -> int | None:
+  """The signal to stop on after this round, agreed by every process of
+  a `jax.distributed` job (one stops, all stop at the same round, so their
+  checkpoint barriers match); a collective per round only when there are
+  several processes."""
+  if jax.process_count() == 1:
+    return flag['signum']
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  seen = np.ravel(multihost_utils.process_allgather(
+      np.int32(flag['signum'] or 0)))
+  return next((int(x) for x in seen if x), None)
 
 
 def failed_round(record: dict[str, Any]) -> bool:
@@ -158,11 +173,12 @@ def run_rounds(config, workdir: str, start: int, *,
               '(config.max_failed_rounds sets this limit).')
       else:
         failed_in_a_row = 0
-      if stop['signum'] is not None:
+      signum = stop_requested(stop)
+      if signum is not None:
         if not saved:
           save(done)
           callbacks_lib.call(callbacks, 'on_checkpoint', done, ckpt_dir)
-        raise RunInterrupted(stop['signum'], done, workdir)
+        raise RunInterrupted(signum, done, workdir)
   finally:
     signals.__exit__(None, None, None)
     pool.shutdown(wait=False, cancel_futures=True)

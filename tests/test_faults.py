@@ -386,10 +386,40 @@ def test_a_cohort_that_cannot_fit_is_refused_before_compiling(tmp_path):
     assert key in msg
 
 
+def test_activations_count_in_the_estimate(monkeypatch):
+  """A round whose data and model fit but whose activations do not is
+  refused before compiling (the H200 run's XLA error, without this, asked
+  for 450 GiB in one buffer). The per-example activation bytes come from
+  compiling the loss gradient at two batch sizes."""
+  from fedjax_eff.experiment import placement
+  config = tiny(clients_per_round=20, chunk_size=20, **{
+      'client.local_steps': 1, 'client.batch_size': 4096})
+  exp = train_lib.Experiment(tiny())
+  per_example = placement.activation_bytes_per_example(
+      exp.model, exp.task, exp.init_params, exp.example_batch)
+  assert per_example > 0
+  kw = dict(example_bytes=8 * 8 * 4, param_bytes=10_000,
+            on_device_data=True, chunk=20)
+  base = placement.round_memory_estimate(
+      clients=20, chunk=20, steps=1, batch=4096, example_bytes=256,
+      param_bytes=10_000, on_device_data=True)
+  monkeypatch.setattr(placement, 'available_memory_bytes',
+                      lambda: base['total'] + 1)
+  placement.check_round_fits(config, **kw)  # without activations: fits
+  with pytest.raises(errors.RunRefused, match='activations'):
+    placement.check_round_fits(config, activation_bytes=lambda: per_example,
+                               **kw)
+  # Small rounds (chunk x batch < ACTIVATION_PROBE_EXAMPLES) skip the probe.
+  small = tiny(chunk_size=1)
+  placement.check_round_fits(small, activation_bytes=lambda: 1 / 0,
+                             **dict(kw, chunk=1))
+
+
 def test_resource_exhausted_becomes_one_message(tmp_path):
   with pytest.raises(errors.RunFailed) as e:
     with errors.translated(str(tmp_path)):
       raise jax.errors.JaxRuntimeError(
           'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB')
-  assert 'out of memory' in str(e.value)
+  assert 'out of memory (Out of memory while trying to allocate 9 GiB)' in (
+      str(e.value))
   assert 'config.chunk_size' in str(e.value)

@@ -15,6 +15,7 @@ catching it.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 
 import jax
@@ -68,8 +69,13 @@ def translated(workdir: str):
   except jax.errors.JaxRuntimeError as e:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
+    # XLA's own words, e.g. 'Out of memory while trying to allocate
+    # 450.02GiB' (on GPU buried in an autotuning NOT_FOUND error).
+    found = re.search(r'(Out of memory while trying to allocate [0-9.]+\s*'
+                      r'[KMGT]?i?B)', str(e))
     raise RunFailed(MEMORY_ADVICE.format(
-        what=f'out of memory ({_first_line(e)})')) from e
+        what=f'out of memory ({found.group(1) if found else _first_line(e)}'
+             ')')) from e
 
 
 MEMORY_ADVICE = ('{what}. A round holds chunk_size clients at once, each '

@@ -92,9 +92,38 @@ def available_memory_bytes() -> int:
   return device_memory_bytes()
 
 
+# Examples in flight (chunk x batch) from which `check_round_fits` also
+# compiles the loss gradient at batch 1 and 2 to price activations.
+ACTIVATION_PROBE_EXAMPLES = 4096
+
+
+def activation_bytes_per_example(model, task, params, example_batch
+                                 ) -> int:
+  """What one more example adds to a training step's scratch memory: the
+  slope of XLA's temp bytes of the loss gradient between batches of 8 and
+  64 (two small compiles, nothing runs; at batches of 1 or 2 buffer
+  padding hides the slope). Activations kept for the backward pass grow
+  with the examples a chunk trains at once (chunk x batch)."""
+  from fedjax_eff import accounting  # pylint: disable=g-import-not-at-top
+  loss_fn = core.round.make_loss_fn(model, task)
+  grad = jax.grad(lambda p, b, m, k: loss_fn(p, b, m, k, p, {})[0])
+  spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+  temps, sizes = [], (8, 64)
+  for b in sizes:
+    batch = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype)
+             for k, v in example_batch.items()}
+    cost = accounting.measure(
+        grad, jax.tree.map(spec, params), batch,
+        jax.ShapeDtypeStruct((b,), np.float32),
+        jax.eval_shape(lambda: jax.random.key(0)), unroll_scans=False)
+    temps.append(cost.temp_bytes or 0)
+  return max(0, (temps[1] - temps[0]) // (sizes[1] - sizes[0]))
+
+
 def round_memory_estimate(*, clients: int, chunk: int, steps: int,
                           batch: int, example_bytes: int, param_bytes: int,
-                          on_device_data: bool) -> dict[str, int]:
+                          on_device_data: bool,
+                          activation_bytes: int = 0) -> dict[str, int]:
   """A lower bound on a round's memory, from shapes alone (no compile).
 
   cohort: host placement holds `K S B` examples three times (the packed
@@ -102,16 +131,19 @@ def round_memory_estimate(*, clients: int, chunk: int, steps: int,
   placement holds int32 indices and a float mask per slot and gathers one
   chunk's `C S B` examples. model: the server's params, optimizer state
   (two slots assumed), delta and coverage sums, and per client of a chunk
-  its params, gradients, optimizer state, delta and coverage. Activations
-  come on top (they need the compiled program), so a round that exceeds
-  this estimate cannot fit.
+  its params, gradients, optimizer state, delta and coverage.
+  activations: `activation_bytes` per example (see
+  `activation_bytes_per_example`) for the chunk x batch examples a step
+  trains at once (0 when not measured). A round above this cannot fit.
   """
   slots = clients * steps * batch
   cohort = (slots * 8 + chunk * steps * batch * example_bytes
             if on_device_data else 3 * slots * example_bytes)
   model = param_bytes * (5 + 6 * chunk)
+  activations = activation_bytes * chunk * batch
   return {'cohort': int(cohort), 'model': int(model),
-          'total': int(cohort + model)}
+          'activations': int(activations),
+          'total': int(cohort + model + activations)}
 
 
 def memory_advice(need: int, have: int, config) -> str:
@@ -125,14 +157,26 @@ def memory_advice(need: int, have: int, config) -> str:
 
 
 def check_round_fits(config, *, example_bytes: int, param_bytes: int,
-                     on_device_data: bool, chunk: int) -> None:
-  """Raises `RunRefused` before compiling if a round cannot fit."""
+                     on_device_data: bool, chunk: int,
+                     activation_bytes=lambda: 0) -> None:
+  """Raises `RunRefused` before compiling the round if it cannot fit.
+
+  `activation_bytes()` (per example) is only called when a chunk trains
+  at least `ACTIVATION_PROBE_EXAMPLES` examples at once: small rounds
+  skip its compiles.
+  """
   c = config.client
+  in_flight = chunk * c.batch_size
   est = round_memory_estimate(
       clients=config.clients_per_round, chunk=chunk, steps=c.local_steps,
       batch=c.batch_size, example_bytes=example_bytes,
-      param_bytes=param_bytes, on_device_data=on_device_data)
+      param_bytes=param_bytes, on_device_data=on_device_data,
+      activation_bytes=activation_bytes()
+      if in_flight >= ACTIVATION_PROBE_EXAMPLES else 0)
   have = available_memory_bytes()
   if est['total'] > have:
+    parts = ', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in est.items()
+                      if k != 'total' and v)
     raise RunRefused('out of memory: ' + memory_advice(est['total'], have,
-                                                       config))
+                                                       config) +
+                     f' (estimated from shapes: {parts})')

@@ -163,7 +163,9 @@ class Experiment:
         param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(
             self.init_params))),
         on_device_data=self.examples is not None,
-        chunk=min(self.chunk_size, config.clients_per_round))
+        chunk=min(self.chunk_size, config.clients_per_round),
+        activation_bytes=lambda: placement.activation_bytes_per_example(
+            self.model, self.task, self.init_params, self.example_batch))
     self.round_fns = self.build_round(self.chunk_size)
     # Each process packs only the clients its own devices train.
     self.split_cohort = self.mesh is not None and jax.process_count() > 1

@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from typing import Any, Iterable
 
 from fedjax_eff.experiment.errors import RunRefused
@@ -87,7 +88,12 @@ class RunLock:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-      holder = os.read(fd, 4096).decode(errors='replace').strip()
+      holder = ''
+      for _ in range(20):  # the holder writes its name just after locking
+        holder = os.pread(fd, 4096, 0).decode(errors='replace').strip()
+        if holder:
+          break
+        time.sleep(0.05)
       os.close(fd)
       raise RunRefused(
           f'another run holds {self.path} ({holder or "holder unknown"}); '

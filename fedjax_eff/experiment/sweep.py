@@ -342,6 +342,8 @@ def plot_metric(rows, keys, x_key: str, metric: str, path: str) -> bool:
                 marker='o', markersize=4, capsize=3, label=label or None)
   if numeric and plotting._spans_decades([float(x) for x in xs]):  # pylint: disable=protected-access
     ax.set_xscale('log')
+    ax.set_xticks(order, [show(x) for x in order])  # the grid's values
+    ax.minorticks_off()
   if not numeric:
     ax.set_xticks(range(len(order)), [show(x) for x in order])
   ax.set_xlabel(x_key)

@@ -30,7 +30,7 @@ the tests hold this to.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -368,6 +368,8 @@ class RoundFns(NamedTuple):
   client_update_for: Callable[..., Callable[..., ClientOutput]]
   technique: technique_lib.Technique
   local_part: Callable[..., np.ndarray] | None = None
+  # R replicas of the round in one program (`build_round`'s replica_step).
+  replica_step: Callable[..., tuple[ServerState, RoundMetrics]] | None = None
 
 
 CLIENTS_AXIS = 'clients'
@@ -564,7 +566,19 @@ def build_round(model: nn.Module, task: Task,
         client_upload_bits=up, client_download_bits=down)
     return new_state, metrics
 
+  one_round = round_program  # (the name is rebound to its jit below)
+
+  def replica_program(states, examples, cohorts, order, chunk_tier, rngs,
+                      stage):
+    """`round_program` vmapped over a leading replica axis of the state,
+    the cohort and the key; `examples` (device-resident data) shared."""
+    return jax.vmap(
+        lambda s, c, r: one_round(s, examples, c, order, chunk_tier, r,
+                                  stage=stage))(states, cohorts, rngs)
+
   if jit:
+    replica_program = jax.jit(replica_program, static_argnames=('stage',),
+                              donate_argnums=(0,) if donate else ())
     round_program = jax.jit(round_program,
                             static_argnames=('stage', 'num_clients'),
                             donate_argnums=(0,) if donate else ())
@@ -634,6 +648,42 @@ def build_round(model: nn.Module, task: Task,
                          stage=stage,
                          num_clients=None if part_of is None else k)
 
+  def replica_step(states: ServerState, cohorts, rngs, round_num=None,
+                   examples=None):
+    """R independent runs of the same config in one program: `states`,
+    `cohorts` (each replica its own draw of K clients) and `rngs` carry a
+    leading axis of R replicas (`stack_replicas`); returns the R new
+    states and metrics, each replica as `round_step` would give it (up to
+    float summation order). All replicas run round `round_num` (one stage)
+    and share `examples`. One device, one program per client: no mesh,
+    no device tiers."""
+    if mesh is not None or tiered:
+      raise ValueError('replica_step runs on one device with one program '
+                       'per client: no mesh, no device tiers.')
+    if not hasattr(cohorts, 'batches') and examples is None:
+      raise ValueError('An IndexedCohort needs examples=: the '
+                       'ResidentData.examples its indices point into.')
+    stage = None
+    if tech.stage is not None:
+      stage = tech.stage(int(np.asarray(states.round).reshape(-1)[0])
+                         if round_num is None else int(round_num))
+    layout = layout_of(cohorts.mask.shape[1], None)
+    return replica_program(states, {} if examples is None else examples,
+                           cohorts, layout.order, layout.chunk_tier, rngs,
+                           stage=stage)
+
   first_stage = tech.stage(0) if tech.stage else None
   return RoundFns(init, round_step, client_update_for(first_stage, 0),
-                  client_update_for, tech, local_part)
+                  client_update_for, tech, local_part, replica_step)
+
+
+def stack_replicas(trees: Sequence[PyTree]) -> PyTree:
+  """R pytrees of one structure (states, cohorts, keys) -> one pytree
+  with a leading replica axis, for `RoundFns.replica_step`."""
+  return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
+                      *trees)
+
+
+def unstack_replicas(tree: PyTree, num: int) -> list[PyTree]:
+  """The inverse of `stack_replicas`."""
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(num)]

@@ -1,0 +1,40 @@
+"""Seeds as a replica axis: R replicas in one program equal R single runs."""
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_eff.experiment.replicas import train_replicas
+from fedjax_eff.experiment.train import Experiment
+from test_experiment import tiny_config
+
+
+def single_run(config, rounds):
+  exp = Experiment(config)
+  state = exp.init_state()
+  losses = []
+  for r in range(rounds):
+    state, m = exp.round_fns.round_step(
+        state, exp.cohort(r).cohort, exp.round_key(r), round_num=r,
+        examples=exp.examples)
+    losses.append(float(m.train_loss))
+  return jax.device_get(state.params), losses
+
+
+@pytest.mark.parametrize('placement', ['device', 'host'])
+def test_two_replicas_equal_two_single_runs(placement):
+  config = tiny_config(num_rounds=2, data_placement=placement,
+                       **{'client.local_steps': 1, 'clients_per_round': 4})
+  states, history = train_replicas(config, seeds=(0, 1))
+  assert len(states) == 2
+  for seed, state, h in zip((0, 1), states, history):
+    config.seed = seed
+    params, losses = single_run(config, 2)
+    assert int(state.round) == 2
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-6, atol=1e-6), state.params, params)
+    np.testing.assert_allclose([m['train_loss'] for m in h], losses,
+                               rtol=1e-6)
+  # The seeds differ: so do the replicas.
+  a, b = (jax.tree.leaves(s.params)[0] for s in states)
+  assert not np.allclose(a, b)

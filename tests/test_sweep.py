@@ -120,3 +120,15 @@ def test_refused_cell_recorded_and_exit_1(tmp_path):
   assert [r_['client.learning_rate'] for r_ in rows] == ['5000.0', '10000.0']
   assert all(r_['status'].startswith('refused: config.client.learning_rate')
              for r_ in rows)
+
+
+def test_unfinished_cell_resumes(tmp_path):
+  d = tmp_path / 'r'
+  args = [a for a in TINY if not a.startswith('--config.num_rounds')]
+  grid = ['--grid', 'client.learning_rate=0.1', f'--workdir={d}']
+  assert run_sweep(*args, '--config.num_rounds=1', *grid).returncode == 0
+  r = run_sweep(*args, '--config.num_rounds=2', *grid)
+  assert r.returncode == 0, r.stderr
+  assert 'resumed from round 1' in r.stdout
+  (row,) = csv.DictReader(open(d / 'summary.csv'))
+  assert row['round'] == '2' and row['status'] == 'ok'

@@ -98,6 +98,11 @@ def parse_args(argv=None):
   p.add_argument('--steps', type=int, default=1, help='local steps S.')
   p.add_argument('--batch_size', type=int, default=20, help='B.')
   p.add_argument('--chunk_size', type=int, default=1, help='C.')
+  p.add_argument('--replica_mode', default='auto',
+                 choices=('auto', 'vmap', 'map'),
+                 help="Replicas as a vmap or a lax.map inside the program; "
+                      "'auto': build_round's per-backend default (map on "
+                      "CPU, vmap elsewhere).")
   p.add_argument('--num_clients', type=int, default=100,
                  help='clients in the data (each replica draws K of them).')
   p.add_argument('--examples_per_client', type=int, default=20)
@@ -144,7 +149,8 @@ class Setup:
         self.model, core.classification(), core.identity(),
         core.make_optimizer('sgd', a.client_lr),
         core.make_optimizer('fedavg', a.server_lr), chunk_size=a.chunk_size,
-        donate=True)
+        donate=True, vmap_replicas={'auto': None, 'vmap': True,
+                                    'map': False}[a.replica_mode])
 
   def params(self, seed: int):
     return self.model.init({'params': jax.random.key(seed)},
@@ -340,6 +346,7 @@ def main(argv=None):
       compile_seconds=compile_s,
       params_finite=finite, errors=errors,
       config=dict(models=model_names, replicas=rs,
+                  replica_mode=args.replica_mode,
                   clients_per_round=args.clients_per_round,
                   local_steps=args.steps, batch_size=args.batch_size,
                   chunk_size=args.chunk_size, rounds=args.rounds,

@@ -394,8 +394,8 @@ def build_round(model: nn.Module, task: Task,
                 server_optimizer: optax.GradientTransformation, *,
                 chunk_size: int | None = None, prox_mu: float = 0.0,
                 num_tiers: int = 1, donate: bool = True,
-                jit: bool = True, mesh: jax.sharding.Mesh | None = None
-                ) -> RoundFns:
+                jit: bool = True, mesh: jax.sharding.Mesh | None = None,
+                vmap_replicas: bool | None = None) -> RoundFns:
   """Builds `init(params)` and `round_step(state, cohort, rng, round_num)`.
 
   `cohort` is a `data.Cohort` (numpy or jax arrays) with `K` clients, or a
@@ -568,13 +568,22 @@ def build_round(model: nn.Module, task: Task,
 
   one_round = round_program  # (the name is rebound to its jit below)
 
+  if vmap_replicas is None:  # per backend, like the chunk width
+    vmap_replicas = jax.default_backend() != 'cpu'
+
   def replica_program(states, examples, cohorts, order, chunk_tier, rngs,
                       stage):
-    """`round_program` vmapped over a leading replica axis of the state,
-    the cohort and the key; `examples` (device-resident data) shared."""
-    return jax.vmap(
-        lambda s, c, r: one_round(s, examples, c, order, chunk_tier, r,
-                                  stage=stage))(states, cohorts, rngs)
+    """`round_program` over a leading replica axis of the state, the
+    cohort and the key; `examples` (device-resident data) shared. Replicas
+    are a vmap (`vmap_replicas`, the default on accelerators) or a
+    `lax.map`, one replica after another inside the program (the default
+    on CPU, where the vmap measured 0.63-0.98x the speed of separate runs:
+    benchmarks/replicas.py)."""
+    one = lambda s, c, r: one_round(s, examples, c, order, chunk_tier, r,
+                                    stage=stage)
+    if vmap_replicas:
+      return jax.vmap(one)(states, cohorts, rngs)
+    return jax.lax.map(lambda args: one(*args), (states, cohorts, rngs))
 
   if jit:
     replica_program = jax.jit(replica_program, static_argnames=('stage',),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+from fedjax_eff.plotting import plain_log_ticks
+
 # Offsets tried for a label, in pixels: rings of growing radius, at angles
 # (degrees) from the right going round both ways.
 _RADII = (7, 16, 28, 42, 58, 76, 96, 120)
@@ -34,18 +36,6 @@ def spans_decades(values) -> bool:
   """True when positive `values` span a factor of 10 or more: a log axis."""
   vals = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
   return bool(vals) and max(vals) / min(vals) >= 10
-
-
-def plain_log_ticks(axis, values) -> None:
-  """Ticks at 1, 2, 5 x 10^k on a log axis (10^k only when `values` span
-  more than 2 decades), written plainly (50, 0.2)."""
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-  vals = [v for v in values if v > 0]
-  decades = math.log10(max(vals) / min(vals)) if vals else 0.0
-  subs = (1.0, 2.0, 5.0) if decades <= 2 else (1.0,)
-  axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
-  axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
-  axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _overlap(a, b) -> float:

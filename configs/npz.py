@@ -13,21 +13,15 @@ evaluation. The model is an MLP, which flattens any input; images
       --config.data.data_dir=mydata
 """
 
-from fedjax_eff.experiment.defaults import base_config
+from fedjax_eff.experiment.defaults import sibling_config
 
 
 def get_config():
-  c = base_config()
+  c = sibling_config(__file__, 'default')  # FedAvg, 10 clients x 4 steps
   c.num_rounds = 100
-  c.clients_per_round = 10
   c.data.source = 'npz'
   c.data.num_clients = 1_000_000  # a cap: every client in the files
   c.data.heldout_clients = 0
   c.model.name = 'mlp'
-  c.client.learning_rate = 0.05
-  c.client.local_steps = 4
   c.client.batch_size = 16
-  c.server.optimizer = 'fedavg'
-  c.server.learning_rate = 1.0
-  c.eval_every = 10
   return c

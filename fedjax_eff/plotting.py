@@ -186,6 +186,18 @@ def simulated_hours(records: list[dict[str, Any]]) -> list[float] | None:
   return None
 
 
+def plain_log_ticks(axis, values) -> None:
+  """Ticks at 1, 2, 5 x 10^k on a log axis (10^k only when `values` span
+  more than 2 decades), written plainly (50, 0.2)."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  vals = [v for v in values if v > 0]
+  decades = math.log10(max(vals) / min(vals)) if vals else 0.0
+  subs = (1.0, 2.0, 5.0) if decades <= 2 else (1.0,)
+  axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+  axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+  axis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _spans_decades(values: list[float]) -> bool:
   vals = [v for v in values if v > 0 and math.isfinite(v)]
   return bool(vals) and max(vals) / min(vals) >= 10
@@ -228,6 +240,7 @@ def plot_runs(workdirs: Sequence[str], out: str | None = None
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   all_y: list[float] = []
   for ax, (panel, xlabel, logx) in zip(axes[0], panels):
+    shown_x: list[float] = []
     for i, recs in enumerate(runs):
       x = xs[panel][i]
       if x is None:
@@ -239,6 +252,7 @@ def plot_runs(workdirs: Sequence[str], out: str | None = None
                (xv > 0 or not logx)]
         if pts:
           all_y += [p[1] for p in pts]
+          shown_x += [p[0] for p in pts]
           ax.plot(*zip(*pts), style, color=colors[i % len(colors)],
                   marker='.' if len(pts) < 30 else None, markersize=4)
     ax.set_xlabel(xlabel)
@@ -246,6 +260,7 @@ def plot_runs(workdirs: Sequence[str], out: str | None = None
       ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if logx:
       ax.set_xscale('log')
+      plain_log_ticks(ax.xaxis, shown_x)
     ax.grid(True, alpha=0.3)
   for ax in axes[0]:
     if _spans_decades(all_y):

@@ -75,6 +75,11 @@ class Technique(NamedTuple):
   specialize: Optional[Callable[[Hashable, int], 'Technique']] = None
   chunk_plan: Optional[Callable[[jax.Array, jax.Array], PyTree]] = None
   device: Optional[Callable[[], 'Technique']] = None
+  # Evaluation this technique owns (e.g. federated dropout's nested
+  # sub-models): `report(params, evaluate) -> {metric name: value}`, where
+  # `evaluate(params, **forward_kwargs) -> {metric: value}` is the task's
+  # evaluation on the central test set, supplied by the experiment.
+  report: Optional[Callable[..., dict]] = None
 
 
 def is_frozen(mask_leaf) -> bool:
@@ -197,7 +202,8 @@ def resolve(t: Technique) -> Technique:
       stage=t.stage,
       specialize=specialize,
       chunk_plan=t.chunk_plan,
-      device=t.device)
+      device=t.device,
+      report=t.report)
 
 
 def device_program(t: Technique) -> Technique:
@@ -303,9 +309,21 @@ def chain(*techniques: Technique) -> Technique:
       return tuple(t.chunk_plan(k, round_num) if t.chunk_plan else None
                    for t, k in zip(ts, keys))
 
+  report = None
+  if any(t.report for t in ts):
+    def report(params, evaluate):
+      out = {}
+      for t in ts:
+        for k, v in (t.report(params, evaluate) if t.report else {}).items():
+          if k in out:
+            raise ValueError(f'Two techniques of {[t.name for t in ts]} '
+                             f'report {k!r}.')
+          out[k] = v
+      return out
+
   return Technique('+'.join(t.name for t in ts), plan, view, trainable,
                    forward, encode, decode, merge, download, stage,
-                   specialize, chunk_plan, device)
+                   specialize, chunk_plan, device, report)
 
 
 def _static_or_none(x):

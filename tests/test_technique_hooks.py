@@ -101,8 +101,10 @@ def test_chain_composes_masks_and_keeps_identity_semantics():
   mask = t.trainable(t.view(params, plan), plan)
   assert float(mask['dense0']['w']) == 0 and float(mask['head']['w']) == 0
   assert float(mask['other']['w']) == 1
-  msg, bits = t.encode(params, mask, plan, jax.random.key(1))
+  msg, bits = core.technique.upload(t, params, mask, plan,
+                                    jax.random.key(1))
   assert float(bits) == 32 * 4
-  delta, cov = t.merge(params, t.decode(msg, plan), mask, plan)
+  delta, cov = t.merge(params, core.technique.receive(t, msg, plan), mask,
+                       plan)
   np.testing.assert_array_equal(cov['other']['w'], np.ones(4))
   np.testing.assert_array_equal(cov['head']['w'], np.zeros(3))

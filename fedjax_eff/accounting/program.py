@@ -50,7 +50,7 @@ def _client_args(tech, params, example_batch, steps, ctx):
   key = jax.eval_shape(lambda: jax.random.key(0))
   return (jax.tree.map(_spec, params), batches,
           jax.ShapeDtypeStruct((steps, b), jnp.float32),
-          {k: _spec(v) for k, v in ctx.items()}, key,
+          jax.tree.map(_spec, dict(ctx)), key,
           jax.ShapeDtypeStruct((), jnp.int32),
           jax.eval_shape(tech.chunk_plan, key, jax.ShapeDtypeStruct(
               (), jnp.int32)) if tech.chunk_plan else None)
@@ -75,6 +75,8 @@ def client_cost(model, task, technique: technique_lib.Technique,
   tech = technique_lib.chain(technique)
   ctx = {k: np.asarray(v) if isinstance(v, (int, float)) else v
          for k, v in (ctx or {'client_index': np.int32(0)}).items()}
+  ctx = technique_lib.with_initial_state(
+      tech, jax.tree.map(_spec, params), ctx)
   update = round_lib.build_client_update(model, task, tech, client_optimizer,
                                          prox_mu)
   args = _client_args(tech, params, example_batch, local_steps, ctx)

@@ -58,23 +58,31 @@ def build_reference_round(model, task, technique, client_optimizer,
       grads, aux = jax.grad(
           lambda tr: loss_fn(split.full(split.stop_frozen(tr)), batch, mask_b,
                              rng, start, t.forward(plan)), has_aux=True)(train)
+      if t.correct is not None:
+        corrected = jax.tree.leaves(t.correct(split.full(grads), plan))
+        grads = [corrected[i] for i in split.index]
       updates, opt_state = client_optimizer.update(split.apply_mask(grads),
                                                    opt_state, train)
       return (optax.apply_updates(train, split.apply_mask(updates)),
               opt_state, aux)
 
     @jax.jit
-    def client_finish(server_params, start, final, plan, key):
+    def client_finish(server_params, start, final, plan, key, steps):
       _, _, encode_key = round_lib.split_client_key(key)
       trainable = t.trainable(start, plan)
       split = split_of(start, plan)
       moved = split.apply_mask([a - b for a, b in zip(split.train, final)])
       delta = round_lib.TrainableSplit.of(
           jax.tree.map(jnp.zeros_like, start), trainable).full(moved)
-      msg, bits = t.encode(delta, trainable, plan, encode_key)
-      delta, coverage = t.merge(server_params, t.decode(msg, plan),
-                                trainable, plan)
-      return delta, coverage, bits, technique_lib.download_bits(t, start, plan)
+      msg, bits = technique_lib.upload(t, delta, trainable, plan, encode_key)
+      sent = technique_lib.receive(t, msg, plan)
+      client_state = feedback = ()
+      if t.finish is not None:
+        client_state, feedback = t.finish(delta, sent, plan, steps)
+      delta, coverage = t.merge(server_params, sent, trainable, plan)
+      return (delta, coverage, bits,
+              technique_lib.download_bits(t, start, plan), client_state,
+              feedback)
 
     chunk_plan = jax.jit(t.chunk_plan) if t.chunk_plan else None
     return client_start, split_of, local_step, client_finish, chunk_plan
@@ -104,6 +112,12 @@ def build_reference_round(model, task, technique, client_optimizer,
     loss = correct = examples = scored = 0.0
     up, down = np.zeros(k), np.zeros(k)
     dropped = 0
+    stateful = technique_lib.stateful(tech)
+    store, aggregated = state.clients, 0
+    feedback_sum = (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                 jax.eval_shape(tech.init, state.params
+                                                ).feedback)
+                    if stateful else ())
     for i in range(k):
       tier = int(tiers[i]) if tiers is not None else 0
       client_start, split_of, local_step, client_finish, chunk_plan = (
@@ -114,14 +128,20 @@ def build_reference_round(model, task, technique, client_optimizer,
         first_key = jax.random.fold_in(rng, first_of_chunk[i])
         chunk = chunk_plan(round_lib.chunk_key(first_key), state.round)
       ctx = {n: v[i] for n, v in cohort.ctx.items()}
+      if stateful:
+        ci = int(cohort.ctx['client_index'][i])
+        ctx = dict(ctx, server_state=state.technique,
+                   client_state=jax.tree.map(lambda s: s[ci], store))
       plan, start = client_start(state.params, ctx, key, state.round, chunk)
       train = split_of(start, plan).train
       opt_state = client_optimizer.init(train)
       c_sums = None
+      real_steps = 0
       for s in range(steps):
         mask_b = np.asarray(cohort.mask[i, s])
         if mask_b.sum() == 0:
           continue
+        real_steps += 1
         batch = {f: v[i, s] for f, v in cohort.batches.items()}
         train, opt_state, sums = local_step(
             train, opt_state, batch, mask_b,
@@ -132,14 +152,20 @@ def build_reference_round(model, task, technique, client_optimizer,
                                                           sums)
       c_loss, c_correct, c_n, c_scored = (
           (0.0,) * 4 if c_sums is None else map(float, c_sums))
-      delta, cov, bits, dbits = client_finish(state.params, start, train,
-                                              plan, key)
+      delta, cov, bits, dbits, client_state, feedback = client_finish(
+          state.params, start, train, plan, key,
+          jnp.asarray(real_steps, round_lib.loss_dtype(state.params)))
       up[i], down[i] = float(bits), float(dbits)
       finite = (all(np.all(np.isfinite(x)) for x in jax.tree.leaves(delta))
                 and np.isfinite(c_loss))
       if not finite:
         dropped += int(cohort.weight[i] > 0)
         continue
+      if stateful:  # an aggregated client: its state and feedback count
+        store = jax.tree.map(lambda s, n: s.at[ci].set(n), store,
+                             client_state)
+        feedback_sum = jax.tree.map(jnp.add, feedback_sum, feedback)
+        aggregated += 1
       w = float(cohort.weight[i])
       acc_delta = jax.tree.map(lambda a, d: a + w * np.asarray(d, np.float64),
                                acc_delta, delta)
@@ -147,8 +173,18 @@ def build_reference_round(model, task, technique, client_optimizer,
                              acc_cov, cov)
       loss += c_loss; correct += c_correct; examples += c_n
       scored += c_scored
-    to32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
+    dtype = round_lib.loss_dtype(state.params)
+    to32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)
     new_state = server_step(state, to32(acc_delta), to32(acc_cov))
+    if stateful:
+      technique_state = state.technique
+      if tech.server_update is not None:
+        technique_state = tech.server_update(
+            state.technique, feedback_sum,
+            dict(clients=jnp.float32(aggregated),
+                 population=jax.tree.leaves(store)[0].shape[0]))
+      new_state = new_state._replace(technique=technique_state,
+                                     clients=store)
     metrics: dict[str, Any] = dict(
         train_loss=loss / examples if examples > 0 else float('nan'),
         train_accuracy=correct / max(scored, 1.0), num_clients=k,

@@ -48,6 +48,9 @@ class ServerState(NamedTuple):
   params: PyTree
   opt_state: PyTree
   round: jax.Array  # int32 scalar: rounds completed so far
+  technique: PyTree = ()  # the technique's server-side state
+  clients: PyTree = ()    # client-state store: one client state per client
+                          # of the population (leading axis N)
 
 
 class ClientOutput(NamedTuple):
@@ -61,6 +64,8 @@ class ClientOutput(NamedTuple):
                            # the task's `units` differ, e.g. LM tokens)
   upload_bits: jax.Array
   download_bits: jax.Array
+  client_state: PyTree = ()  # this client's new persistent state
+  feedback: PyTree = ()      # summed over aggregated clients for the server
 
 
 class RoundMetrics(NamedTuple):
@@ -87,15 +92,32 @@ def over_clients(client_update: Callable[..., ClientOutput], c: int):
   makes markedly slower than plain ones (measured: a 200k-parameter MLP
   step took 0.53 ms instead of 0.35 ms), and C = 1 is the CPU default.
   """
-  if c != 1:
-    return jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0, None, None))
+  def shared_server_state(fn):
+    # ctx['server_state'] (a technique's server state) is the same for
+    # every client: closed over, not mapped.
+    def with_state(params, batches, mask, ctx, keys, round_num, chunk):
+      ctx = dict(ctx)
+      server_state = ctx.pop('server_state', None)
+      def update(params, batches, mask, ctx, key, round_num, chunk):
+        if server_state is not None:
+          ctx = dict(ctx, server_state=server_state)
+        return client_update(params, batches, mask, ctx, key, round_num,
+                             chunk)
+      return fn(update)(params, batches, mask, ctx, keys, round_num, chunk)
+    return with_state
 
-  def one(params, batches, mask, ctx, keys, round_num, chunk):
-    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
-    out = client_update(params, first(batches), mask[0], first(ctx),
-                        keys[0], round_num, chunk)
-    return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
-  return one
+  if c != 1:
+    return shared_server_state(lambda update: jax.vmap(
+        update, in_axes=(None, 0, 0, 0, 0, None, None)))
+
+  def one(update):
+    def run(params, batches, mask, ctx, keys, round_num, chunk):
+      first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+      out = update(params, first(batches), mask[0], first(ctx),
+                   keys[0], round_num, chunk)
+      return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
+    return run
+  return shared_server_state(one)
 
 
 def client_keys(rng: jax.Array, num: int) -> jax.Array:
@@ -194,6 +216,16 @@ class TrainableSplit(NamedTuple):
             for x, m in zip(xs, self.masks)]
 
 
+def loss_dtype(params: PyTree):
+  """The dtype the round accumulates losses in: the parameters' (float64
+  under `jax_enable_x64` with float64 parameters), at least float32."""
+  leaves = [x for x in jax.tree.leaves(params)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  if not leaves:
+    return jnp.float32
+  return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+
+
 def build_client_update(model: nn.Module, task: Task,
                         technique: technique_lib.Technique,
                         client_optimizer: optax.GradientTransformation,
@@ -233,6 +265,9 @@ def build_client_update(model: nn.Module, task: Task,
       batch, mask_b, s = xs
       grads, sums = grad_fn(
           train, batch, mask_b, jax.random.fold_in(train_key, s))
+      if tech.correct is not None:  # e.g. SCAFFOLD's control variates
+        corrected = jax.tree.leaves(tech.correct(split.full(grads), plan))
+        grads = [corrected[i] for i in split.index]
       updates, new_opt_state = client_optimizer.update(
           split.apply_mask(grads), opt_state, train)
       new_train = optax.apply_updates(train, split.apply_mask(updates))
@@ -244,7 +279,7 @@ def build_client_update(model: nn.Module, task: Task,
       return (train, opt_state, stats), None
 
     steps = mask.shape[0]
-    zero = jnp.zeros((), jnp.float32)
+    zero = jnp.zeros((), loss_dtype(server_params))
     train0 = split.train
     (final, _, stats), _ = jax.lax.scan(
         step, (train0, client_optimizer.init(train0),
@@ -253,14 +288,20 @@ def build_client_update(model: nn.Module, task: Task,
     moved = split.apply_mask([a - b for a, b in zip(train0, final)])
     delta = TrainableSplit.of(
         jax.tree.map(jnp.zeros_like, start), trainable).full(moved)
-    msg, up_bits = tech.encode(delta, trainable, plan, encode_key)
-    delta = tech.decode(msg, plan)
-    delta, coverage = tech.merge(server_params, delta, trainable, plan)
+    msg, up_bits = technique_lib.upload(tech, delta, trainable, plan,
+                                        encode_key)
+    sent = technique_lib.receive(tech, msg, plan)
+    client_state = feedback = ()
+    if tech.finish is not None:
+      real_steps = jnp.sum((jnp.sum(mask, axis=1) > 0).astype(zero.dtype))
+      client_state, feedback = tech.finish(delta, sent, plan, real_steps)
+    delta, coverage = tech.merge(server_params, sent, trainable, plan)
     return ClientOutput(delta, coverage, stats.loss, stats.correct,
                         stats.loss_units, stats.scored_units,
                         jnp.asarray(up_bits, jnp.float32),
                         jnp.asarray(technique_lib.download_bits(
-                            tech, start, plan), jnp.float32))
+                            tech, start, plan), jnp.float32),
+                        client_state, feedback)
 
   return client_update
 
@@ -280,6 +321,29 @@ def server_update(server_optimizer: optax.GradientTransformation,
                                coverage)[0]
 
 
+def covered_state(server_optimizer: optax.GradientTransformation,
+                  new: PyTree, old: PyTree, covered: PyTree) -> PyTree:
+  """The server optimizer's new state where a client trained the entry,
+  its old state elsewhere.
+
+  A parameter no client trained this round (a layer only one device tier
+  trains, a per-client subset) gets a zero pseudo-gradient; fed to FedAdam
+  or FedYogi as such it would decay the parameter's moments (m <- b1 m,
+  v <- b2 v) although nothing was observed. Per-parameter coverage keeps
+  them as they were: the optimizer sees an uncovered entry not at all.
+  State that is not per parameter (Adam's step count, a schedule's
+  counter) advances every round, so bias correction counts server rounds,
+  not rounds in which the entry was trained.
+  """
+  if not jax.tree.leaves(new):
+    return new
+  select = optax.tree_map_params(
+      server_optimizer, lambda x, k: jnp.broadcast_to(k, jnp.shape(x)), new,
+      covered, transform_non_params=lambda x: True)
+  return jax.tree.map(lambda k, a, b: a if k is True else jnp.where(k, a, b),
+                      select, new, old)
+
+
 def guarded_server_update(server_optimizer: optax.GradientTransformation,
                           state: ServerState, delta_sum: PyTree,
                           coverage: PyTree) -> tuple[ServerState, jax.Array]:
@@ -291,6 +355,8 @@ def guarded_server_update(server_optimizer: optax.GradientTransformation,
       delta_sum, coverage, covered)
   updates, opt_state = server_optimizer.update(mean_delta, state.opt_state,
                                                state.params)
+  opt_state = covered_state(server_optimizer, opt_state, state.opt_state,
+                            covered)
   updates = jax.tree.map(lambda u, k: jnp.where(k, u, 0.0), updates, covered)
   params = optax.apply_updates(state.params, updates)
   # The new params only: a NaN or inf anywhere in the step (mean delta,
@@ -300,9 +366,9 @@ def guarded_server_update(server_optimizer: optax.GradientTransformation,
   ok = tree_all_finite(params)
   keep = lambda new, old: jax.tree.map(
       lambda a, b: jnp.where(ok, a, b), new, old)
-  return ServerState(keep(params, state.params),
-                     keep(opt_state, state.opt_state),
-                     state.round + 1), ~ok
+  return state._replace(params=keep(params, state.params),
+                        opt_state=keep(opt_state, state.opt_state),
+                        round=state.round + 1), ~ok
 
 
 def default_chunk_size(num_clients: int, backend: str | None = None) -> int:
@@ -395,7 +461,9 @@ def build_round(model: nn.Module, task: Task,
                 chunk_size: int | None = None, prox_mu: float = 0.0,
                 num_tiers: int = 1, donate: bool = True,
                 jit: bool = True, mesh: jax.sharding.Mesh | None = None,
-                vmap_replicas: bool | None = None) -> RoundFns:
+                vmap_replicas: bool | None = None,
+                population: int | None = None,
+                client_state_limit_bytes: int = 4 << 30) -> RoundFns:
   """Builds `init(params)` and `round_step(state, cohort, rng, round_num)`.
 
   `cohort` is a `data.Cohort` (numpy or jax arrays) with `K` clients, or a
@@ -416,8 +484,16 @@ def build_round(model: nn.Module, task: Task,
   one device, up to float summation order. With `jax.distributed` the mesh
   spans processes: every process passes the same cohort, or each packs
   only the clients of its own slots (`local_part`, `part_of=`).
+
+  `population` N: the number of training clients, for a technique with
+  per-client state (error feedback, SCAFFOLD): the client-state store
+  holds N client states on the device, indexed by `ctx['client_index']`;
+  it lives in `ServerState.clients`, so it is checkpointed and donated
+  with the server state. Its memory is N x one client's state;
+  `client_state_limit_bytes` refuses a store larger than that.
   """
   tech = technique_lib.chain(technique)
+  stateful = technique_lib.stateful(tech)
   tiered = tech.specialize is not None
   shards = mesh.shape[CLIENTS_AXIS] if mesh is not None else 1
 
@@ -431,8 +507,30 @@ def build_round(model: nn.Module, task: Task,
                                client_optimizer, prox_mu)
 
   def init(params):
+    if not stateful:
+      return ServerState(params, server_optimizer.init(params),
+                         jnp.zeros((), jnp.int32))
+    ts = technique_lib.init_state(tech, params)
+    store = client_store(ts.client)
     return ServerState(params, server_optimizer.init(params),
-                       jnp.zeros((), jnp.int32))
+                       jnp.zeros((), jnp.int32), ts.server, store)
+
+  def client_store(one_client):
+    leaves = jax.tree.leaves(one_client)
+    if not leaves:
+      return jax.tree.map(lambda x: x, one_client)
+    if population is None:
+      raise ValueError(f'Technique {tech.name!r} keeps per-client state: '
+                       'build_round needs population= (the number of '
+                       'training clients).')
+    nbytes = population * sum(x.size * x.dtype.itemsize for x in leaves)
+    if nbytes > client_state_limit_bytes:
+      raise ValueError(
+          f'The client-state store of {tech.name!r} needs {nbytes / 2**30:.2f}'
+          f' GiB ({population} clients x {nbytes // population} bytes), '
+          f'over the limit of {client_state_limit_bytes / 2**30:.2f} GiB.')
+    return jax.tree.map(lambda x: jnp.broadcast_to(
+        x, (population,) + x.shape).copy(), one_client)
 
   def run_chunk(stage, tier, state, examples, chunk):
     """One chunk of C clients of one tier -> weighted sums over them."""
@@ -443,6 +541,12 @@ def build_round(model: nn.Module, task: Task,
                  for f, x in examples.items()}
     t = program(stage, tier)
     cp = t.chunk_plan(chunk_key(keys[0]), state.round) if t.chunk_plan else None
+    if stateful:
+      ids = ctx['client_index']
+      ctx = dict(ctx, server_state=state.technique,
+                 client_state=jax.tree.map(
+                     lambda s: jnp.take(s, ids, axis=0, mode='clip'),
+                     state.clients))
     out = over_clients(client_update_for(stage, tier), mask.shape[0])(
         state.params, batches, mask, ctx, keys, state.round, cp)
     finite = rows_finite((out.delta, out.loss_sum))
@@ -462,19 +566,43 @@ def build_round(model: nn.Module, task: Task,
         correct=jnp.sum(jnp.where(ok, out.correct_sum, 0.0)),
         examples=jnp.sum(jnp.where(ok, out.num_examples, 0.0)),
         scored=jnp.sum(jnp.where(ok, out.num_scored, 0.0)),
-        dropped=jnp.sum((~finite) & pres & (weight > 0)).astype(jnp.float32))
+        dropped=jnp.sum((~finite) & pres & (weight > 0)).astype(
+            loss_dtype(state.params)))
     bits = (jnp.where(pres, out.upload_bits, 0.0),
             jnp.where(pres, out.download_bits, 0.0))
-    return wsum(out.delta), wsum(out.coverage), sums, bits
+    if not stateful:
+      return wsum(out.delta), wsum(out.coverage), sums, bits
+    sums['aggregated'] = jnp.sum(ok).astype(loss_dtype(state.params))
+    # Feedback: an unweighted sum over the aggregated clients. Client
+    # states: written back for the aggregated clients only (a dropped or
+    # padded slot keeps its client's state).
+    feedback = jax.tree.map(lambda x: jnp.sum(jnp.where(
+        ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), axis=0), out.feedback)
+    written = jnp.where(ok, ctx['client_index'], population)
+    return (wsum(out.delta), wsum(out.coverage), sums, bits,
+            (feedback, (written, out.client_state)))
 
   def skip_chunk(state, examples, chunk):
     """A chunk of padding only: contributes nothing, costs nothing."""
     del examples
     c = chunk[2].shape[0]
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    sums = {n: jnp.zeros((), jnp.float32)
+    sums = {n: jnp.zeros((), loss_dtype(state.params))
             for n in SUM_NAMES}
-    return zeros, zeros, sums, (jnp.zeros((c,)), jnp.zeros((c,)))
+    if not stateful:
+      return zeros, zeros, sums, (jnp.zeros((c,), jnp.float32),
+                                  jnp.zeros((c,), jnp.float32))
+    sums['aggregated'] = jnp.zeros((), loss_dtype(state.params))
+    return (zeros, zeros, sums, (jnp.zeros((c,), jnp.float32),
+                                 jnp.zeros((c,), jnp.float32)),
+            (zero_feedback(state), (jnp.full((c,), population),
+                                   jax.tree.map(lambda s: jnp.zeros(
+                                       (c,) + s.shape[1:], s.dtype),
+                                                state.clients))))
+
+  def zero_feedback(state):
+    template = jax.eval_shape(tech.init, state.params).feedback
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), template)
 
   def scan_chunks(state, examples, xs, stage, dispatch=True):
     """Σ over a block of chunks: (delta_sum, coverage, sums), bits [n, C].
@@ -489,23 +617,47 @@ def build_round(model: nn.Module, task: Task,
     def chunk_body(acc, xs_i):
       chunk, ct = xs_i
       if dispatch:
-        d, cov, sums, bits = jax.lax.switch(ct, programs, state, examples,
-                                            chunk)
+        out = jax.lax.switch(ct, programs, state, examples, chunk)
       else:
-        d, cov, sums, bits = programs[0](state, examples, chunk)
-      acc = jax.tree.map(jnp.add, acc, (d, cov, sums))
-      return acc, bits
+        out = programs[0](state, examples, chunk)
+      if not stateful:
+        d, cov, sums, bits = out
+        acc = jax.tree.map(jnp.add, acc, (d, cov, sums))
+        return acc, bits
+      d, cov, sums, bits, (feedback, (written, new_states)) = out
+      acc, store, wrote = acc
+      acc = jax.tree.map(jnp.add, acc, (d, cov, sums, feedback))
+      store = jax.tree.map(lambda s, n: s.at[written].set(n, mode='drop'),
+                           store, new_states)
+      wrote = wrote.at[written].set(True, mode='drop')
+      return (acc, store, wrote), bits
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    zero_sums = {n: jnp.zeros((), jnp.float32) for n in SUM_NAMES}
-    return jax.lax.scan(chunk_body, (zeros, zeros, zero_sums), xs)
+    zero_sums = {n: jnp.zeros((), loss_dtype(state.params)) for n in SUM_NAMES}
+    if not stateful:
+      return jax.lax.scan(chunk_body, (zeros, zeros, zero_sums), xs)
+    zero_sums['aggregated'] = jnp.zeros((), loss_dtype(state.params))
+    init = ((zeros, zeros, zero_sums, zero_feedback(state)), state.clients,
+            jnp.zeros((population,), bool))
+    return jax.lax.scan(chunk_body, init, xs)
 
   def scan_sharded(state, examples, xs, stage, dispatch):
     """`scan_chunks` per device block of the mesh, sums met by a psum."""
     def block(state, examples, xs):
       acc, bits = scan_chunks(state, examples, xs, stage, dispatch)
-      return (jax.lax.psum(acc, CLIENTS_AXIS),
-              jax.lax.all_gather(bits, CLIENTS_AXIS, tiled=True))
+      bits = jax.lax.all_gather(bits, CLIENTS_AXIS, tiled=True)
+      if not stateful:
+        return jax.lax.psum(acc, CLIENTS_AXIS), bits
+      # Each client sits in one slot of one device: the rows a device
+      # wrote, summed with the other devices' zeros, are exact.
+      acc, store, wrote = acc
+      mine = jax.tree.map(lambda s: jnp.where(
+          wrote.reshape((-1,) + (1,) * (s.ndim - 1)), s, 0), store)
+      wrote = jax.lax.psum(wrote.astype(jnp.int32), CLIENTS_AXIS) > 0
+      store = jax.tree.map(lambda s, m: jnp.where(
+          wrote.reshape((-1,) + (1,) * (s.ndim - 1)), m, s),
+                           state.clients, jax.lax.psum(mine, CLIENTS_AXIS))
+      return (jax.lax.psum(acc, CLIENTS_AXIS), store, wrote), bits
     p = jax.sharding.PartitionSpec
     by_client = jax.sharding.NamedSharding(mesh, p(CLIENTS_AXIS))
     explicit = mesh.axis_types[mesh.axis_names.index(CLIENTS_AXIS)] == (
@@ -546,10 +698,23 @@ def build_round(model: nn.Module, task: Task,
     # Skipped chunks exist with tiers, or to fill whole mesh blocks.
     dispatch = tiered or num_chunks * c - k >= c
     scan = scan_sharded if mesh is not None else scan_chunks
-    (delta_sum, coverage, sums), (up, down) = scan(state, examples, xs, stage,
-                                                   dispatch)
+    acc, (up, down) = scan(state, examples, xs, stage, dispatch)
+    if not stateful:
+      delta_sum, coverage, sums = acc
+    else:
+      (delta_sum, coverage, sums, feedback), store, _ = acc
     new_state, skipped = guarded_server_update(server_optimizer, state,
                                                delta_sum, coverage)
+    if stateful:  # a skipped step keeps the techniques' states as well
+      technique_state = tech.server_update(
+          state.technique, feedback,
+          dict(clients=sums['aggregated'], population=population)
+      ) if tech.server_update else state.technique
+      keep = lambda new, old: jax.tree.map(
+          lambda a, b: jnp.where(skipped, b, a), new, old)
+      new_state = new_state._replace(
+          technique=keep(technique_state, state.technique),
+          clients=keep(store, state.clients))
     slot_pos = jnp.where(present, order, k)
     per_client = lambda b: jnp.zeros((k,), jnp.float32).at[slot_pos].set(
         b.reshape(-1), mode='drop')
@@ -623,6 +788,18 @@ def build_round(model: nn.Module, task: Task,
     layout = layout_of(num_clients, tiers)
     return layout.order[local_slots(layout)]
 
+  def check_chunk_semantics(stage):
+    """A technique drawing one choice per chunk (depth dropout's 'chunk'
+    mode) means different things at different chunk widths: the width
+    must be the user's, not the backend's default."""
+    if chunk_size is None and any(
+        program(stage, t).chunk_plan is not None
+        for t in range(num_tiers if tiered else 1)):
+      raise ValueError(
+          f'{tech.name!r} draws one choice per chunk of clients, so its '
+          'results depend on the chunk width: set chunk_size (the number '
+          'of clients sharing a draw) instead of the per-backend default.')
+
   def round_step(state: ServerState, cohort, rng, round_num=None,
                  examples=None, part_of=None):
     stage = None
@@ -632,6 +809,7 @@ def build_round(model: nn.Module, task: Task,
     if not hasattr(cohort, 'batches') and examples is None:
       raise ValueError('An IndexedCohort needs examples=: the '
                        'ResidentData.examples its indices point into.')
+    check_chunk_semantics(stage)
     if part_of is not None:  # this process's slots only (local_part)
       k, tiers = part_of
       layout = layout_of(k, tiers)

@@ -11,9 +11,12 @@ Per client, inside the vmapped program, a round calls:
   view      = view(server_params, plan)          the model the device trains
   mask      = trainable(view, plan)              1 = trained and uploaded
   kwargs    = forward(plan)                      extra model-apply kwargs
-  ... local training on `view`, gradients and updates times `mask` ...
-  msg, bits = encode(delta, mask, plan, rng)     what travels up, exact bits
-  delta     = decode(msg, plan)                  the server's reading of it
+  ... local training on `view`, gradients and updates times `mask`;
+      grads = correct(grads, plan) before each optimizer step ...
+  msg       = encode(to_wire(delta, mask), plan, rng)   what travels up
+  bits      = message_bits(msg)                  exact, on the final message
+  sent      = from_wire(decode(msg, plan))       the server's reading of it
+  cstate, feedback = finish(delta, sent, plan, steps)   new client state
   full, cov = merge(server_params, delta, mask, plan)
                                                  scatter back to server shape;
                                                  cov = per-parameter coverage
@@ -22,6 +25,23 @@ Per client, inside the vmapped program, a round calls:
 `full` and `cov` are weighted and summed over clients; the server divides
 each parameter by the weight of the clients that trained it (`cov`), and a
 parameter nobody trained keeps its value.
+
+`encode`/`decode` work on wire trees (`core/codecs.py`): a technique's
+encode receives whatever the previous technique's encode produced and its
+decode returns what its encode received, so encoders compose; bits are
+counted on the final message (`upload` and `receive` below do the
+conversion the round needs).
+
+State, optax-style: `init(params) -> TechniqueState(server, client)` gives
+the technique's server-side state (kept in the server state, checkpointed,
+donated) and *one* client's initial persistent state (the round keeps one
+per client of the population in a client-state store). A client's plan sees
+both as `ctx['server_state']` and `ctx['client_state']`; `finish` returns
+the client's new state and its feedback (what it tells the server state,
+e.g. SCAFFOLD's change of control variate); feedback is summed over the
+round's aggregated clients (unweighted) and `server_update(server_state,
+feedback_sum, info)` gives the new server state (`info`: `clients`, the
+number aggregated, and `population`, the store's size).
 
 Trainable masks come in the two forms of DESIGN.md, "Heterogeneous devices".
 A mask leaf that is an array is *dynamic*: exact per-client semantics, but the
@@ -57,6 +77,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_eff.core import codecs
+from fedjax_eff.core.codecs import is_frozen, mask_as_array
+
 PyTree = Any
 
 
@@ -80,12 +103,20 @@ class Technique(NamedTuple):
   # `evaluate(params, **forward_kwargs) -> {metric: value}` is the task's
   # evaluation on the central test set, supplied by the experiment.
   report: Optional[Callable[..., dict]] = None
+  # State (see the module docstring).
+  init: Optional[Callable[[PyTree], 'TechniqueState']] = None
+  correct: Optional[Callable[[PyTree, PyTree], PyTree]] = None
+  finish: Optional[Callable[..., tuple[PyTree, PyTree]]] = None
+  server_update: Optional[Callable[[PyTree, PyTree, dict], PyTree]] = None
 
 
-def is_frozen(mask_leaf) -> bool:
-  """True for a statically frozen leaf (the Python bool `False`)."""
-  return mask_leaf is False or (isinstance(mask_leaf, np.bool_)
-                                and not mask_leaf)
+class TechniqueState(NamedTuple):
+  """A technique's server-side state, one client's initial state, and a
+  zero feedback (the structure of what each client's `finish` feeds back
+  to the server state)."""
+  server: PyTree = ()
+  client: PyTree = ()
+  feedback: PyTree = ()
 
 
 def _and(a, b):
@@ -101,11 +132,6 @@ def _and(a, b):
 def combine_masks(a: PyTree, b: PyTree) -> PyTree:
   """Elementwise AND of two trainable masks, keeping static leaves static."""
   return jax.tree.map(_and, a, b)
-
-
-def mask_as_array(mask_leaf, shape, dtype=jnp.float32) -> jax.Array:
-  """A mask leaf (static bool or array) broadcast to `shape`."""
-  return jnp.broadcast_to(jnp.asarray(mask_leaf, dtype), shape)
 
 
 def tree_bits(tree: PyTree, mask: PyTree | None = None,
@@ -155,14 +181,42 @@ def _forward(t, plan):
   return dict(t.forward(plan)) if t.forward else {}
 
 
-def _encode(t, delta, mask, plan, rng):
-  if t.encode:
-    return t.encode(delta, mask, plan, rng)
-  return delta, tree_bits(delta, mask)
+def _encode(t, msg, plan, rng):
+  return t.encode(msg, plan, rng) if t.encode else msg
 
 
 def _decode(t, msg, plan):
   return t.decode(msg, plan) if t.decode else msg
+
+
+def upload(t: Technique, delta: PyTree, mask: PyTree, plan, rng):
+  """(message, bits): the client's delta through `t`'s encoders."""
+  msg = t.encode(codecs.to_wire(delta, mask), plan, rng)
+  return msg, codecs.message_bits(msg)
+
+
+def receive(t: Technique, msg: PyTree, plan) -> PyTree:
+  """The delta the server reads from `msg` (view-shaped)."""
+  return codecs.from_wire(t.decode(msg, plan))
+
+
+def stateful(t: Technique) -> bool:
+  return t.init is not None
+
+
+def init_state(t: Technique, params: PyTree) -> TechniqueState:
+  return t.init(params) if t.init else TechniqueState()
+
+
+def with_initial_state(t: Technique, params: PyTree, ctx: dict) -> dict:
+  """`ctx` with `t`'s initial server and client state where it has none
+  (one client probed on its own: accounting, tracing)."""
+  if not stateful(t) or 'server_state' in ctx:
+    return ctx
+  s = jax.eval_shape(t.init, params) if any(
+      isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)
+  ) else t.init(params)
+  return dict(ctx, server_state=s.server, client_state=s.client)
 
 
 def _merge(t, server_params, delta, mask, plan):
@@ -195,7 +249,7 @@ def resolve(t: Technique) -> Technique:
       view=lambda p, plan: _view(t, p, plan),
       trainable=lambda p, plan: _trainable(t, p, plan),
       forward=lambda plan: _forward(t, plan),
-      encode=lambda d, m, plan, rng: _encode(t, d, m, plan, rng),
+      encode=lambda msg, plan, rng: _encode(t, msg, plan, rng),
       decode=lambda msg, plan: _decode(t, msg, plan),
       merge=lambda sp, d, m, plan: _merge(t, sp, d, m, plan),
       download=t.download,  # None stays None: see download_bits
@@ -203,7 +257,11 @@ def resolve(t: Technique) -> Technique:
       specialize=specialize,
       chunk_plan=t.chunk_plan,
       device=t.device,
-      report=t.report)
+      report=t.report,
+      init=t.init,
+      correct=t.correct,
+      finish=t.finish,
+      server_update=t.server_update)
 
 
 def device_program(t: Technique) -> Technique:
@@ -211,10 +269,14 @@ def device_program(t: Technique) -> Technique:
   return t.device() if t.device else t
 
 
-def _with_chunk(ctx, chunk_plan):
+def _member_ctx(ctx, i, chunk_plan):
+  """Technique i's view of a chain's ctx: its chunk plan, its state."""
   ctx = dict(ctx)
   if 'chunk' in ctx:
     ctx['chunk'] = chunk_plan
+  for k in ('server_state', 'client_state'):
+    if k in ctx:
+      ctx[k] = ctx[k][i]
   return ctx
 
 
@@ -236,8 +298,8 @@ def chain(*techniques: Technique) -> Technique:
   def plan(rng, round_num, ctx):
     keys = jax.random.split(rng, len(ts))
     chunk = ctx.get('chunk', (None,) * len(ts))
-    return tuple(t.plan(k, round_num, _with_chunk(ctx, c))
-                 for t, k, c in zip(ts, keys, chunk))
+    return tuple(t.plan(k, round_num, _member_ctx(ctx, i, c))
+                 for i, (t, k, c) in enumerate(zip(ts, keys, chunk)))
 
   def views(params, plans):
     out = [params]
@@ -261,12 +323,11 @@ def chain(*techniques: Technique) -> Technique:
       kwargs.update(t.forward(p))
     return kwargs
 
-  def encode(delta, mask, plans, rng):
+  def encode(msg, plans, rng):
     keys = jax.random.split(rng, len(ts))
-    bits = None
     for t, p, k in zip(ts, plans, keys):
-      delta, bits = t.encode(delta, mask, p, k)
-    return delta, bits
+      msg = t.encode(msg, p, k)
+    return msg
 
   def decode(msg, plans):
     for t, p in zip(reversed(ts), reversed(plans)):
@@ -321,9 +382,33 @@ def chain(*techniques: Technique) -> Technique:
           out[k] = v
       return out
 
+  init = correct = finish = server_update = None
+  if any(t.init for t in ts):
+    def init(params):
+      states = [init_state(t, params) for t in ts]
+      return TechniqueState(tuple(s.server for s in states),
+                            tuple(s.client for s in states),
+                            tuple(s.feedback for s in states))
+
+    def finish(delta, sent, plans, steps):
+      out = [t.finish(delta, sent, p, steps) if t.finish else ((), ())
+             for t, p in zip(ts, plans)]
+      return tuple(o[0] for o in out), tuple(o[1] for o in out)
+
+    def server_update(server_state, feedback_sum, info):
+      return tuple(t.server_update(s, f, info) if t.server_update else s
+                   for t, s, f in zip(ts, server_state, feedback_sum))
+  if any(t.correct for t in ts):
+    def correct(grads, plans):
+      for t, p in zip(ts, plans):
+        if t.correct:
+          grads = t.correct(grads, p)
+      return grads
+
   return Technique('+'.join(t.name for t in ts), plan, view, trainable,
                    forward, encode, decode, merge, download, stage,
-                   specialize, chunk_plan, device, report)
+                   specialize, chunk_plan, device, report, init, correct,
+                   finish, server_update)
 
 
 def _static_or_none(x):
@@ -359,6 +444,7 @@ def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
     round_num = jnp.zeros((), jnp.int32)
     if tech.chunk_plan:
       ctx = dict(ctx, chunk=tech.chunk_plan(jax.random.key(1), round_num))
+    ctx = with_initial_state(tech, server_params, ctx)
     plan = tech.plan(jax.random.key(0), round_num, ctx)
     view = tech.view(server_params, plan)
     trainable = tech.trainable(view, plan)
@@ -369,8 +455,8 @@ def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
     found['forward'] = {k: v for k, v in tech.forward(plan).items()
                         if _is_python_value(v)}
     found['download_bits'] = _static_or_none(download_bits(tech, view, plan))
-    _, up = tech.encode(jax.tree.map(jnp.zeros_like, view), trainable, plan,
-                        jax.random.key(2))
+    _, up = upload(tech, jax.tree.map(jnp.zeros_like, view), trainable, plan,
+                   jax.random.key(2))
     found['upload_bits'] = _static_or_none(up)
     return 0
   jax.eval_shape(probe, params, ctx)

@@ -18,6 +18,10 @@ Registered:
                       heads on a frozen backbone (head-only, full baselines)
   federated_dropout   per-client dense sub-models of the model's width
                       groups, per-layer rates, a keep ratio per device tier
+  topk                top-k sparsification of the upload (+ error feedback)
+  compress            a chain of codecs (topk, quantize, in any order),
+                      optionally with error feedback (client state)
+  scaffold            SCAFFOLD control variates (server + client state)
 """
 
 from __future__ import annotations
@@ -25,19 +29,34 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, NamedTuple
 
 from fedjax_eff.core.technique import Technique, chain, identity
+from fedjax_eff.techniques import compression
 from fedjax_eff.techniques import last_n as last_n_lib
 from fedjax_eff.techniques import federated_dropout as federated_dropout_lib
 from fedjax_eff.techniques import layerwise as layerwise_lib
 from fedjax_eff.techniques.task_modules import modules, task_routing
 from fedjax_eff.techniques.partial import partial_training
 from fedjax_eff.techniques.quantization import quantize
+from fedjax_eff.techniques.scaffold import scaffold
 from fedjax_eff.techniques.structure import LayerStructure, structure_of
 
 
 class TechniqueContext(NamedTuple):
+  """What factories may read besides their own knobs.
+
+  model, init_params: the model and its initial parameters.
+  measure(technique) -> accounting.DeviceCost of its device program.
+  num_tasks: tasks of the data (> 0: `task_routing` is chained last, so
+    each client runs its task's head and modules).
+  submodel_keeps: keep ratios of the nested sub-models to report
+    (`config.submodel_keeps`); () = federated dropout's default, and none
+    without federated dropout.
+  """
   model: Any = None
   init_params: Any = None
   measure: Callable[[Technique], Any] | None = None
+  client_learning_rate: float | None = None  # the client optimizer's
+  num_tasks: int = 0
+  submodel_keeps: tuple[float, ...] = ()
 
 
 def _layerwise(ctx, rounds_per_layer, order='forward', final_joint=False,
@@ -62,6 +81,20 @@ def _budgeted_last_n(ctx, budgets, train_head=True):
                                     ctx.measure, train_head)
 
 
+def _compress(ctx, codecs, error_feedback=False):
+  del ctx
+  return compression.compress(
+      [compression.codec_from_config(c) for c in codecs], error_feedback)
+
+
+def _scaffold(ctx, client_learning_rate=None):
+  lr = client_learning_rate or ctx.client_learning_rate
+  if lr is None:
+    raise ValueError('scaffold needs client_learning_rate (the client '
+                     "optimizer's; the experiment provides it).")
+  return scaffold(lr)
+
+
 REGISTRY: dict[str, Callable[..., Technique]] = {
     'identity': lambda ctx: identity(),
     'partial_training': lambda ctx, **kw: partial_training(
@@ -76,7 +109,12 @@ REGISTRY: dict[str, Callable[..., Technique]] = {
         federated_dropout_lib.federated_dropout(
             ctx.model, ctx.init_params,
             tuple(rate) if isinstance(rate, (list, tuple)) else rate,
-            tier_rates=tuple(tier_rates), **kw)),
+            tier_rates=tuple(tier_rates),
+            keeps=(tuple(ctx.submodel_keeps)
+                   or federated_dropout_lib.NESTED_KEEPS), **kw)),
+    'topk': lambda ctx, **kw: compression.topk(**kw),
+    'compress': _compress,
+    'scaffold': _scaffold,
     'modules': lambda ctx, kinds=('lora',), **kw: modules(
         ctx.model, ctx.init_params,
         kinds if isinstance(kinds, str) else tuple(kinds), **kw),
@@ -85,9 +123,15 @@ REGISTRY: dict[str, Callable[..., Technique]] = {
 
 def build(entries: Iterable[Any] | None,
           context: TechniqueContext | None = None) -> Technique:
-  """Builds the composed technique from `config.techniques` entries."""
+  """Builds the composed technique from `config.techniques` entries.
+
+  Then, from `context`: a run without federated dropout that asks for
+  nested sub-models (`submodel_keeps`, e.g. federated dropout's full-width
+  baseline) reports them too; with several tasks, `task_routing` comes
+  last.
+  """
   context = context or TechniqueContext()
-  techniques = []
+  techniques, names = [], []
   for i, entry in enumerate(entries or ()):
     entry = dict(entry)
     name = entry.pop('name', None)
@@ -98,7 +142,15 @@ def build(entries: Iterable[Any] | None,
       techniques.append(REGISTRY[name](context, **entry))
     except (TypeError, ValueError) as e:
       raise ValueError(f'config.techniques[{i}] ({name}): {e}') from e
-  return chain(*techniques)
+    names.append(name)
+  technique = chain(*techniques)
+  if context.submodel_keeps and 'federated_dropout' not in names:
+    nested = Technique(report=federated_dropout_lib.submodel_report(
+        context.model, context.submodel_keeps))
+    technique = technique._replace(report=chain(technique, nested).report)
+  if context.num_tasks:
+    technique = chain(technique, task_routing(context.model))
+  return technique
 
 
 __all__ = ['REGISTRY', 'LayerStructure', 'TechniqueContext', 'build',

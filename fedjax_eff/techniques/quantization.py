@@ -28,61 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_eff.core.technique import Technique, is_frozen, tree_bits
-
-
-def _blocks(x, block_size):
-  """Flattened `x` padded to whole blocks: `[num_blocks, block]`."""
-  flat = x.reshape(-1)
-  b = block_size or max(flat.size, 1)
-  nb = -(-flat.size // b)
-  return jnp.pad(flat, (0, nb * b - flat.size)).reshape(nb, b)
-
-
-def quantize_leaf(x, rng, bits: int, block_size: int = 0):
-  """(q, lo, hi): k-bit stochastic quantization of one array."""
-  levels = 2 ** bits - 1
-  blocks = _blocks(x.astype(jnp.float32), block_size)
-  lo = jnp.min(blocks, axis=1)
-  hi = jnp.max(blocks, axis=1)
-  scale = jnp.where(hi > lo, (hi - lo) / levels, 1.0)
-  t = (blocks - lo[:, None]) / scale[:, None]
-  u = jax.random.uniform(rng, blocks.shape)
-  q = jnp.clip(jnp.floor(t + u), 0, levels)
-  q = q.reshape(-1)[:x.size].reshape(x.shape)
-  dtype = jnp.uint8 if bits <= 8 else (jnp.uint16 if bits <= 16 else
-                                       jnp.uint32)
-  return q.astype(dtype), lo, hi
-
-
-def dequantize_leaf(q, lo, hi, bits: int, block_size: int = 0,
-                    dtype=jnp.float32):
-  levels = 2 ** bits - 1
-  blocks = _blocks(q.astype(jnp.float32), block_size if lo.size > 1 else 0)
-  scale = jnp.where(hi > lo, (hi - lo) / levels, 0.0)
-  x = lo[:, None] + blocks * scale[:, None]
-  return x.reshape(-1)[:q.size].reshape(q.shape).astype(dtype)
+from fedjax_eff.core import codecs
+from fedjax_eff.core.codecs import dequantize_leaf, quantize_leaf
+from fedjax_eff.core.technique import Technique
 
 
 def leaf_message_bits(size: int, bits: int, block_size: int = 0) -> int:
   """Exact bits of one leaf's message: k per value, 64 per block."""
   b = block_size or max(size, 1)
   return size * bits + (-(-size // b)) * 64
-
-
-def _bits(tree, mask, bits, block_size):
-  total = 0.0
-  for x, m in zip(jax.tree.leaves(tree),
-                  jax.tree.structure(tree).flatten_up_to(mask)):
-    if is_frozen(m):
-      continue
-    if m is True or isinstance(m, (bool, np.bool_)):
-      total = total + leaf_message_bits(x.size, bits, block_size)
-    else:  # dynamic mask: the trained entries, and every block's metadata
-      b = block_size or max(x.size, 1)
-      n = jnp.sum(jnp.broadcast_to(jnp.asarray(m, jnp.float32), x.shape))
-      total = total + n * bits + jnp.where(n > 0, (-(-x.size // b)) * 64, 0)
-  return total
 
 
 def quantize(bits: int = 8, block_size: int = 0,
@@ -102,23 +56,9 @@ def quantize(bits: int = 8, block_size: int = 0,
   if block_size < 0:
     raise ValueError(f'quantize block_size={block_size} must be >= 0.')
 
-  def encode(delta, mask, plan, rng):
-    leaves, treedef = jax.tree.flatten(delta)
-    masks = treedef.flatten_up_to(mask)
-    keys = jax.random.split(rng, max(len(leaves), 1))
-    msg = []
-    for x, m, k in zip(leaves, masks, keys):
-      if is_frozen(m):  # nothing is sent: an empty (all-zero) message
-        z = jnp.zeros((1,), jnp.float32)
-        msg.append((jnp.zeros(x.shape, jnp.uint8), z, z))
-      else:
-        msg.append(quantize_leaf(x, k, bits, block_size))
-    return treedef.unflatten(msg), _bits(delta, mask, bits, block_size)
-
-  def decode(msg, plan):
-    return jax.tree.map(
-        lambda m: dequantize_leaf(*m, bits, block_size), msg,
-        is_leaf=lambda m: isinstance(m, tuple) and len(m) == 3)
+  codec = codecs.quantize_codec(bits, block_size)
+  encode = lambda msg, plan, rng: codec.encode(msg, rng)
+  decode = lambda msg, plan: codec.decode(msg)
 
   if not download_bits:
     return Technique(name=f'quantize{bits}', encode=encode, decode=decode)
@@ -145,8 +85,8 @@ def quantize(bits: int = 8, block_size: int = 0,
     return delta, cov
 
   def download(params, rng):
-    return _bits(params, jax.tree.map(lambda _: True, params),
-                 download_bits, block_size)
+    return float(sum(leaf_message_bits(x.size, download_bits, block_size)
+                     for x in jax.tree.leaves(params)))
 
   return Technique(name=f'quantize{bits}_down{download_bits}', plan=plan,
                    view=view, encode=encode, decode=decode, merge=merge,

@@ -1,4 +1,9 @@
-"""Flax models that expose their layer structure; no federation here."""
+"""Flax models that expose their layer structure; no federation here.
+
+`structure` holds what a model publishes to techniques: its
+`LayerStructure`, its `WidthGroup`s, and the `ForwardPlan` keys its
+`__call__` accepts (each model's `FORWARD_KEYS`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import flax.linen as nn
 from fedjax_eff.models.classifiers import CNN, MLP, LogisticRegression
 from fedjax_eff.models.layers import Im2ColConv
 from fedjax_eff.models.lstm_lm import LSTMLM, lstm_lm_preset
+from fedjax_eff.models.structure import (ForwardPlan, LayerStructure,
+                                         WidthGroup, merge_forward,
+                                         structure_of)
 from fedjax_eff.models.speech import ConformerCTC, conformer_ctc_preset
 from fedjax_eff.models.transformer import (ConformerLM, ViT, Transformer,
                                            transformer_preset, vit_preset)
@@ -43,4 +51,5 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 __all__ = ['CNN', 'MLP', 'LogisticRegression', 'Im2ColConv', 'Transformer',
            'ViT', 'ConformerLM', 'ConformerCTC', 'LSTMLM', 'transformer_preset',
            'vit_preset', 'lstm_lm_preset', 'conformer_ctc_preset', 'get_model',
-           'MODELS', 'PRESETS']
+           'MODELS', 'PRESETS', 'ForwardPlan', 'LayerStructure', 'WidthGroup',
+           'merge_forward', 'structure_of']

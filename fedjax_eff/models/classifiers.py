@@ -13,11 +13,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fedjax_eff.models.layers import Im2ColConv, max_pool_2x2
+from fedjax_eff.models.structure import WidthGroup
 
 
 class LogisticRegression(nn.Module):
   num_classes: int
   layer_names = ('head',)
+  FORWARD_KEYS = ()  # `structure.forward_keys`: no forward kwargs
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -29,7 +31,6 @@ class LogisticRegression(nn.Module):
 def _dense_group(name: str, width: int, following: str, depth: int):
   """The hidden units of dense/conv layer `name` (output axis last) and
   the input axis of the layer that reads them."""
-  from fedjax_eff.techniques.federated_dropout import WidthGroup  # pylint: disable=g-import-not-at-top
   return WidthGroup(name, width, ((f'{name}/kernel', -1), (f'{name}/bias', 0),
                                   (f'{following}/kernel', -2)), depth)
 
@@ -40,6 +41,7 @@ class MLP(nn.Module):
   num_classes: int
   hidden: Sequence[int] = (200, 200)
   dropout: float = 0.0
+  FORWARD_KEYS = ('widths',)
 
   @property
   def layer_names(self):
@@ -74,6 +76,7 @@ class CNN(nn.Module):
   dropout: bool = True
   use_im2col: bool = True
   layer_names = ('conv1', 'conv2', 'dense1', 'head')
+  FORWARD_KEYS = ('widths',)
 
   @property
   def width_groups(self):

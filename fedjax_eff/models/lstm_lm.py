@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_eff.models.structure import WidthGroup
+
 # Size presets. Parameter counts (vocab 10004): tiny 336,932;
 # stackoverflow 4,050,748; large 20,051,732.
 _SIZES = {
@@ -93,6 +95,8 @@ class LSTMLM(nn.Module):
   proj_dim: int = 96
   dropout: float = 0.0
   num_classes: int = 0
+  # `structure.forward_keys`: the kwargs of `__call__` a technique may set.
+  FORWARD_KEYS = ('stop_below', 'features', 'widths')
 
   def __post_init__(self):
     if self.num_lstm_layers < 1:
@@ -121,7 +125,6 @@ class LSTMLM(nn.Module):
     too, and the next layer's input) and the projection's units. A dropped
     cell with all its weights zeroed stays at 0, so a narrower LSTM is the
     masked full one."""
-    from fedjax_eff.techniques.federated_dropout import WidthGroup  # pylint: disable=g-import-not-at-top
     names = self.layer_names + ('head',)
     groups = []
     for i, name in enumerate(names[:-1]):

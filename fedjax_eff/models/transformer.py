@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_eff.models.structure import WidthGroup
+
 # Layer counts, widths and heads of the size presets. Parameter counts:
 #   transformer (vocab 10k, max_len 256, 10 classes, linear head):
 #     tiny 345,674; small 7,367,178; base 43,085,834.
@@ -71,6 +73,10 @@ LORA_SITES = ('attn/query', 'attn/key', 'attn/value', 'attn/out', 'mlp_in',
               'mlp_out')
 ADAPTER_SITES = ('attn', 'mlp')
 BLOCK_TYPES = ('transformer', 'conformer')
+# The forward keys of every layer stack's `__call__` (Transformer,
+# ConformerLM, ViT, ConformerCTC): see `fedjax_eff.models.structure`.
+STACK_FORWARD_KEYS = ('depth', 'layer_gates', 'stop_below', 'features',
+                      'layer_drop_rate', 'task', 'widths')
 
 
 def module_pattern(kind: str, task: int) -> str:
@@ -624,6 +630,9 @@ class _LayerStack(nn.Module):
 
   causal = False
   rotary = False
+  # `structure.forward_keys`: the kwargs of `__call__` (every subclass's)
+  # a technique may set.
+  FORWARD_KEYS = STACK_FORWARD_KEYS
 
   def _attn_mask(self, key_mask, t):
     mask = None
@@ -659,7 +668,6 @@ class _LayerStack(nn.Module):
     heads' classes are never dropped; nor are a conformer's conv channels,
     whose LayerNorm couples them (a narrower conv module would not be any
     masked version of the full one)."""
-    from fedjax_eff.techniques.federated_dropout import WidthGroup  # pylint: disable=g-import-not-at-top
     groups = []
     for i in range(self.num_layers):
       b = f'block_{i}'

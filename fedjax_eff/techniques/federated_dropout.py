@@ -12,9 +12,10 @@ model; so is what the simulator computes (static shapes per tier, the kept
 indices per client under `vmap`).
 
 Width groups are declared by the model (`model.width_groups`: `WidthGroup`
-entries naming the parameter axes indexed by the group's units). Output
-classes, the vocabulary axis of embeddings and the residual width are not
-groups unless a model declares them. An axis of length `m * width` holds
+entries, `fedjax_eff.models.structure`, re-exported here, naming the
+parameter axes indexed by the group's units). Output classes, the
+vocabulary axis of embeddings and the residual width are not groups unless
+a model declares them. An axis of length `m * width` holds
 `m` blocks of the group's units with the unit index minor (index
 `j * width + u`): a GLU's two halves, or a flattened `[H, W, C]` feature map
 feeding a dense layer. The model's `__call__` takes a static
@@ -31,29 +32,17 @@ at one keep ratio) to evaluate alone.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedjax_eff.core.technique import Technique, mask_as_array
+from fedjax_eff.models.structure import ForwardPlan, WidthGroup, accepts
 
 PyTree = Any
 SCHEDULES = ('constant', 'size', 'depth')
-
-
-class WidthGroup(NamedTuple):
-  """Units that are kept or dropped together, and the axes they index.
-
-  `members`: `(parameter path, axis)` pairs, e.g. `('dense0/kernel', 1)`,
-  `('dense0/bias', 0)`, `('head/kernel', 0)`. `depth`: the group's position
-  from input to output (the `depth` rate schedule).
-  """
-  name: str
-  width: int
-  members: tuple[tuple[str, int], ...]
-  depth: int = 0
 
 
 def width_groups(model) -> tuple[WidthGroup, ...]:
@@ -193,8 +182,7 @@ def federated_dropout(model, init_params: PyTree, rate=0.25,
   tier `t`."""
   groups = width_groups(model)
   check_groups(groups, init_params)
-  from fedjax_eff.techniques import structure  # pylint: disable=g-import-not-at-top
-  if 'widths' not in structure.forward_kwargs(model, widths=()):
+  if not accepts(model, 'widths'):
     raise ValueError(f'{type(model).__name__}.__call__ takes no `widths`: '
                      'it cannot run a narrower sub-model.')
 
@@ -219,7 +207,7 @@ def federated_dropout(model, init_params: PyTree, rate=0.25,
     return Technique(
         name=name, plan=plan,
         view=lambda params, indices: gather(params, groups, indices),
-        forward=lambda indices: {'widths': widths}, merge=merge)
+        forward=lambda indices: ForwardPlan(widths=widths), merge=merge)
 
   if not tier_rates:
     return program(rate, 'federated_dropout')
@@ -238,7 +226,7 @@ def federated_dropout(model, init_params: PyTree, rate=0.25,
 
 
 def submodel(model, params: PyTree, keep: float, which: str = 'first',
-             rng: jax.Array | None = None) -> tuple[PyTree, dict]:
+             rng: jax.Array | None = None) -> tuple[PyTree, ForwardPlan]:
   """A nested sub-model at keep ratio `keep` in every width group: its
   params and the forward kwargs that run it alone.
 
@@ -259,4 +247,5 @@ def submodel(model, params: PyTree, keep: float, which: str = 'first',
   else:
     raise ValueError(f"which={which!r} is not 'first' or 'random'.")
   return (gather(params, groups, indices),
-          {'widths': tuple((g.name, n) for g, n in zip(groups, counts))})
+          ForwardPlan(widths=tuple((g.name, n)
+                                   for g, n in zip(groups, counts))))

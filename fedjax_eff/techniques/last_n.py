@@ -23,6 +23,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 from absl import logging
 
 from fedjax_eff.core.technique import Technique
+from fedjax_eff.models.structure import supported_forward
 from fedjax_eff.techniques import structure as structure_lib
 
 
@@ -63,7 +64,7 @@ def last_n(model, n: int | Sequence[int], train_head: bool = True
     if not names:
       raise ValueError('last_n with n=0 and train_head=False trains nothing.')
     lowest = s.num_layers - k
-    fwd = structure_lib.forward_kwargs(
+    fwd = supported_forward(
         model, stop_below=lowest if 0 < lowest < s.num_layers else None)
     programs.append(Technique(
         name=f'last_{k}',

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_eff.core.technique import Technique, tree_bits
+from fedjax_eff.models.structure import ForwardPlan, accepts, forward_keys
 from fedjax_eff.techniques import structure as structure_lib
 
 HEADS = ('carry', 'per_layer', 'reinit')
@@ -102,8 +103,7 @@ class LayerSchedule(NamedTuple):
 def _check_model(model, what):
   s = structure_lib.structure_of(model)
   needed = ('depth', 'stop_below', 'layer_gates')
-  missing = [k for k in needed if not structure_lib.forward_kwargs(
-      model, **{k: 0})]
+  missing = [k for k in needed if k not in forward_keys(model)]
   if missing:
     raise ValueError(f'{what} needs a layer-structured model (transformer, '
                      f'vit) whose forward takes {missing}; '
@@ -135,13 +135,13 @@ def layerwise(model, schedule: LayerSchedule, head: str = 'carry',
       head_name = s.head[-1]
       names = set(s.embed) | set(s.layers) | {head_name}
       used = names
-      fwd = {}
+      fwd = ForwardPlan()
     else:
       head_name = s.head[a] if head == 'per_layer' else s.head[0]
       # The embedding trains with layer 0 (the layer that reads it).
       names = {s.layers[a], head_name} | (set(s.embed) if a == 0 else set())
       used = set(s.embed) | set(s.layers[:a + 1]) | {head_name}
-      fwd = dict(depth=a + 1, stop_below=None if a == 0 else a)
+      fwd = ForwardPlan(depth=a + 1, stop_below=None if a == 0 else a)
     start_round = schedule.stage_start(stage)
 
     def trainable(params, plan):
@@ -198,8 +198,7 @@ def depth_dropout(model, schedule: LayerSchedule, p: float,
   if mode not in DROPOUT_MODES:
     raise ValueError(f'depth_dropout mode={mode!r} is not one of '
                      f'{DROPOUT_MODES}.')
-  if mode == 'step' and not structure_lib.forward_kwargs(
-      model, layer_drop_rate=0):
+  if mode == 'step' and not accepts(model, 'layer_drop_rate'):
     raise ValueError("depth_dropout mode='step' needs a model whose forward "
                      'takes layer_drop_rate.')
   n = s.num_layers
@@ -210,7 +209,7 @@ def depth_dropout(model, schedule: LayerSchedule, p: float,
     skip = int(round(p * (a or 0)))
     gates = np.arange(n) >= skip
     return Technique(name='depth_dropout',
-                     forward=lambda plan: dict(layer_gates=gates))
+                     forward=lambda plan: ForwardPlan(layer_gates=gates))
 
   def specialize(stage, tier):
     del tier
@@ -220,16 +219,18 @@ def depth_dropout(model, schedule: LayerSchedule, p: float,
       return Technique(
           name='depth_dropout',
           plan=lambda rng, r, ctx: depth_gates(rng, n, a, p),
-          forward=lambda gates: dict(layer_gates=gates), device=device)
+          forward=lambda gates: ForwardPlan(layer_gates=gates),
+          device=device)
     if mode == 'chunk':
       return Technique(
           name='depth_dropout',
           chunk_plan=lambda rng, r: depth_gates(rng, n, a, p),
           plan=lambda rng, r, ctx: ctx['chunk'],
-          forward=lambda gates: dict(layer_gates=gates), device=device)
+          forward=lambda gates: ForwardPlan(layer_gates=gates),
+          device=device)
     rates = np.where(np.arange(n) < (a if a is not None else 0), p, 0.0)
     return Technique(name='depth_dropout',
-                     forward=lambda plan: dict(layer_drop_rate=rates),
+                     forward=lambda plan: ForwardPlan(layer_drop_rate=rates),
                      device=device)
 
   return Technique(name='depth_dropout', stage=schedule.stage,

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_eff.core.technique import Technique
+from fedjax_eff.models.structure import supported_forward
 from fedjax_eff.techniques import structure as structure_lib
 
 MODES = ('fixed', 'per_round', 'per_client')
@@ -93,7 +94,7 @@ def partial_training(model, layers: Sequence[int] = (),
     stop_below = None if (train_embed or lowest == 0) else lowest
     if pattern:
       stop_below = None  # a regex may reach below the lowest named layer
-    fwd = structure_lib.forward_kwargs(model, stop_below=stop_below)
+    fwd = supported_forward(model, stop_below=stop_below)
     return Technique(
         name='partial_training',
         trainable=lambda params, plan: structure_lib.names_mask(

@@ -1,7 +1,8 @@
-"""A model's layer structure as techniques see it, and masks built from it.
+"""Masks built from a model's layer structure.
 
-Models name their parameter groups (`models/`): an ordered list of layers
-(input to output), the embedding and the head(s). Layer-structured
+Models name their parameter groups (`models/structure.py`: `LayerStructure`,
+`structure_of`, re-exported here): an ordered list of layers (input to
+output), the embedding and the head(s). Layer-structured
 techniques address "layer i", "the last n layers" or a path regex through
 this one view, and turn the choice into a trainable mask over the top-level
 parameter names: static Python bools when the choice is fixed at trace time
@@ -12,40 +13,14 @@ is drawn per round or per client.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from fedjax_eff.models.structure import LayerStructure, structure_of
+
 PyTree = Any
-
-
-class LayerStructure(NamedTuple):
-  """Top-level parameter names by role; `layers` ordered input to output."""
-  embed: tuple[str, ...]
-  layers: tuple[str, ...]
-  head: tuple[str, ...]
-
-  @property
-  def num_layers(self) -> int:
-    return len(self.layers)
-
-  def layer_index(self, name: str) -> int | None:
-    return self.layers.index(name) if name in self.layers else None
-
-
-def structure_of(model) -> LayerStructure:
-  """The structure a model declares (`groups`, else `layer_names`).
-
-  Models without `groups` (the small classifiers) list every layer in
-  `layer_names` with the output layer last; that one is the head.
-  """
-  groups = getattr(model, 'groups', None)
-  if groups:
-    return LayerStructure(tuple(groups.get('embed', ())),
-                          tuple(groups['layers']), tuple(groups['head']))
-  names = tuple(model.layer_names)
-  return LayerStructure((), names[:-1], names[-1:])
 
 
 def path_name(path) -> str:
@@ -95,11 +70,3 @@ def check_layers(structure: LayerStructure, layers: Sequence[int],
     raise ValueError(f'{what}: layer indices {bad} are outside [0, '
                      f'{structure.num_layers}) of {structure.layers}.')
   return layers
-
-
-def forward_kwargs(model, **kwargs) -> dict:
-  """Keeps the kwargs a model's `__call__` accepts (layer-structured models
-  take `depth`, `stop_below`, `layer_gates`; small classifiers do not)."""
-  import inspect
-  accepted = inspect.signature(type(model).__call__).parameters
-  return {k: v for k, v in kwargs.items() if k in accepted and v is not None}

@@ -32,6 +32,8 @@ from typing import Sequence
 import jax
 
 from fedjax_eff.core.technique import Technique, tree_bits
+from fedjax_eff.models.structure import (ForwardPlan, check_forward,
+                                         supported_forward)
 from fedjax_eff.models.transformer import module_pattern
 from fedjax_eff.techniques import structure as structure_lib
 
@@ -65,9 +67,10 @@ def task_program(model, task: int, kinds: Sequence[str], train_head: bool,
       return top not in other_heads and not others.search(path)
     return False
 
-  fwd = {'task': task} if num_tasks > 1 else {}
+  fwd = ForwardPlan(task=task) if num_tasks > 1 else ForwardPlan()
   if not kinds and not full:  # head only: no backward through the blocks
-    fwd.update(structure_lib.forward_kwargs(model, stop_below=s.num_layers))
+    fwd = fwd | supported_forward(model, stop_below=s.num_layers)
+  check_forward(model, fwd)
 
   def trainable(params, plan):
     del plan
@@ -80,7 +83,7 @@ def task_program(model, task: int, kinds: Sequence[str], train_head: bool,
 
   name = ('full' if full else '+'.join(kinds) or 'head') + f'_t{task}'
   return (Technique(name=name, trainable=trainable,
-                    forward=lambda plan: dict(fwd), download=download),
+                    forward=lambda plan: fwd, download=download),
           mine, head)
 
 

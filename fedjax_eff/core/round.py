@@ -38,7 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_eff.core import placement as placement_lib
 from fedjax_eff.core import technique as technique_lib
+from fedjax_eff.core.placement import (CLIENTS_AXIS, ROWS, ChunkLayout,
+                                       chunk_key,
+                                       chunk_layout, client_keys,
+                                       default_chunk_size, replicate)
 from fedjax_eff.core.task import Sums, Task, batch_sums
 
 PyTree = Any
@@ -85,44 +90,33 @@ SUM_NAMES = ('loss', 'correct', 'examples', 'scored', 'dropped')
 
 
 def over_clients(client_update: Callable[..., ClientOutput], c: int):
-  """`client_update` over a chunk of `c` clients (leading axis).
+  """`client_update` over a chunk of `c` clients (`placement.map_clients`):
+  `ctx['server_state']` (a technique's server state, the same for every
+  client) is broadcast, everything else per client."""
+  def run(params, batches, mask, ctx, keys, round_num, chunk):
+    ctx = dict(ctx)
+    server_state = ctx.pop('server_state', None)
 
-  A vmap, except for one client: then the client runs unbatched and its
-  outputs get the axis back. XLA:CPU runs the batch-of-one matmuls a vmap
-  makes markedly slower than plain ones (measured: a 200k-parameter MLP
-  step took 0.53 ms instead of 0.35 ms), and C = 1 is the CPU default.
-  """
-  def shared_server_state(fn):
-    # ctx['server_state'] (a technique's server state) is the same for
-    # every client: closed over, not mapped.
-    def with_state(params, batches, mask, ctx, keys, round_num, chunk):
-      ctx = dict(ctx)
-      server_state = ctx.pop('server_state', None)
-      def update(params, batches, mask, ctx, key, round_num, chunk):
-        if server_state is not None:
-          ctx = dict(ctx, server_state=server_state)
-        return client_update(params, batches, mask, ctx, key, round_num,
-                             chunk)
-      return fn(update)(params, batches, mask, ctx, keys, round_num, chunk)
-    return with_state
-
-  if c != 1:
-    return shared_server_state(lambda update: jax.vmap(
-        update, in_axes=(None, 0, 0, 0, 0, None, None)))
-
-  def one(update):
-    def run(params, batches, mask, ctx, keys, round_num, chunk):
-      first = lambda tree: jax.tree.map(lambda x: x[0], tree)
-      out = update(params, first(batches), mask[0], first(ctx),
-                   keys[0], round_num, chunk)
-      return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
-    return run
-  return shared_server_state(one)
+    def update(params, batches, mask, ctx, key, round_num, chunk,
+               server_state):
+      if server_state is not None:
+        ctx = dict(ctx, server_state=server_state)
+      return client_update(params, batches, mask, ctx, key, round_num, chunk)
+    return placement_lib.map_clients(
+        update, c, (None, 0, 0, 0, 0, None, None, None))(
+            params, batches, mask, ctx, keys, round_num, chunk, server_state)
+  return run
 
 
-def client_keys(rng: jax.Array, num: int) -> jax.Array:
-  """Per-client keys: `fold_in(rng, position)`, independent of chunking."""
-  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(num))
+def weighted_sum(w: jax.Array, finite: jax.Array, tree: PyTree) -> PyTree:
+  """Σ_c w_c x_c over a chunk's clients, a non-finite client's x as 0."""
+  if w.shape[0] == 1:  # a multiply: XLA:CPU runs a 1-long dot slowly
+    return jax.tree.map(
+        lambda x: w[0] * jnp.where(finite[0], x[0], 0.0), tree)
+  # A dot: on CPU 2x faster than multiply-and-sum at C = 2 (CNN).
+  return jax.tree.map(
+      lambda x: jnp.einsum('c,c...->...', w, jnp.where(
+          finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)), tree)
 
 
 def split_client_key(key: jax.Array):
@@ -371,62 +365,6 @@ def guarded_server_update(server_optimizer: optax.GradientTransformation,
                         round=state.round + 1), ~ok
 
 
-def default_chunk_size(num_clients: int, backend: str | None = None) -> int:
-  """C per backend: 1 on CPU (measured fastest, DESIGN.md), wide elsewhere."""
-  backend = backend or jax.default_backend()
-  return 1 if backend == 'cpu' else min(num_clients, 128)
-
-
-class ChunkLayout(NamedTuple):
-  """Which cohort position sits in each slot of each chunk (host side).
-
-  Without tiers the slots are the cohort in order, padded to whole chunks.
-  With tiers, each tier's clients are contiguous and padded to whole chunks,
-  so every chunk is tier-homogeneous and runs its tier's program; the number
-  of chunks is fixed at `floor((K + T (C - 1)) / C)` whatever the tier mix,
-  so the round never recompiles, and surplus chunks (tier `T`) are skipped.
-  """
-  order: np.ndarray       # [num_chunks * C] cohort position, K for padding
-  chunk_tier: np.ndarray  # [num_chunks] tier of each chunk; T (1 without
-                          # tiers) = a chunk of padding only, skipped
-
-
-def chunk_layout(num_clients: int, chunk_size: int, tiers=None,
-                 num_tiers: int = 1, shards: int = 1) -> ChunkLayout:
-  """The slots of a round; `shards` rounds the chunk count up to a multiple
-  (one block of chunks per device of the mesh), adding skipped chunks."""
-  k, c = num_clients, chunk_size
-  if tiers is None:
-    n = -(-k // c)
-    order = np.full(-(-n // shards) * shards * c, k)
-    order[:k] = np.arange(k)
-    chunk_tier = np.zeros(len(order) // c, np.int32)
-    chunk_tier[n:] = 1  # whole chunks of padding: skipped
-    return ChunkLayout(order, chunk_tier)
-  tiers = np.asarray(tiers).astype(np.int64).reshape(-1)
-  if tiers.shape != (k,) or tiers.min(initial=0) < 0 or tiers.max(
-      initial=0) >= num_tiers:
-    raise ValueError(f'cohort ctx["tier"] must be {k} ints in [0, '
-                     f'{num_tiers}); got {tiers!r}.')
-  n = (k + num_tiers * (c - 1)) // c
-  order, chunk_tier = [], []
-  for t in range(num_tiers):
-    members = np.flatnonzero(tiers == t)
-    m = -(-len(members) // c)
-    order.append(np.concatenate([members, np.full(m * c - len(members), k)]))
-    chunk_tier += [t] * m
-  n = -(-n // shards) * shards
-  order.append(np.full((n - len(chunk_tier)) * c, k))
-  chunk_tier += [num_tiers] * (n - len(chunk_tier))
-  return ChunkLayout(np.concatenate(order).astype(np.int32),
-                     np.asarray(chunk_tier, np.int32))
-
-
-def chunk_key(client_key: jax.Array) -> jax.Array:
-  """The key of a chunk's shared plan: from its first client's key."""
-  return jax.random.fold_in(client_key, 0x6368)
-
-
 class RoundFns(NamedTuple):
   init: Callable[[PyTree], ServerState]
   round_step: Callable[..., tuple[ServerState, RoundMetrics]]
@@ -436,22 +374,6 @@ class RoundFns(NamedTuple):
   local_part: Callable[..., np.ndarray] | None = None
   # R replicas of the round in one program (`build_round`'s replica_step).
   replica_step: Callable[..., tuple[ServerState, RoundMetrics]] | None = None
-
-
-CLIENTS_AXIS = 'clients'
-
-
-def replicate(mesh: jax.sharding.Mesh, x):
-  """`x` with a copy on every device of `mesh` (of every process).
-
-  Kept as is if it already is; otherwise from this process's value, which
-  every process must hold alike (`jax.device_put` cannot move an array
-  committed to one process's device onto another process's devices).
-  """
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(rep, x.ndim):
-    return x
-  return jax.make_array_from_process_local_data(rep, np.asarray(x))
 
 
 def build_round(model: nn.Module, task: Task,
@@ -495,7 +417,7 @@ def build_round(model: nn.Module, task: Task,
   tech = technique_lib.chain(technique)
   stateful = technique_lib.stateful(tech)
   tiered = tech.specialize is not None
-  shards = mesh.shape[CLIENTS_AXIS] if mesh is not None else 1
+  place = placement_lib.Placement(chunk_size, num_tiers, tiered, mesh)
 
   @functools.lru_cache(maxsize=None)
   def program(stage, tier):
@@ -511,9 +433,9 @@ def build_round(model: nn.Module, task: Task,
       return ServerState(params, server_optimizer.init(params),
                          jnp.zeros((), jnp.int32))
     ts = technique_lib.init_state(tech, params)
-    store = client_store(ts.client)
     return ServerState(params, server_optimizer.init(params),
-                       jnp.zeros((), jnp.int32), ts.server, store)
+                       jnp.zeros((), jnp.int32), ts.server,
+                       client_store(ts.client))
 
   def client_store(one_client):
     leaves = jax.tree.leaves(one_client)
@@ -532,204 +454,93 @@ def build_round(model: nn.Module, task: Task,
     return jax.tree.map(lambda x: jnp.broadcast_to(
         x, (population,) + x.shape).copy(), one_client)
 
-  def run_chunk(stage, tier, state, examples, chunk):
-    """One chunk of C clients of one tier -> weighted sums over them."""
+  def contribution(stage, tier, shared, chunk, rows):
+    """One chunk of C clients of one tier: their weighted sums, their bits
+    and their new client states (`placement.Contribution`)."""
+    state, examples = shared
     (batches, mask, weight, ctx), keys, pres = chunk
-    if '_index' in batches:  # device-resident data: gather this chunk's rows
+    if ROWS in batches:  # device-resident data: gather this chunk's rows
       # (padded slots point at ResidentData's all-zero row: selected out)
-      batches = {f: jnp.take(x, batches['_index'], axis=0, mode='clip')
+      batches = {f: jnp.take(x, batches[ROWS], axis=0, mode='clip')
                  for f, x in examples.items()}
     t = program(stage, tier)
     cp = t.chunk_plan(chunk_key(keys[0]), state.round) if t.chunk_plan else None
     if stateful:
-      ids = ctx['client_index']
-      ctx = dict(ctx, server_state=state.technique,
-                 client_state=jax.tree.map(
-                     lambda s: jnp.take(s, ids, axis=0, mode='clip'),
-                     state.clients))
+      ctx = dict(ctx, server_state=state.technique, client_state=rows)
     out = over_clients(client_update_for(stage, tier), mask.shape[0])(
         state.params, batches, mask, ctx, keys, state.round, cp)
     finite = rows_finite((out.delta, out.loss_sum))
-    w = jnp.where(finite & pres, weight, 0.0)
-
-    def wsum(tree):  # Σ_c w_c x_c over the finite clients
-      if w.shape[0] == 1:  # a multiply: XLA:CPU runs a 1-long dot slowly
-        return jax.tree.map(
-            lambda x: w[0] * jnp.where(finite[0], x[0], 0.0), tree)
-      # A dot: on CPU 2x faster than multiply-and-sum at C = 2 (CNN).
-      return jax.tree.map(
-          lambda x: jnp.einsum('c,c...->...', w, jnp.where(
-              finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)), tree)
     ok = finite & pres
+    w = jnp.where(ok, weight, 0.0)
+    dtype = loss_dtype(state.params)
     sums = dict(
         loss=jnp.sum(jnp.where(ok, out.loss_sum, 0.0)),
         correct=jnp.sum(jnp.where(ok, out.correct_sum, 0.0)),
         examples=jnp.sum(jnp.where(ok, out.num_examples, 0.0)),
         scored=jnp.sum(jnp.where(ok, out.num_scored, 0.0)),
-        dropped=jnp.sum((~finite) & pres & (weight > 0)).astype(
-            loss_dtype(state.params)))
+        dropped=jnp.sum((~finite) & pres & (weight > 0)).astype(dtype))
     bits = (jnp.where(pres, out.upload_bits, 0.0),
             jnp.where(pres, out.download_bits, 0.0))
     if not stateful:
-      return wsum(out.delta), wsum(out.coverage), sums, bits
-    sums['aggregated'] = jnp.sum(ok).astype(loss_dtype(state.params))
+      return placement_lib.Contribution(
+          (weighted_sum(w, finite, out.delta),
+           weighted_sum(w, finite, out.coverage), sums), bits)
     # Feedback: an unweighted sum over the aggregated clients. Client
     # states: written back for the aggregated clients only (a dropped or
     # padded slot keeps its client's state).
+    sums['aggregated'] = jnp.sum(ok).astype(dtype)
     feedback = jax.tree.map(lambda x: jnp.sum(jnp.where(
         ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), axis=0), out.feedback)
-    written = jnp.where(ok, ctx['client_index'], population)
-    return (wsum(out.delta), wsum(out.coverage), sums, bits,
-            (feedback, (written, out.client_state)))
-
-  def skip_chunk(state, examples, chunk):
-    """A chunk of padding only: contributes nothing, costs nothing."""
-    del examples
-    c = chunk[2].shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    sums = {n: jnp.zeros((), loss_dtype(state.params))
-            for n in SUM_NAMES}
-    if not stateful:
-      return zeros, zeros, sums, (jnp.zeros((c,), jnp.float32),
-                                  jnp.zeros((c,), jnp.float32))
-    sums['aggregated'] = jnp.zeros((), loss_dtype(state.params))
-    return (zeros, zeros, sums, (jnp.zeros((c,), jnp.float32),
-                                 jnp.zeros((c,), jnp.float32)),
-            (zero_feedback(state), (jnp.full((c,), population),
-                                   jax.tree.map(lambda s: jnp.zeros(
-                                       (c,) + s.shape[1:], s.dtype),
-                                                state.clients))))
-
-  def zero_feedback(state):
-    template = jax.eval_shape(tech.init, state.params).feedback
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), template)
-
-  def scan_chunks(state, examples, xs, stage, dispatch=True):
-    """Σ over a block of chunks: (delta_sum, coverage, sums), bits [n, C].
-
-    `dispatch=False` (one program, no chunk of padding only) calls the
-    program directly: a `lax.switch` per chunk costs copies of its
-    operands, measured at 0.17 ms per chunk for a 200k-parameter MLP.
-    """
-    programs = ([functools.partial(run_chunk, stage, t)
-                 for t in range(num_tiers if tiered else 1)] + [skip_chunk])
-
-    def chunk_body(acc, xs_i):
-      chunk, ct = xs_i
-      if dispatch:
-        out = jax.lax.switch(ct, programs, state, examples, chunk)
-      else:
-        out = programs[0](state, examples, chunk)
-      if not stateful:
-        d, cov, sums, bits = out
-        acc = jax.tree.map(jnp.add, acc, (d, cov, sums))
-        return acc, bits
-      d, cov, sums, bits, (feedback, (written, new_states)) = out
-      acc, store, wrote = acc
-      acc = jax.tree.map(jnp.add, acc, (d, cov, sums, feedback))
-      store = jax.tree.map(lambda s, n: s.at[written].set(n, mode='drop'),
-                           store, new_states)
-      wrote = wrote.at[written].set(True, mode='drop')
-      return (acc, store, wrote), bits
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    zero_sums = {n: jnp.zeros((), loss_dtype(state.params)) for n in SUM_NAMES}
-    if not stateful:
-      return jax.lax.scan(chunk_body, (zeros, zeros, zero_sums), xs)
-    zero_sums['aggregated'] = jnp.zeros((), loss_dtype(state.params))
-    init = ((zeros, zeros, zero_sums, zero_feedback(state)), state.clients,
-            jnp.zeros((population,), bool))
-    return jax.lax.scan(chunk_body, init, xs)
-
-  def scan_sharded(state, examples, xs, stage, dispatch):
-    """`scan_chunks` per device block of the mesh, sums met by a psum."""
-    def block(state, examples, xs):
-      acc, bits = scan_chunks(state, examples, xs, stage, dispatch)
-      bits = jax.lax.all_gather(bits, CLIENTS_AXIS, tiled=True)
-      if not stateful:
-        return jax.lax.psum(acc, CLIENTS_AXIS), bits
-      # Each client sits in one slot of one device: the rows a device
-      # wrote, summed with the other devices' zeros, are exact.
-      acc, store, wrote = acc
-      mine = jax.tree.map(lambda s: jnp.where(
-          wrote.reshape((-1,) + (1,) * (s.ndim - 1)), s, 0), store)
-      wrote = jax.lax.psum(wrote.astype(jnp.int32), CLIENTS_AXIS) > 0
-      store = jax.tree.map(lambda s, m: jnp.where(
-          wrote.reshape((-1,) + (1,) * (s.ndim - 1)), m, s),
-                           state.clients, jax.lax.psum(mine, CLIENTS_AXIS))
-      return (jax.lax.psum(acc, CLIENTS_AXIS), store, wrote), bits
-    p = jax.sharding.PartitionSpec
-    by_client = jax.sharding.NamedSharding(mesh, p(CLIENTS_AXIS))
-    explicit = mesh.axis_types[mesh.axis_names.index(CLIENTS_AXIS)] == (
-        jax.sharding.AxisType.Explicit)  # jax.make_mesh's default
-    place = (jax.sharding.reshard if explicit
-             else jax.lax.with_sharding_constraint)
-    xs = jax.tree.map(lambda x: place(x, by_client), xs)
-    return jax.shard_map(
-        block, mesh=mesh, in_specs=(p(), p(), p(CLIENTS_AXIS)),
-        out_specs=(p(), p()), axis_names={CLIENTS_AXIS},
-        check_vma=False)(state, examples, xs)
+    return placement_lib.Contribution(
+        (weighted_sum(w, finite, out.delta),
+         weighted_sum(w, finite, out.coverage), sums, feedback), bits,
+        out.client_state, ok)
 
   def round_program(state: ServerState, examples, cohort, order, chunk_tier,
                     rng, stage, num_clients=None):
-    """`cohort` in cohort order, taken into its slots here; or, given
-    `num_clients`, already one row per slot of `order` (`local_part`)."""
-    k = cohort.mask.shape[0] if num_clients is None else num_clients
-    num_chunks = chunk_tier.shape[0]
-    c = order.shape[0] // num_chunks
-    present = order < k
-
-    def chunked(x):
-      x = jnp.asarray(x)
-      if num_clients is None:
-        x = jnp.take(x, order, axis=0, mode='clip')
-      return x.reshape((num_chunks, c) + x.shape[1:])
-
-    feats = (dict(cohort.batches) if hasattr(cohort, 'batches')
-             else {'_index': cohort.index})
-    batches, mask, weight, ctx = jax.tree.map(
-        chunked, (feats, cohort.mask, cohort.weight, dict(cohort.ctx)))
-    weight = jnp.where(present.reshape(num_chunks, c), weight, 0.0)
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
-        jnp.where(present, order, k + jnp.arange(order.shape[0])))
-    keys = keys.reshape((num_chunks, c) + keys.shape[1:])
-    xs = (((batches, mask, weight, ctx), keys,
-           present.reshape(num_chunks, c)), chunk_tier)
-    # Skipped chunks exist with tiers, or to fill whole mesh blocks.
-    dispatch = tiered or num_chunks * c - k >= c
-    scan = scan_sharded if mesh is not None else scan_chunks
-    acc, (up, down) = scan(state, examples, xs, stage, dispatch)
-    if not stateful:
-      delta_sum, coverage, sums = acc
-    else:
-      (delta_sum, coverage, sums, feedback), store, _ = acc
+    """One round (McMahan et al. 2017, Alg. 1; Reddi et al. 2021, Alg. 2):
+    broadcast the server state, every client trains and uploads, the
+    server averages per parameter over the clients that trained it and
+    steps its optimizer."""
+    clients = place.to_slots(cohort, order, chunk_tier, rng, num_clients)
+    programs = [functools.partial(contribution, stage, t)
+                for t in range(num_tiers if tiered else 1)]
+    # Chunks of padding only exist with tiers, or to fill mesh blocks.
+    dispatch = tiered or order.shape[0] - clients.num_clients >= (
+        order.shape[0] // chunk_tier.shape[0])
+    total, (up, down), store = place.sum_over_clients(
+        programs, (state, examples), clients, state.clients, dispatch)
+    delta_sum, coverage, sums = total[:3]
     new_state, skipped = guarded_server_update(server_optimizer, state,
                                                delta_sum, coverage)
-    if stateful:  # a skipped step keeps the techniques' states as well
-      technique_state = tech.server_update(
-          state.technique, feedback,
-          dict(clients=sums['aggregated'], population=population)
-      ) if tech.server_update else state.technique
-      keep = lambda new, old: jax.tree.map(
-          lambda a, b: jnp.where(skipped, b, a), new, old)
-      new_state = new_state._replace(
-          technique=keep(technique_state, state.technique),
-          clients=keep(store, state.clients))
-    slot_pos = jnp.where(present, order, k)
-    per_client = lambda b: jnp.zeros((k,), jnp.float32).at[slot_pos].set(
-        b.reshape(-1), mode='drop')
-    up, down = per_client(up), per_client(down)
-    metrics = RoundMetrics(
+    if stateful:
+      new_state = technique_server_update(state, new_state, total[3], sums,
+                                          store, skipped)
+    up, down = place.per_client(up, clients), place.per_client(down, clients)
+    return new_state, RoundMetrics(
         # NaN (null in metrics.jsonl) when no example counted: every
         # client dropped, not a loss of 0.
         train_loss=jnp.where(sums['examples'] > 0, sums['loss'] / jnp.maximum(
             sums['examples'], 1.0), jnp.nan),
         train_accuracy=sums['correct'] / jnp.maximum(sums['scored'], 1.0),
-        num_clients=jnp.asarray(k, jnp.float32), num_dropped=sums['dropped'],
-        upload_bits=jnp.mean(up), download_bits=jnp.mean(down),
+        num_clients=jnp.asarray(clients.num_clients, jnp.float32),
+        num_dropped=sums['dropped'], upload_bits=jnp.mean(up),
+        download_bits=jnp.mean(down),
         server_step_skipped=skipped.astype(jnp.float32),
         client_upload_bits=up, client_download_bits=down)
-    return new_state, metrics
+
+  def technique_server_update(state, new_state, feedback, sums, store,
+                              skipped):
+    """The technique's server state from its clients' feedback, and the
+    client-state store; a skipped server step keeps both as they were."""
+    technique_state = tech.server_update(
+        state.technique, feedback,
+        dict(clients=sums['aggregated'], population=population)
+    ) if tech.server_update else state.technique
+    keep = lambda new, old: jax.tree.map(
+        lambda a, b: jnp.where(skipped, b, a), new, old)
+    return new_state._replace(technique=keep(technique_state, state.technique),
+                              clients=keep(store, state.clients))
 
   one_round = round_program  # (the name is rebound to its jit below)
 
@@ -757,36 +568,8 @@ def build_round(model: nn.Module, task: Task,
                             static_argnames=('stage', 'num_clients'),
                             donate_argnums=(0,) if donate else ())
 
-  def layout_of(k, tiers):
-    c = min(chunk_size or default_chunk_size(k), k)
-    if tiered and tiers is None:
-      tiers = np.zeros(k, np.int64)
-    return chunk_layout(k, c, np.asarray(tiers) if tiered else None,
-                        num_tiers, shards)
-
-  def local_slots(layout) -> slice:
-    """The slots on this process's devices (one contiguous range)."""
-    if mesh.devices.ndim != 1:
-      raise ValueError('A cohort split across processes needs a 1-D mesh '
-                       f'(the {CLIENTS_AXIS!r} axis only).')
-    mine = [i for i, d in enumerate(mesh.devices.reshape(-1))
-            if d.process_index == jax.process_index()]
-    if not mine or mine != list(range(mine[0], mine[-1] + 1)):
-      raise ValueError('This process\'s devices must be one contiguous run '
-                       'of the mesh.')
-    block = len(layout.order) // shards
-    return slice(mine[0] * block, (mine[-1] + 1) * block)
-
-  def local_part(num_clients: int, tiers=None) -> np.ndarray:
-    """Cohort positions of the slots this process trains, in slot order
-    (`num_clients` for a padding slot): pack these clients (padding slots
-    may hold any client; they weigh nothing) and pass that cohort to
-    `round_step(..., part_of=(num_clients, tiers))`. Each process then
-    packs and holds only its part of the cohort."""
-    if mesh is None:
-      raise ValueError('local_part needs build_round(..., mesh=...).')
-    layout = layout_of(num_clients, tiers)
-    return layout.order[local_slots(layout)]
+  def stage_of(round_num) -> Any:
+    return tech.stage(int(round_num)) if tech.stage is not None else None
 
   def check_chunk_semantics(stage):
     """A technique drawing one choice per chunk (depth dropout's 'chunk'
@@ -800,39 +583,29 @@ def build_round(model: nn.Module, task: Task,
           'results depend on the chunk width: set chunk_size (the number '
           'of clients sharing a draw) instead of the per-backend default.')
 
+  def check_rows(cohort, examples):
+    if cohort.indexed and examples is None:
+      raise ValueError('A cohort of row indices (pack_index) needs '
+                       'examples=: the ResidentData.examples they point '
+                       'into.')
+
   def round_step(state: ServerState, cohort, rng, round_num=None,
                  examples=None, part_of=None):
-    stage = None
-    if tech.stage is not None:
-      stage = tech.stage(int(state.round) if round_num is None
-                         else int(round_num))
-    if not hasattr(cohort, 'batches') and examples is None:
-      raise ValueError('An IndexedCohort needs examples=: the '
-                       'ResidentData.examples its indices point into.')
+    """The host side of a round: the cohort's layout, then the program."""
+    stage = stage_of(state.round if round_num is None else round_num)
+    check_rows(cohort, examples)
     check_chunk_semantics(stage)
     if part_of is not None:  # this process's slots only (local_part)
       k, tiers = part_of
-      layout = layout_of(k, tiers)
-      part = local_slots(layout)
-      if cohort.mask.shape[0] != part.stop - part.start:
-        raise ValueError(f'part_of: the cohort has {cohort.mask.shape[0]} '
-                         f'rows; local_part gave {part.stop - part.start}.')
-      by_client = jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec(CLIENTS_AXIS))
-      cohort = jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(
-              by_client, np.asarray(x), (len(layout.order),) + x.shape[1:]),
-          cohort)
+      layout = place.layout(k, tiers)
+      cohort = place.assemble_part(cohort, layout)
     else:
-      k = cohort.mask.shape[0]
-      tiers = (cohort.ctx['tier'] if tiered and 'tier' in cohort.ctx
-               else None)
-      layout = layout_of(k, tiers)
-    if mesh is not None:  # e.g. restored onto one device: onto the mesh
-      state = jax.tree.map(functools.partial(replicate, mesh), state)
-    return round_program(state, {} if examples is None else examples,
-                         cohort, layout.order, layout.chunk_tier, rng,
-                         stage=stage,
+      k = cohort.num_clients
+      tiers = cohort.ctx.get('tier') if tiered else None
+      layout = place.layout(k, tiers)
+    return round_program(place.broadcast(state),
+                         {} if examples is None else examples, cohort,
+                         layout.order, layout.chunk_tier, rng, stage=stage,
                          num_clients=None if part_of is None else k)
 
   def replica_step(states: ServerState, cohorts, rngs, round_num=None,
@@ -847,21 +620,17 @@ def build_round(model: nn.Module, task: Task,
     if mesh is not None or tiered:
       raise ValueError('replica_step runs on one device with one program '
                        'per client: no mesh, no device tiers.')
-    if not hasattr(cohorts, 'batches') and examples is None:
-      raise ValueError('An IndexedCohort needs examples=: the '
-                       'ResidentData.examples its indices point into.')
-    stage = None
-    if tech.stage is not None:
-      stage = tech.stage(int(np.asarray(states.round).reshape(-1)[0])
-                         if round_num is None else int(round_num))
-    layout = layout_of(cohorts.mask.shape[1], None)
+    check_rows(cohorts, examples)
+    stage = stage_of(np.asarray(states.round).reshape(-1)[0]
+                     if round_num is None else round_num)
+    layout = place.layout(cohorts.mask.shape[1], None)
     return replica_program(states, {} if examples is None else examples,
                            cohorts, layout.order, layout.chunk_tier, rngs,
                            stage=stage)
 
   first_stage = tech.stage(0) if tech.stage else None
   return RoundFns(init, round_step, client_update_for(first_stage, 0),
-                  client_update_for, tech, local_part, replica_step)
+                  client_update_for, tech, place.local_part, replica_step)
 
 
 def stack_replicas(trees: Sequence[PyTree]) -> PyTree:

@@ -28,6 +28,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from fedjax_eff.core.placement import ROWS
 from fedjax_eff.data.federated import FederatedData
 
 POLICIES_LARGE = ('subsample', 'error')
@@ -35,11 +36,16 @@ POLICIES_SMALL = ('pad', 'repeat')
 WEIGHTINGS = ('num_examples', 'uniform')
 
 
+
+
 class Cohort(NamedTuple):
   """One round's clients in static shapes.
 
   Attributes:
-    batches: feature name -> `[K, S, B, ...]` arrays.
+    batches: feature name -> `[K, S, B, ...]` arrays; for device-resident
+      data (`pack_index`) the one entry `ROWS` -> `[K, S, B]` int32 row
+      indices into `ResidentData.examples` (padding: its all-zero row),
+      gathered inside the round program.
     mask: `[K, S, B]` float32, 1 for a real example, 0 for padding.
     weight: `[K]` float32 aggregation weight (0 for an empty/padded slot).
     ctx: per-client context arrays `[K, ...]` for technique plans (e.g.
@@ -53,6 +59,16 @@ class Cohort(NamedTuple):
   @property
   def num_clients(self) -> int:
     return self.mask.shape[0]
+
+  @property
+  def indexed(self) -> bool:
+    """Row indices into device-resident examples, not the examples."""
+    return ROWS in self.batches
+
+  @property
+  def index(self) -> np.ndarray:
+    """`[K, S, B]` row indices (an indexed cohort only)."""
+    return self.batches[ROWS]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,28 +235,18 @@ class ResidentData(NamedTuple):
                    else a.nbytes for a in self.examples.values()))
 
 
-class IndexedCohort(NamedTuple):
-  """A cohort as row indices into `ResidentData.examples`.
-
-  Same fields as `Cohort` but `index` (`[K, S, B]` int32 rows; padding
-  slots point at `ResidentData.pad_row`, all zeros, with mask 0) replaces
-  the example arrays.
-  """
-  index: np.ndarray
-  mask: np.ndarray
-  weight: np.ndarray
-  ctx: Mapping[str, np.ndarray]
-
-  @property
-  def num_clients(self) -> int:
-    return self.mask.shape[0]
+def IndexedCohort(index, mask, weight, ctx) -> Cohort:  # pylint: disable=invalid-name
+  """A cohort as row indices into `ResidentData.examples`: a `Cohort`
+  whose one feature is `ROWS` (`[K, S, B]` int32; padding slots point at
+  `ResidentData.pad_row`, all zeros, with mask 0)."""
+  return Cohort({ROWS: index}, mask, weight, ctx)
 
 
 def pack_index(resident: ResidentData, client_indices: np.ndarray, *,
                steps: int, batch_size: int, seed: int, round_num: int,
                policy_large: str = 'subsample', policy_small: str = 'pad',
                weighting: str = 'num_examples', shuffle: bool = True,
-               ctx: Mapping[str, np.ndarray] | None = None) -> IndexedCohort:
+               ctx: Mapping[str, np.ndarray] | None = None) -> Cohort:
   """`pack`, but as row indices: the same examples in the same slots."""
   _validate(policy_large, policy_small, weighting, steps, batch_size)
   if resident.pad_row >= 2 ** 31 - 1:

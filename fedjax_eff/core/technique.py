@@ -79,6 +79,7 @@ import numpy as np
 
 from fedjax_eff.core import codecs
 from fedjax_eff.core.codecs import is_frozen, mask_as_array
+from fedjax_eff.models import structure
 
 PyTree = Any
 
@@ -284,7 +285,8 @@ def chain(*techniques: Technique) -> Technique:
   """Composes techniques like `optax.chain`; the result is resolved.
 
   Plans are a tuple (one entry per technique, each drawn with its own key).
-  Views apply in order; trainable masks multiply; forward kwargs merge;
+  Views apply in order; trainable masks multiply; forward kwargs merge
+  (an error when two techniques set one key to different values);
   encoders apply in order (the last one's bit count is what travels) and
   decoders in reverse; merges apply in reverse, each scattering into the
   shape the previous view started from, the inner coverage serving as the
@@ -318,10 +320,10 @@ def chain(*techniques: Technique) -> Technique:
     return mask
 
   def forward(plans):
-    kwargs = {}
-    for t, p in zip(ts, plans):
-      kwargs.update(t.forward(p))
-    return kwargs
+    # A typed merge: two techniques setting one key to different values
+    # is an error naming both (models.structure.ForwardPlan).
+    return structure.merge_forward([t.forward(p) for t, p in zip(ts, plans)],
+                                   names=[t.name for t in ts])
 
   def encode(msg, plans, rng):
     keys = jax.random.split(rng, len(ts))

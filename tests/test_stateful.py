@@ -186,3 +186,28 @@ def test_stateless_state_has_no_store():
   kw, params = _setup(core.identity())
   state = core.build_round(**kw).init(params)
   assert state.technique == () and state.clients == ()
+
+
+def test_host_client_store_equals_device_store():
+  """The store in host memory (data packed on the host) gives the device
+  store's results: the cohort brings its clients' rows, the round
+  returns their new rows."""
+  data = helpers.ragged_clients()
+  tech = core.chain(scaffold(CLIENT_LR), compression.compress(
+      [codecs.topk_codec(k=3)], error_feedback=True))
+  kw, params = _setup(tech)
+  device = _run(kw, params, tech, data, 2)
+  fns = core.build_round(**kw, chunk_size=2, donate=False,
+                         population=data.num_clients, client_store='host')
+  state, store = fns.init(params), fns.host_store(params)
+  assert state.clients == () and store.nbytes > 0
+  for r in range(len(COHORTS)):
+    cohort = _cohort(data, r)
+    ids = cohort.ctx['client_index']
+    cohort = cohort._replace(ctx=dict(cohort.ctx,
+                                      client_state=store.rows(ids)))
+    state, metrics = fns.round_step(state, cohort, jax.random.key(r))
+    store.write(ids, metrics)
+  assert helpers.max_abs_diff(state.params, device.params) < 1e-6
+  assert helpers.max_abs_diff(state.technique, device.technique) < 1e-6
+  assert helpers.max_abs_diff(store.states, device.clients) < 1e-6

@@ -156,6 +156,13 @@ def message_bits(msg: PyTree):
   return total + static
 
 
+def unsent(msg: PyTree) -> PyTree:
+  """`msg` with nothing on the wire (0 bits), values kept: e.g. local
+  training, where a client applies its own update."""
+  return jax.tree.map(lambda w: w.replace(sent=False), msg,
+                      is_leaf=lambda x: isinstance(x, Wire))
+
+
 def identity_codec() -> Codec:
   return Codec('fp32', lambda tree, rng: tree, lambda msg: msg)
 
@@ -352,5 +359,5 @@ def topk_codec(fraction: float | None = None, k: int | None = None) -> Codec:
 
 __all__ = ['Codec', 'Quantized', 'Sparse', 'Wire', 'chain_codecs',
            'dequantize_leaf', 'from_wire', 'identity_codec', 'index_bits',
-           'message_bits', 'quantize_codec', 'quantize_leaf', 'to_wire',
+           'message_bits', 'quantize_codec', 'unsent', 'quantize_leaf', 'to_wire',
            'topk_codec', 'topk_count', 'zero_codes']

@@ -262,9 +262,10 @@ class Placement(NamedTuple):
                    jnp.where(present, order, k), k)
 
   def per_client(self, per_slot: jax.Array, clients: Clients) -> jax.Array:
-    """`[num_chunks, C]` slot values -> `[K]` in cohort order."""
-    return jnp.zeros((clients.num_clients,), per_slot.dtype).at[
-        clients.slot_pos].set(per_slot.reshape(-1), mode='drop')
+    """`[num_chunks, C, ...]` slot values -> `[K, ...]` in cohort order."""
+    rest = per_slot.shape[2:]
+    return jnp.zeros((clients.num_clients,) + rest, per_slot.dtype).at[
+        clients.slot_pos].set(per_slot.reshape((-1,) + rest), mode='drop')
 
   def sum_over_clients(self, programs: Sequence[Callable[..., Contribution]],
                        shared: PyTree, clients: Clients, store: PyTree = (),

@@ -83,6 +83,10 @@ class RoundMetrics(NamedTuple):
   server_step_skipped: jax.Array  # 1.0: the server step was non-finite
   client_upload_bits: jax.Array   # [K] per client, in cohort order
   client_download_bits: jax.Array
+  # A host-side client-state store (build_round(client_store='host')):
+  # each client's new state [K, ...] and whether to write it back [K].
+  client_states: Any = ()
+  client_state_written: Any = ()
 
 
 # The cohort-level sums a round accumulates over its chunks.
@@ -374,6 +378,31 @@ class RoundFns(NamedTuple):
   local_part: Callable[..., np.ndarray] | None = None
   # R replicas of the round in one program (`build_round`'s replica_step).
   replica_step: Callable[..., tuple[ServerState, RoundMetrics]] | None = None
+  # A host-side client-state store for client_store='host'.
+  host_store: Callable[[PyTree], 'HostClientStore'] | None = None
+
+
+class HostClientStore(NamedTuple):
+  """Every client's persistent state in host memory (numpy, leading axis
+  N), for rounds built with `client_store='host'`: `rows(ids)` goes into
+  the cohort's `ctx['client_state']`, `write(ids, metrics)` takes the
+  round's new rows back. Checkpoint `states` beside the server state."""
+  states: PyTree
+
+  @property
+  def nbytes(self) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(self.states)))
+
+  def rows(self, ids) -> PyTree:
+    ids = np.asarray(ids)
+    return jax.tree.map(lambda s: s[ids], self.states)
+
+  def write(self, ids, metrics: 'RoundMetrics') -> None:
+    ids = np.asarray(ids)
+    written = np.asarray(metrics.client_state_written, bool)
+    def put(s, new):
+      s[ids[written]] = np.asarray(new)[written]
+    jax.tree.map(put, self.states, metrics.client_states)
 
 
 def build_round(model: nn.Module, task: Task,
@@ -385,7 +414,8 @@ def build_round(model: nn.Module, task: Task,
                 jit: bool = True, mesh: jax.sharding.Mesh | None = None,
                 vmap_replicas: bool | None = None,
                 population: int | None = None,
-                client_state_limit_bytes: int = 4 << 30) -> RoundFns:
+                client_state_limit_bytes: int = 4 << 30,
+                client_store: str = 'device') -> RoundFns:
   """Builds `init(params)` and `round_step(state, cohort, rng, round_num)`.
 
   `cohort` is a `data.Cohort` (numpy or jax arrays) with `K` clients, or a
@@ -412,8 +442,17 @@ def build_round(model: nn.Module, task: Task,
   holds N client states on the device, indexed by `ctx['client_index']`;
   it lives in `ServerState.clients`, so it is checkpointed and donated
   with the server state. Its memory is N x one client's state;
-  `client_state_limit_bytes` refuses a store larger than that.
+  `client_state_limit_bytes` refuses a store larger than that. With
+  `client_store='host'` (data packed on the host) the store stays in host
+  memory instead (`HostClientStore`): the cohort brings its clients' rows
+  as `ctx['client_state']` and the round returns their new rows in
+  `RoundMetrics.client_states` (written back where
+  `client_state_written`); only K rows cross, and N x state never sits on
+  the device.
   """
+  if client_store not in ('device', 'host'):
+    raise ValueError(f"client_store={client_store!r}: 'device' or 'host'.")
+  host_store = client_store == 'host'
   tech = technique_lib.chain(technique)
   stateful = technique_lib.stateful(tech)
   tiered = tech.specialize is not None
@@ -435,9 +474,11 @@ def build_round(model: nn.Module, task: Task,
     ts = technique_lib.init_state(tech, params)
     return ServerState(params, server_optimizer.init(params),
                        jnp.zeros((), jnp.int32), ts.server,
-                       client_store(ts.client))
+                       () if host_store else store_of(ts.client))
 
-  def client_store(one_client):
+  def store_of(one_client, xp=jnp):
+    """N copies of one client's initial state (`xp`: jnp on the device,
+    np on the host), refused past `client_state_limit_bytes`."""
     leaves = jax.tree.leaves(one_client)
     if not leaves:
       return jax.tree.map(lambda x: x, one_client)
@@ -451,8 +492,8 @@ def build_round(model: nn.Module, task: Task,
           f'The client-state store of {tech.name!r} needs {nbytes / 2**30:.2f}'
           f' GiB ({population} clients x {nbytes // population} bytes), '
           f'over the limit of {client_state_limit_bytes / 2**30:.2f} GiB.')
-    return jax.tree.map(lambda x: jnp.broadcast_to(
-        x, (population,) + x.shape).copy(), one_client)
+    return jax.tree.map(lambda x: xp.broadcast_to(
+        xp.asarray(x), (population,) + x.shape).copy(), one_client)
 
   def contribution(stage, tier, shared, chunk, rows):
     """One chunk of C clients of one tier: their weighted sums, their bits
@@ -465,8 +506,9 @@ def build_round(model: nn.Module, task: Task,
                  for f, x in examples.items()}
     t = program(stage, tier)
     cp = t.chunk_plan(chunk_key(keys[0]), state.round) if t.chunk_plan else None
-    if stateful:
-      ctx = dict(ctx, server_state=state.technique, client_state=rows)
+    if stateful:  # (a host store's rows came with the cohort's ctx)
+      ctx = dict(ctx, server_state=state.technique,
+                 **({} if host_store else dict(client_state=rows)))
     out = over_clients(client_update_for(stage, tier), mask.shape[0])(
         state.params, batches, mask, ctx, keys, state.round, cp)
     finite = rows_finite((out.delta, out.loss_sum))
@@ -491,10 +533,11 @@ def build_round(model: nn.Module, task: Task,
     sums['aggregated'] = jnp.sum(ok).astype(dtype)
     feedback = jax.tree.map(lambda x: jnp.sum(jnp.where(
         ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), axis=0), out.feedback)
-    return placement_lib.Contribution(
-        (weighted_sum(w, finite, out.delta),
-         weighted_sum(w, finite, out.coverage), sums, feedback), bits,
-        out.client_state, ok)
+    total = (weighted_sum(w, finite, out.delta),
+             weighted_sum(w, finite, out.coverage), sums, feedback)
+    if host_store:  # the new rows go back to the host with the bits
+      return placement_lib.Contribution(total, bits + (out.client_state, ok))
+    return placement_lib.Contribution(total, bits, out.client_state, ok)
 
   def round_program(state: ServerState, examples, cohort, order, chunk_tier,
                     rng, stage, num_clients=None):
@@ -508,7 +551,7 @@ def build_round(model: nn.Module, task: Task,
     # Chunks of padding only exist with tiers, or to fill mesh blocks.
     dispatch = tiered or order.shape[0] - clients.num_clients >= (
         order.shape[0] // chunk_tier.shape[0])
-    total, (up, down), store = place.sum_over_clients(
+    total, per_slot, store = place.sum_over_clients(
         programs, (state, examples), clients, state.clients, dispatch)
     delta_sum, coverage, sums = total[:3]
     new_state, skipped = guarded_server_update(server_optimizer, state,
@@ -516,7 +559,12 @@ def build_round(model: nn.Module, task: Task,
     if stateful:
       new_state = technique_server_update(state, new_state, total[3], sums,
                                           store, skipped)
-    up, down = place.per_client(up, clients), place.per_client(down, clients)
+    per_client = lambda x: place.per_client(x, clients)
+    up, down = per_client(per_slot[0]), per_client(per_slot[1])
+    host_rows = ()
+    if host_store and stateful:  # written back unless the step was skipped
+      host_rows = (jax.tree.map(per_client, per_slot[2]),
+                   per_client(per_slot[3]) & ~skipped)
     return new_state, RoundMetrics(
         # NaN (null in metrics.jsonl) when no example counted: every
         # client dropped, not a loss of 0.
@@ -527,7 +575,9 @@ def build_round(model: nn.Module, task: Task,
         num_dropped=sums['dropped'], upload_bits=jnp.mean(up),
         download_bits=jnp.mean(down),
         server_step_skipped=skipped.astype(jnp.float32),
-        client_upload_bits=up, client_download_bits=down)
+        client_upload_bits=up, client_download_bits=down,
+        **(dict(zip(('client_states', 'client_state_written'), host_rows))
+           if host_rows else {}))
 
   def technique_server_update(state, new_state, feedback, sums, store,
                               skipped):
@@ -541,6 +591,13 @@ def build_round(model: nn.Module, task: Task,
         lambda a, b: jnp.where(skipped, b, a), new, old)
     return new_state._replace(technique=keep(technique_state, state.technique),
                               clients=keep(store, state.clients))
+
+  def host_store_for(params) -> 'HostClientStore':
+    """A host-side client-state store for `client_store='host'`."""
+    if not stateful:
+      return HostClientStore(())
+    one = technique_lib.init_state(tech, params).client
+    return HostClientStore(store_of(one, np))
 
   one_round = round_program  # (the name is rebound to its jit below)
 
@@ -630,7 +687,8 @@ def build_round(model: nn.Module, task: Task,
 
   first_stage = tech.stage(0) if tech.stage else None
   return RoundFns(init, round_step, client_update_for(first_stage, 0),
-                  client_update_for, tech, place.local_part, replica_step)
+                  client_update_for, tech, place.local_part, replica_step,
+                  host_store_for)
 
 
 def stack_replicas(trees: Sequence[PyTree]) -> PyTree:

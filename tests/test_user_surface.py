@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 
+from fedjax_eff.core import evaluation as evaluation_lib
 from fedjax_eff.experiment import callbacks as callbacks_lib
 from fedjax_eff.experiment import train as train_lib
 from fedjax_eff.experiment import train_and_evaluate
@@ -147,7 +148,7 @@ def test_held_out_clients_are_evaluated_in_one_pass(tmp_path):
     calls.append(len(next(iter(arrays.values()))))
     return exp.evaluate(params, arrays, segments=segments)
   heldout = exp.data.heldout
-  out = train_lib.central_metrics(counted, exp.data.test, heldout)
+  out = evaluation_lib.central_metrics(counted, exp.data.test, heldout)
   assert len(calls) == 2  # held-out (pooled + per client), then test
   alone = [exp.evaluate(params, heldout.client(i))['accuracy']
            for i in range(heldout.num_clients)]
@@ -156,7 +157,7 @@ def test_held_out_clients_are_evaluated_in_one_pass(tmp_path):
   pooled = exp.evaluate(params, heldout.concatenated())
   np.testing.assert_allclose(out['heldout_loss'], pooled['loss'], rtol=1e-6)
   calls.clear()
-  same = train_lib.central_metrics(counted, heldout.concatenated(), heldout)
+  same = evaluation_lib.central_metrics(counted, heldout.concatenated(), heldout)
   assert len(calls) == 1
   assert same['test_accuracy'] == same['heldout_accuracy']
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Batch = Mapping[str, jax.Array]
@@ -32,13 +33,15 @@ class Task(NamedTuple):
   correct count cover (tokens for a language model). `augment(batch, rng)
   -> batch`, if set, runs first in local training (not in evaluation).
   `loss` and `correct` find the real-example mask `[B]` in `batch['_mask']`
-  during training.
+  during training. `init_inputs(x) -> model input` builds what the model is
+  initialised on from zero inputs `x` `[1, ...]` (None: `x` itself).
   """
   inputs: Callable[[Batch], Any]
   loss: Callable[[jax.Array, Batch], jax.Array]
   correct: Callable[[jax.Array, Batch], jax.Array]
   augment: Optional[Callable[[Batch, jax.Array], Batch]] = None
   units: Optional[Callable[[Batch], tuple[jax.Array, jax.Array]]] = None
+  init_inputs: Optional[Callable[[Any], Any]] = None
 
 
 class Sums(NamedTuple):
@@ -157,7 +160,8 @@ def ctc(blank_id: int = 0) -> Task:
   sequence accuracy of the greedy decode (one unit per example): edit-
   distance rates (CER/WER) need a dynamic program on variable-length
   sequences and are computed on the host (`core.speech_metrics`).
-  Examples with no real frame (batch padding) get loss 0.
+  Examples with no real frame (batch padding) get loss 0. The model is
+  initialised on `(x, ones [B])`.
   """
   def label_paddings(batch):
     y = batch['y']
@@ -188,5 +192,8 @@ def ctc(blank_id: int = 0) -> Task:
     y_len = batch['y_len'].astype(jnp.float32)
     return y_len, jnp.ones_like(y_len)
 
+  def init_inputs(x):  # every example one frame long
+    return x, np.ones((x.shape[0],), np.int32)
+
   return Task(inputs=lambda b: (b['x'], b['x_len']), loss=loss,
-              correct=correct, units=units)
+              correct=correct, units=units, init_inputs=init_inputs)

@@ -48,6 +48,50 @@ class DataBundle(NamedTuple):
   def task_classes(self) -> tuple[int, ...]:
     return tuple(t.num_classes for t in self.tasks)
 
+  @property
+  def model_kwargs(self) -> dict[str, Any]:
+    """Model kwargs the data needs: with several tasks, one head (and
+    module set) per task (`num_tasks`, `task_classes`); else none."""
+    if not self.tasks:
+      return {}
+    return {'num_tasks': len(self.tasks), 'task_classes': self.task_classes}
+
+  def client_tiers(self, fractions, seed: int) -> tuple[np.ndarray, int]:
+    """`(tier [num training clients], number of tiers)`: the static
+    program each training client runs. With several tasks a client's tier
+    is its task (dispatched like a device tier, so device tiers cannot be
+    added); otherwise its device tier, drawn once from `fractions`
+    (`draw_tiers`; [] = one tier)."""
+    if self.tasks:
+      if len(fractions):
+        raise ValueError('config.data.tasks and config.devices.'
+                         'tier_fractions do not combine: a client\'s tier '
+                         'is its task.')
+      return self.client_task, len(self.tasks)
+    return (draw_tiers(self.train.num_clients, fractions, seed),
+            max(1, len(fractions)))
+
+  def client_view(self, client: int) -> tuple['DataBundle', dict]:
+    """What training client `client`'s own model is evaluated on, and the
+    model kwargs that select its task: its task's bundle and `{'task': t}`
+    with several tasks; else this bundle and `{}`."""
+    if not self.tasks:
+      return self, {}
+    t = int(self.client_task[client])
+    return self.tasks[t], {'task': t}
+
+
+def draw_tiers(num_clients: int, fractions, seed: int) -> np.ndarray:
+  """Each client's device tier, drawn once from `fractions` (seeded)."""
+  if not len(fractions):
+    return np.zeros(num_clients, np.int32)
+  p = np.asarray(fractions, np.float64)
+  if np.any(p < 0) or not np.isclose(p.sum(), 1.0):
+    raise ValueError(f'config.devices.tier_fractions={list(fractions)} must '
+                     'be non-negative and sum to 1.')
+  rng = np.random.default_rng([seed, 0x7132])
+  return rng.choice(len(p), size=num_clients, p=p).astype(np.int32)
+
 
 def default_config() -> ml_collections.ConfigDict:
   """The data config contract with its defaults (`cfg.data` of experiments)."""

@@ -8,7 +8,7 @@ what would each device reach with no federation at all? Selected by
 What runs is the federated program minus the server, so the comparison with
 a federated run isolates exactly one thing (the averaging):
 
-* `train.Experiment(config)` builds the data, model, task, technique,
+* `build.Experiment(config)` builds the data, model, task, technique,
   optimizers and `round_fns`; nothing is re-derived here.
 * `config.local.num_clients` training clients (0 = `clients_per_round`) are
   drawn once (seeded) and kept for the whole run.
@@ -37,38 +37,36 @@ chunks its cohort) and scatters the results back. Client `i`'s randomness is
 its own data, its index and the seed only: not on the other clients, on `C`
 or on the tier grouping.
 
-Outputs follow `train.py`: metrics.jsonl, summary.json (the federated keys
-where they make sense, plus `mode: 'local'`), TensorBoard events and orbax
-checkpoints of the stacked params; a resumed run ends with the same
-`params_sha256` (of the stacked params) as an unbroken one.
+The run itself is the skeleton every mode shares (`run.session`,
+`run.run_rounds`; `LocalMode` is this mode's part): metrics.jsonl,
+summary.json (the federated keys where they make sense, plus `mode:
+'local'`), TensorBoard events and orbax checkpoints of the stacked params;
+a resumed run ends with the same `params_sha256` (of the stacked params) as
+an unbroken one. Evaluation is the task's (`exp.evaluation.central`), per
+client.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 import types
 from typing import Any, Callable, NamedTuple
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from fedjax_eff import core
+from fedjax_eff.core import codecs
 from fedjax_eff.core import round as round_lib
 from fedjax_eff.data import cohort as cohort_lib
-from fedjax_eff.experiment import callbacks as callbacks_lib
-from fedjax_eff.experiment import checkpoints
 from fedjax_eff.experiment import errors
-from fedjax_eff.experiment import loop as loop_lib
 from fedjax_eff.experiment import metrics as metrics_lib
-from fedjax_eff.experiment import train as train_lib
-from fedjax_eff.experiment import workdir as workdir_lib
-from fedjax_eff.experiment.validation import validate_config
+from fedjax_eff.experiment import run as run_lib
+from fedjax_eff.experiment.build import Experiment
+from fedjax_eff.experiment.build import params_sha256
 
 PyTree = Any
 
@@ -135,27 +133,17 @@ def sample_clients(num_train: int, num: int, seed: int) -> np.ndarray:
   return np.sort(rng.choice(num_train, num, replace=False)).astype(np.int64)
 
 
-def client_eval_metrics(exp: train_lib.Experiment, params: PyTree,
-                        fwd: dict, client_index: int) -> dict[str, float]:
+def client_eval_metrics(exp: Experiment, params: PyTree, fwd: dict,
+                        client_index: int) -> dict[str, float]:
   """One client's model, run as its program runs it (`fwd`), evaluated.
 
-  On the central test set and on the held-out clients (pooled, and the mean
-  over held-out clients), with the keys of `Experiment.eval_metrics`; with
-  several tasks (`data.tasks`), on the test set and held-out clients of the
-  client's own task, with its task's head.
+  The task's central metrics (`exp.evaluation.central`, the keys of
+  `Experiment.eval_metrics` with one task) on the data the client is
+  scored on (`DataBundle.client_view`: with several tasks, the test set
+  and held-out clients of the client's own task, with its task's head).
   """
-  if exp.config.task.name == 'contrastive':
-    return exp.probe_metrics(params, fwd)
-  data = exp.data
-  if data.tasks:
-    task = int(data.client_task[client_index])
-    data, fwd = data.tasks[task], dict(fwd, task=task)
-  out = train_lib.central_metrics(
-      functools.partial(exp.evaluate, params, **fwd), data.test,
-      data.heldout)
-  if exp.config.task.name == 'lm':
-    out.update(train_lib.with_perplexity(out))
-  return out
+  data, task_kwargs = exp.data.client_view(client_index)
+  return exp.evaluation.central(params, data, **dict(fwd, **task_kwargs))
 
 
 class LocalTrainer:
@@ -165,7 +153,7 @@ class LocalTrainer:
   passed in and returned, so the loop owns the state (and checkpoints it).
   """
 
-  def __init__(self, exp: train_lib.Experiment):
+  def __init__(self, exp: Experiment):
     self.exp = exp
     config = exp.config
     num = config.local.num_clients or config.clients_per_round
@@ -206,7 +194,7 @@ class LocalTrainer:
       # Nothing is uploaded, so no codec runs: a client applies its own
       # update exactly as trained (a quantizer would only add noise).
       local_program = program._replace(
-          encode=lambda delta, mask, plan, rng: (delta, 0.0),
+          encode=lambda msg, plan, rng: codecs.unsent(msg),
           decode=lambda msg, plan: msg)
       exp = self.exp
       client_update = round_lib.build_client_update(
@@ -307,22 +295,86 @@ class LocalTrainer:
     return out, per_client
 
 
-def _check_workdir_mode(workdir: str) -> None:
-  """A workdir holds one kind of run: federated checkpoints (server state)
-  are not client stacks, and restoring one as the other would be read as
-  corruption."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path) or not os.path.isdir(
-      os.path.join(workdir, 'checkpoints')):
-    return
-  try:
-    with open(path) as f:
-      previous = json.load(f).get('mode', 'federated')
-  except (OSError, ValueError, AttributeError):
-    return
-  if previous != 'local':
-    raise ValueError(f'{workdir} holds a config.mode={previous!r} run; '
-                     'config.mode=local needs a fresh --workdir.')
+class LocalMode:
+  """Local rounds of every simulated client (`run.RoundMode`); the
+  checkpoint holds the stacked client params and which clients they are."""
+
+  desc = 'local rounds'
+
+  def __init__(self, exp: Experiment):
+    self.exp = exp
+    self.trainer = LocalTrainer(exp)
+    self.params = self.trainer.init()
+    self.per_client: list[dict[str, float]] = []
+
+  def state(self) -> dict[str, Any]:
+    return {'state': {'params': self.params,
+                      'round': np.zeros((), np.int32)},
+            'clients': self.trainer.clients}
+
+  def restore(self, restored: dict[str, Any]) -> int:
+    if not np.array_equal(np.asarray(restored['clients']),
+                          self.trainer.clients):
+      raise errors.RunRefused(
+          'The checkpoint simulates other clients (config.local.num_clients '
+          'or the data changed); use a fresh --workdir.')
+    self.params = jax.tree.map(jnp.asarray, restored['state']['params'])
+    return int(restored['state']['round'])
+
+  def cohort(self, round_num: int) -> cohort_lib.Cohort:
+    return self.trainer.cohort(round_num)
+
+  def step(self, r: int, cohort) -> tuple[dict[str, float], float]:
+    self.params, stats = self.trainer.round(self.params, cohort, r)
+    record = self.trainer.round_metrics(stats)
+    t_acc = time.time()
+    record.update(self.trainer.device_metrics(r, cohort))
+    return record, time.time() - t_acc
+
+  def evaluate(self, done: int) -> dict[str, float]:
+    metrics, self.per_client = self.trainer.evaluate(self.params, done)
+    return metrics
+
+  def checkpoint(self, done: int) -> dict[str, Any]:
+    return {'state': {'params': self.params,
+                      'round': np.asarray(done, np.int32)},
+            'clients': self.trainer.clients}
+
+  def finish(self, last: dict[str, Any], rounds: int,
+             history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluates the clients' final models if this process did not, and
+    returns the local summary fields (per-client metrics included)."""
+    del history
+    exp, trainer = self.exp, self.trainer
+    if not self.per_client:  # the last round was not evaluated here
+      metrics, self.per_client = trainer.evaluate(self.params, rounds)
+      last.update(metrics)
+    model_bits = float(core.technique.tree_bits(exp.init_params))
+    return {
+        'mode': 'local',
+        'params_sha256': params_sha256(self.params),
+        'technique': exp.round_fns.technique.name,
+        # What each device's program costs to train; nothing travels per
+        # round (the federated program's bits would, so they are zeroed).
+        'device_cost': [dict(stage=repr(stage), tier=tier, **dict(
+            cost.as_dict(), upload_bits=0.0, download_bits=0.0))
+                        for (stage, tier), cost in exp.costs.items()],
+        'num_params': int(sum(np.size(x)
+                              for x in jax.tree.leaves(exp.init_params))),
+        'initial_download_bits': model_bits,  # per client, as federated
+        'num_clients': trainer.num_clients,
+        # The only communication of a local run: each client fetches the
+        # initial model (fp32) once; nothing travels after that.
+        'communication': {
+            'initial_download_bits_per_client': model_bits,
+            'initial_download_bits_total': model_bits * trainer.num_clients,
+            'upload_bits_total': 0.0,
+        },
+        'clients': [dict(index=int(ci), id=exp.data.train.client_ids[int(ci)],
+                         tier=int(t), **metrics_lib.to_python(m))
+                    for ci, t, m in zip(trainer.clients, trainer.tiers,
+                                        self.per_client)],
+    }
 
 
 def train_local(config: ml_collections.ConfigDict, workdir: str, *,
@@ -330,121 +382,10 @@ def train_local(config: ml_collections.ConfigDict, workdir: str, *,
                 allow_config_change: tuple[str, ...] = (),
                 callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
   """Runs (or resumes) local-only training in `workdir`; returns the
-  summary (also written to workdir/summary.json). The workdir guarantees
-  of `train.train_and_evaluate` hold (lock, recorded config, errors)."""
-  validate_config(config)  # before anything touches the workdir
-  workdir_lib.make_workdir(workdir)
-  with workdir_lib.RunLock(workdir, jax.process_index()):
-    with errors.translated(workdir):
-      _check_workdir_mode(workdir)
-      ckpt_dir = os.path.join(workdir, 'checkpoints')
-      workdir_lib.check_config(
-          workdir, config, resuming=workdir_lib.has_checkpoints(ckpt_dir),
-          allow=allow_config_change)
-      summary = _train_local(config, workdir, progress, callbacks)
-  callbacks_lib.call(callbacks, 'on_run_end', summary)
-  return summary
-
-
-def _train_local(config, workdir, progress, callbacks):
-  t0 = time.time()
-  exp = train_lib.Experiment(config)
-  trainer = LocalTrainer(exp)
-  params = trainer.init()
-  ckpt = checkpoints.RunCheckpointer(os.path.join(workdir, 'checkpoints'),
-                                     config.checkpoint_keep)
-  rng_data = jax.random.key_data(exp.base_key)
-  target = {'state': {'params': params, 'round': np.zeros((), np.int32)},
-            'rng': rng_data, 'clients': trainer.clients,
-            'sampler': np.asarray([config.seed, 0], np.int64)}
-  restored, step = train_lib.resume_point(workdir, ckpt, target)
-  start = 0
-  if step is not None:
-    if not np.array_equal(np.asarray(restored['rng']), np.asarray(rng_data)):
-      raise errors.RunRefused(
-          f'The checkpoint in {workdir} was written with another '
-          'config.seed; use a fresh --workdir.')
-    if not np.array_equal(np.asarray(restored['clients']), trainer.clients):
-      raise errors.RunRefused(
-          f'The checkpoint in {workdir} simulates other clients '
-          '(config.local.num_clients or the data changed); use '
-          'a fresh --workdir.')
-    params = jax.tree.map(jnp.asarray, restored['state']['params'])
-    start = int(restored['state']['round'])
-    workdir_lib.announce_resume(start, config.num_rounds, workdir)
-  current = {'params': params, 'per_client': []}
-
-  def step(r, cohort):
-    current['params'], stats = trainer.round(current['params'], cohort, r)
-    record = trainer.round_metrics(stats)
-    t_acc = time.time()
-    record.update(trainer.device_metrics(r, cohort))
-    return record, time.time() - t_acc
-
-  def evaluate(done):
-    metrics, current['per_client'] = trainer.evaluate(current['params'], done)
-    return metrics
-
-  def save(done):
-    ckpt.save(done, {'state': {'params': current['params'],
-                               'round': np.asarray(done, np.int32)},
-                     'rng': rng_data, 'clients': trainer.clients,
-                     'sampler': np.asarray([config.seed, done], np.int64)})
-
-  try:
-    last, compile_s = loop_lib.run_rounds(
-        config, workdir, start, cohort=trainer.cohort, step=step,
-        evaluate=evaluate, save=save, progress=progress, desc='local rounds',
-        callbacks=callbacks,
-        tensorboard=config.tensorboard and jax.process_index() == 0)
-  finally:
-    ckpt.close()
-  params, per_client = current['params'], current['per_client']
-  rounds = last.get('round', start)
-  history = metrics_lib.read_metrics(workdir)
-  if not last and history:  # resumed a finished run: report its last round
-    last = dict(history[-1])
-  if not per_client:  # the last round was not evaluated in this process
-    metrics, per_client = trainer.evaluate(params, rounds)
-    last.update(metrics)
-  if config.accounting and not exp.costs:  # resumed a finished run
-    for t in range(exp.num_tiers):
-      exp.program_cost(max(rounds - 1, 0), t)
-  model_bits = float(core.technique.tree_bits(exp.init_params))
-  summary = {
-      'mode': 'local',
-      'final_metrics': metrics_lib.to_python(last),
-      'rounds': rounds,
-      'resumed_from_round': start,
-      'wall_time_seconds': time.time() - t0,
-      'first_round_seconds_incl_compile': compile_s,
-      'train_wall_time_seconds_total': float(sum(
-          h.get('round_seconds', 0.0) for h in history)),
-      'params_sha256': train_lib.params_sha256(params),
-      'technique': exp.round_fns.technique.name,
-      # What each device's program costs to train; nothing travels per
-      # round (the federated program's bits would, so they are zeroed).
-      'device_cost': [dict(stage=repr(stage), tier=tier, **dict(
-          cost.as_dict(), upload_bits=0.0, download_bits=0.0))
-                      for (stage, tier), cost in exp.costs.items()],
-      'num_params': int(sum(np.size(x)
-                            for x in jax.tree.leaves(exp.init_params))),
-      'initial_download_bits': model_bits,  # per client, as federated
-      'num_clients': trainer.num_clients,
-      # The only communication of a local run: each client fetches the
-      # initial model (fp32) once; nothing travels after that.
-      'communication': {
-          'initial_download_bits_per_client': model_bits,
-          'initial_download_bits_total': model_bits * trainer.num_clients,
-          'upload_bits_total': 0.0,
-      },
-      'clients': [dict(index=int(ci), id=exp.data.train.client_ids[int(ci)],
-                       tier=int(t), **metrics_lib.to_python(m))
-                  for ci, t, m in zip(trainer.clients, trainer.tiers,
-                                      per_client)],
-      'config': json.loads(config.to_json_best_effort()),
-      'versions': train_lib.versions(),
-  }
-  workdir_lib.write_atomic(os.path.join(workdir, 'summary.json'),
-                           json.dumps(summary, indent=2))
-  return summary
+  summary (also written to workdir/summary.json), with the workdir
+  guarantees of every mode (`run.session`)."""
+  return run_lib.session(
+      config, workdir, lambda: run_lib.run_rounds(
+          config, workdir, LocalMode, progress=progress,
+          callbacks=callbacks),
+      allow_config_change=allow_config_change, callbacks=callbacks)

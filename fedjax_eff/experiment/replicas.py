@@ -21,7 +21,7 @@ import numpy as np
 
 from fedjax_eff.core.round import stack_replicas
 from fedjax_eff.core.round import unstack_replicas
-from fedjax_eff.experiment.train import Experiment
+from fedjax_eff.experiment.build import Experiment
 
 
 def _same(a, b) -> bool:

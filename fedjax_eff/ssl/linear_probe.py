@@ -17,6 +17,9 @@ well conditioned whatever the encoder's scale, and the test set cannot leak
 into it). The solver runs as one jitted `lax.scan`: L-BFGS (optax's, with
 its zoom line search) by default, which reaches the optimum of this smooth
 convex problem in a few hundred steps, or Adam.
+
+`probe_evaluation` makes the probe a contrastive task's central evaluation
+(`core.evaluation.TaskEvaluation`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from fedjax_eff.core import evaluation as evaluation_lib
 
 PyTree = Any
 
@@ -166,3 +171,37 @@ def probe_accuracy(model, params: PyTree, train_xy, test_xy,
   fte = extract_features(model, params, xte, batch_size, **apply_kwargs)
   return linear_probe(ftr, ytr, fte, yte, num_classes, steps=steps,
                       learning_rate=learning_rate, l2=l2, optimizer=optimizer)
+
+
+def _take(arrays, n: int):
+  return {k: v[:n] for k, v in arrays.items()}
+
+
+def probe_evaluation(model, task, batch_size: int = 256, steps: int = 300,
+                     max_examples: int = 5000
+                     ) -> 'evaluation_lib.TaskEvaluation':
+  """The evaluation of a self-supervised task: a linear probe.
+
+  `central(params, data, **forward)`: `probe_accuracy` with the features of
+  the program evaluated, fit on the first `max_examples` of the labelled
+  training clients' examples (pooled) and scored on each evaluation split
+  (`<split>_accuracy`, plus `probe_train_accuracy`). `stop_below` (where a
+  stage stops gradients) is reset to None: it only matters in training.
+  Data with several tasks is probed as a whole. `splits` stay the task's own loss and
+  accuracy (e.g. NT-Xent and contrastive top-1) per split.
+  """
+  base = evaluation_lib.standard_evaluation(model, task, batch_size)
+
+  def central(params, data, **forward):
+    forward = dict(forward, stop_below=None)
+    train = _take(data.train.concatenated(), max_examples)
+    out = {}
+    for split, arrays in evaluation_lib.eval_splits(data):
+      m = probe_accuracy(model, params, train, _take(arrays, max_examples),
+                         data.num_classes, steps=steps,
+                         batch_size=batch_size, **forward)
+      out[f'{split}_accuracy'] = m['test_accuracy']
+      out['probe_train_accuracy'] = m['train_accuracy']
+    return out
+
+  return base._replace(central=central, per_task=False)

@@ -26,7 +26,8 @@ max width`), by `depth` (a linear ramp from `rate_first` at the first
 group to `rate` at the last) or an explicit list. With `tier_rates`, each
 device tier drops at its own base rate (a static program per tier, one
 round). `submodel` extracts a nested sub-model (the first, or chosen, units
-at one keep ratio) to evaluate alone.
+at one keep ratio) to evaluate alone; the technique's `report` evaluates
+the nested sub-models at the end of a run (`submodel_report`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from fedjax_eff.models.structure import ForwardPlan, WidthGroup, accepts
 
 PyTree = Any
 SCHEDULES = ('constant', 'size', 'depth')
+# Keep ratios of the nested sub-models a run with federated dropout reports.
+NESTED_KEEPS = (0.25, 0.5, 0.75, 1.0)
 
 
 def width_groups(model) -> tuple[WidthGroup, ...]:
@@ -176,10 +179,12 @@ def scatter(sub: PyTree, like: PyTree, groups: Sequence[WidthGroup],
 
 def federated_dropout(model, init_params: PyTree, rate=0.25,
                       schedule: str = 'constant', rate_first: float = 0.0,
-                      tier_rates: Sequence[float] = ()) -> Technique:
+                      tier_rates: Sequence[float] = (),
+                      keeps: Sequence[float] = NESTED_KEEPS) -> Technique:
   """Each client trains a random dense sub-model of the model's width
   groups (module docstring). `tier_rates[t]` replaces `rate` for device
-  tier `t`."""
+  tier `t`. Its `report` evaluates the nested sub-models at `keeps`
+  (`submodel_report`)."""
   groups = width_groups(model)
   check_groups(groups, init_params)
   if not accepts(model, 'widths'):
@@ -209,8 +214,9 @@ def federated_dropout(model, init_params: PyTree, rate=0.25,
         view=lambda params, indices: gather(params, groups, indices),
         forward=lambda indices: ForwardPlan(widths=widths), merge=merge)
 
+  report = submodel_report(model, keeps)
   if not tier_rates:
-    return program(rate, 'federated_dropout')
+    return program(rate, 'federated_dropout')._replace(report=report)
   tiers = tuple(tier_rates)
   base = program(tiers[0], 'federated_dropout')
   programs = {t: program(r, f'federated_dropout_tier{t}')
@@ -222,7 +228,7 @@ def federated_dropout(model, init_params: PyTree, rate=0.25,
       raise ValueError(f'federated_dropout: no rate for device tier {tier} '
                        f'(tier_rates={list(tiers)}).')
     return programs[tier]
-  return base._replace(specialize=specialize)
+  return base._replace(specialize=specialize, report=report)
 
 
 def submodel(model, params: PyTree, keep: float, which: str = 'first',
@@ -249,3 +255,24 @@ def submodel(model, params: PyTree, keep: float, which: str = 'first',
   return (gather(params, groups, indices),
           ForwardPlan(widths=tuple((g.name, n)
                                    for g, n in zip(groups, counts))))
+
+
+def submodel_report(model, keeps: Sequence[float] = NESTED_KEEPS):
+  """`Technique.report` of the nested sub-models (Guliani et al.: a model
+  trained with federated dropout serves smaller devices as it is).
+
+  `report(params, evaluate)`: for each `keep` of `keeps`, the sub-model of
+  the first `keep` of every width group's units (`submodel`) evaluated
+  alone, `evaluate(sub_params, widths=...)`, each metric `m` reported as
+  `keep<keep>/m` (e.g. `keep0.5/test_accuracy`).
+  """
+  keeps = tuple(float(k) for k in keeps)
+
+  def report(params, evaluate):
+    out = {}
+    for keep in keeps:
+      sub, forward = submodel(model, params, keep)
+      for k, v in evaluate(sub, **forward).items():
+        out[f'keep{keep:g}/{k}'] = v
+    return out
+  return report

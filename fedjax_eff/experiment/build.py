@@ -1,0 +1,297 @@
+"""What a run is built from: `Experiment(config)`.
+
+Derives, from a config and nothing else, the data (`data.registry.load`),
+the model (`models.get_model`, with the kwargs the data needs), the task
+and its evaluation (`data.task_registry`), the composed technique
+(`techniques.build`), the optimizers, each client's tier, the placement of
+the examples and the compiled round (`core.build_round`). It names no
+technique, task or model: each of those is a registry lookup. Every run
+mode (`train.py` federated, `local.py`, `pretrain.py`) starts from one.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from fedjax_eff import accounting
+from fedjax_eff import core
+from fedjax_eff import models
+from fedjax_eff import techniques as techniques_lib
+from fedjax_eff.core import evaluation as evaluation_lib
+from fedjax_eff.data import cohort as cohort_lib
+from fedjax_eff.data import registry as data_registry
+from fedjax_eff.data import task_registry
+from fedjax_eff.experiment import checkpoints
+from fedjax_eff.experiment import init_checkpoint
+from fedjax_eff.experiment import placement
+from fedjax_eff.experiment.validation import validate_config
+
+
+def params_sha256(params: Any) -> str:
+  """SHA-256 of the parameters' bytes, leaves in sorted-path order."""
+  return checkpoints.tree_sha256(params)
+
+
+def versions() -> dict[str, str]:
+  """Versions of Python, this package and its main dependencies, and the
+  JAX backend and devices (recorded in every summary)."""
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  out = {'python': platform.python_version()}
+  for pkg in ('fedjax_eff', 'jax', 'jaxlib', 'flax', 'optax',
+              'orbax-checkpoint', 'numpy', 'tensorflow-datasets'):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      pass
+  out['backend'] = jax.default_backend()
+  out['devices'] = str(jax.devices())
+  return out
+
+
+def build_model(config: ml_collections.ConfigDict,
+                data: data_registry.DataBundle):
+  """`config.model`, with the kwargs the data needs (`data.model_kwargs`,
+  e.g. one head per task) unless the config sets them. The output size is
+  the number of classes unless `config.model.kwargs.num_classes` says
+  otherwise (e.g. a contrastive projection's dimension)."""
+  kwargs = dict(config.model.kwargs)
+  needed = data.model_kwargs
+  model_cls = models.MODELS.get(config.model.name)
+  lacking = [k for k in needed if not hasattr(model_cls, k)]
+  if model_cls is not None and lacking:
+    raise ValueError(f'config.data.tasks needs a model with per-task heads '
+                     f'(fields {lacking}), not '
+                     f'config.model.name={config.model.name!r}.')
+  for k, v in needed.items():
+    kwargs.setdefault(k, v)
+  return models.get_model(config.model.name,
+                          kwargs.pop('num_classes', data.num_classes),
+                          **kwargs)
+
+
+class RoundInput(NamedTuple):
+  """What the loop prefetches for a round."""
+  cohort: Any           # Cohort or IndexedCohort (this process's part)
+  part_of: Any          # (K, tiers) when split across processes, else None
+  tiers: np.ndarray     # [K] device tier of every client of the cohort
+
+
+class Experiment:
+  """Everything a run is built from, derived from a config (no state)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    validate_config(config)
+    self.config = config
+    self.data = data_registry.load(config.data)
+    self.model = build_model(config, self.data)
+    self.task, self.evaluation = task_registry.build(
+        config.task, self.model, config.eval_batch_size)
+    # evaluate(params, arrays, segments=None, **forward): loss, accuracy.
+    self.evaluate = self.evaluation.evaluate
+    self.base_key = jax.random.key(config.seed)
+    c = config.client
+    self.client_optimizer = core.make_optimizer(
+        c.optimizer, c.learning_rate, **dict(c.optimizer_kwargs))
+    s = config.server
+    self.server_optimizer = core.make_optimizer(
+        s.optimizer, s.learning_rate, **dict(s.optimizer_kwargs))
+    example = self.data.train.client(0)
+    self.example_batch = {k: np.zeros((c.batch_size,) + v.shape[1:], v.dtype)
+                          for k, v in example.items()}
+    self._measured: dict[Any, accounting.DeviceCost] = {}
+    # Initialise on the data's own dtype: token models embed integers.
+    x_dtype = example['x'].dtype if 'x' in example else np.float32
+    init_input = np.zeros((1,) + tuple(self.data.input_shape), x_dtype)
+    if self.task.init_inputs is not None:  # e.g. speech: (frames, lengths)
+      init_input = self.task.init_inputs(init_input)
+    self.init_params = self.model.init(
+        jax.random.fold_in(self.base_key, 0x1417), init_input)['params']
+    if config.init_checkpoint:
+      self.init_params = init_checkpoint.load_params(
+          config.init_checkpoint, self.init_params,
+          skip=config.init_checkpoint_skip)
+    self.technique = techniques_lib.build(
+        config.techniques, techniques_lib.TechniqueContext(
+            self.model, self.init_params, self.device_cost,
+            num_tasks=len(self.data.tasks),
+            submodel_keeps=tuple(config.get('submodel_keeps', ()))))
+    # A client's tier is its device class, or its task (its static
+    # program, dispatched like a tier).
+    self.tier_of, self.num_tiers = self.data.client_tiers(
+        list(config.devices.tier_fractions), config.seed)
+    self.mesh = placement.make_mesh(config.mesh_clients)
+    self.resident, self.examples = None, None
+    if config.mode == 'federated' and placement.on_device(
+        config.data_placement, placement.nbytes(self.data.train)):
+      self.resident = cohort_lib.ResidentData.of(self.data.train)
+      self.examples = placement.put_replicated(self.resident.examples,
+                                               self.mesh)
+    self.sampler = cohort_lib.CohortSampler(
+        self.data.train.num_clients, config.clients_per_round, config.seed)
+    self.autotune_seconds = None
+    self.split_cohort = False
+    chunk = config.chunk_size
+    if chunk == -1 and jax.process_count() > 1:
+      raise ValueError('config.chunk_size=-1 (autotune) runs in one process; '
+                       'with several, tune once on one process and pass the '
+                       'chosen config.chunk_size.')
+    if chunk == -1 and config.mode == 'federated':
+      chunk, self.autotune_seconds = self.autotune_chunk_size()
+    self.chunk_size = max(chunk, 0) or core.default_chunk_size(
+        config.clients_per_round)
+    placement.check_round_fits(
+        config, example_bytes=sum(
+            v.dtype.itemsize * int(np.prod(v.shape[1:]))
+            for v in example.values()),
+        param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(
+            self.init_params))),
+        on_device_data=self.examples is not None,
+        chunk=min(self.chunk_size, config.clients_per_round),
+        activation_bytes=lambda: placement.activation_bytes_per_example(
+            self.model, self.task, self.init_params, self.example_batch))
+    self.round_fns = self.build_round(self.chunk_size)
+    # Each process packs only the clients its own devices train.
+    self.split_cohort = self.mesh is not None and jax.process_count() > 1
+    self.costs: dict[Any, accounting.DeviceCost] = {}
+
+  def build_round(self, chunk_size: int, donate: bool = True
+                  ) -> core.RoundFns:
+    return core.build_round(
+        self.model, self.task, self.technique, self.client_optimizer,
+        self.server_optimizer, chunk_size=chunk_size,
+        prox_mu=self.config.client.prox_mu, num_tiers=self.num_tiers,
+        donate=donate, mesh=self.mesh)
+
+  def autotune_chunk_size(self) -> tuple[int, dict[int, float]]:
+    """The fastest chunk width on round 0's cohort (cached on disk)."""
+    cohort = self.cohort(0).cohort
+    fns = self.build_round(1, donate=False)
+    key = core.autotune.cache_key(
+        self.model, fns.technique.name, cohort,
+        mesh_size=self.mesh.size if self.mesh else 1,
+        extra=repr((self.config.client, self.config.techniques,
+                    self.config.devices)))
+    return core.autotune.autotune_chunk_size(
+        lambda c: self.build_round(c, donate=False),
+        fns.init(self.init_params), cohort, self.round_key(0), key=key,
+        examples=self.examples, log=print)
+
+  def init_state(self) -> core.ServerState:
+    return self.round_fns.init(self.init_params)
+
+  def cohort(self, round_num: int) -> RoundInput:
+    """Round `round_num`'s cohort: row indices into the device-resident
+    examples, or (host placement) the examples packed on the host. Under
+    `jax.distributed`, only the clients of this process's slots."""
+    c = self.config.client
+    ids = self.sampler.sample(round_num)
+    tiers = self.tier_of[ids]
+    part_of, mine = None, ids
+    if self.split_cohort:
+      part_of = (len(ids), tiers)
+      mine = ids[np.minimum(self.round_fns.local_part(*part_of),
+                            len(ids) - 1)]
+    kw = dict(steps=c.local_steps, batch_size=c.batch_size,
+              seed=self.config.seed, round_num=round_num,
+              policy_large=c.policy_large, policy_small=c.policy_small,
+              weighting=c.weighting, ctx={'tier': self.tier_of[mine]})
+    if self.resident is not None:
+      cohort = cohort_lib.pack_index(self.resident, mine, **kw)
+    else:
+      cohort = cohort_lib.pack(self.data.train, mine, **kw)
+    return RoundInput(cohort, part_of, tiers)
+
+  def device_cost(self, technique) -> accounting.DeviceCost:
+    """What one device pays to run `technique` (a static program).
+
+    Cached by what defines the program: the technique's name, its static
+    trainable mask and static forward kwargs (so e.g. the n chosen for a
+    tier reuses the measurement made while choosing it).
+    """
+    ctx = {'client_index': np.int32(0), 'tier': np.int32(0)}
+    found = core.technique.trace_plan(core.chain(technique),
+                                      self.init_params, ctx)
+    key = (technique.name, str(jax.tree.leaves(found['flags'])),
+           str(sorted(found['forward'].items())))
+    if key not in self._measured:
+      self._measured[key] = accounting.client_cost(
+          self.model, self.task, technique, self.client_optimizer,
+          self.init_params, self.example_batch,
+          self.config.client.local_steps, ctx, self.config.client.prox_mu)
+    return self._measured[key]
+
+  def program(self, round_num: int, tier: int = 0):
+    """The technique clients of `tier` run in round `round_num`."""
+    tech = self.round_fns.technique
+    stage = tech.stage(round_num) if tech.stage else None
+    if tech.specialize:
+      return stage, tech.specialize(stage, tier)
+    return stage, tech
+
+  def program_cost(self, round_num: int, tier: int) -> accounting.DeviceCost:
+    stage, program = self.program(round_num, tier)
+    key = (stage, tier if self.round_fns.technique.specialize else 0)
+    if key not in self.costs:
+      self.costs[key] = self.device_cost(
+          core.technique.device_program(program))
+    return self.costs[key]
+
+  def device_metrics(self, round_num: int, tiers, m) -> dict[str, float]:
+    """Per-client device cost of the round: means over the cohort and per
+    tier (bits as measured in the round, peak/FLOPs from the compiled
+    single-client program of each tier); `tiers`: each client's tier."""
+    tiers = np.asarray(tiers)
+    up = np.asarray(m.client_upload_bits)
+    down = np.asarray(m.client_download_bits)
+    out: dict[str, float] = {}
+    peak = np.zeros(len(tiers))
+    flops = np.zeros(len(tiers))
+    for t in range(self.num_tiers):
+      sel = tiers == t
+      if self.config.accounting:
+        cost = self.program_cost(round_num, t)
+        peak[sel], flops[sel] = cost.peak_bytes or 0, cost.flops_per_round or 0
+      if self.num_tiers > 1 and sel.any():
+        out[f'tier{t}/upload_bits'] = float(up[sel].mean())
+        out[f'tier{t}/download_bits'] = float(down[sel].mean())
+        if self.config.accounting:
+          out[f'tier{t}/device_peak_bytes'] = float(peak[sel].mean())
+          out[f'tier{t}/device_flops_per_round'] = float(flops[sel].mean())
+    if self.config.accounting:
+      out['device_peak_bytes'] = float(peak.mean())
+      out['device_flops_per_round'] = float(flops.mean())
+    return out
+
+  def round_key(self, round_num: int) -> jax.Array:
+    return jax.random.fold_in(self.base_key, round_num)
+
+  def forward(self, params, round_num: int, tier: int = 0) -> dict:
+    """Static model kwargs of the program a tier-`tier` client ran in the
+    last round before `round_num` (e.g. layer-wise: the active depth and
+    its head), as the server evaluates it."""
+    _, program = self.program(max(round_num - 1, 0), tier)
+    return core.technique.server_forward(
+        program, params, {'client_index': np.int32(0),
+                          'tier': np.int32(tier)})
+
+  def eval_metrics(self, params, round_num: int) -> dict[str, float]:
+    """The task's central metrics of the server model as the programs of
+    `round_num` run it (`core.evaluation.metrics`)."""
+    return evaluation_lib.metrics(
+        self.evaluation, params, self.data,
+        lambda tier: self.forward(params, round_num, tier))
+
+  def technique_report(self, params) -> dict[str, float]:
+    """What the technique reports of the final model (`Technique.report`,
+    e.g. federated dropout's nested sub-models), each evaluated with the
+    task's per-split metrics on this data."""
+    if self.technique.report is None:
+      return {}
+    return self.technique.report(
+        params, lambda p, **forward: self.evaluation.splits(
+            p, self.data, **forward))

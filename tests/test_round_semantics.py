@@ -71,3 +71,13 @@ def test_per_chunk_choices_need_a_chunk_width():
                    jax.random.key(0))
   fns = core.build_round(**kw, chunk_size=2, donate=False)
   fns.round_step(fns.init(params), helpers.tiny_cohort(), jax.random.key(0))
+
+
+def test_the_experiment_refuses_the_backend_chunk_width_for_chunk_draws():
+  from fedjax_eff.experiment.build import check_chunk_width
+  chunky = core.Technique(
+      name='chunky', chunk_plan=lambda rng, r: jax.random.bernoulli(rng),
+      plan=lambda rng, r, ctx: ctx['chunk'])
+  with pytest.raises(ValueError, match='config.chunk_size'):
+    check_chunk_width(chunky, 3, 1)
+  check_chunk_width(core.identity(), 3, 1)

@@ -53,6 +53,24 @@ def versions() -> dict[str, str]:
   return out
 
 
+def check_chunk_width(technique, num_rounds: int, num_tiers: int) -> None:
+  """Refuses the per-backend chunk width for a technique that draws one
+  choice per chunk (depth dropout's 'chunk' mode): its results would
+  depend on the backend."""
+  stages = ({technique.stage(r) for r in range(max(num_rounds, 1))}
+            if technique.stage else {None})
+  for stage in stages:
+    for tier in range(num_tiers):
+      t = (technique.specialize(stage, tier) if technique.specialize
+           else technique)
+      if t.chunk_plan is not None:
+        raise ValueError(
+            f'{technique.name} draws one choice per chunk of clients, so '
+            'its results depend on the chunk width: set config.chunk_size '
+            '(the clients sharing one draw); the default (0) differs per '
+            'backend.')
+
+
 def build_model(config: ml_collections.ConfigDict,
                 data: data_registry.DataBundle):
   """`config.model`, with the kwargs the data needs (`data.model_kwargs`,
@@ -119,7 +137,8 @@ class Experiment:
         config.techniques, techniques_lib.TechniqueContext(
             self.model, self.init_params, self.device_cost,
             num_tasks=len(self.data.tasks),
-            submodel_keeps=tuple(config.get('submodel_keeps', ()))))
+            submodel_keeps=tuple(config.get('submodel_keeps', ())),
+            client_learning_rate=c.learning_rate))
     # A client's tier is its device class, or its task (its static
     # program, dispatched like a tier).
     self.tier_of, self.num_tiers = self.data.client_tiers(
@@ -154,7 +173,15 @@ class Experiment:
         chunk=min(self.chunk_size, config.clients_per_round),
         activation_bytes=lambda: placement.activation_bytes_per_example(
             self.model, self.task, self.init_params, self.example_batch))
+    if config.chunk_size == 0:
+      check_chunk_width(self.technique, config.num_rounds, self.num_tiers)
     self.round_fns = self.build_round(self.chunk_size)
+    # Per-client technique state (error feedback, SCAFFOLD): on the device
+    # beside device-resident data, in host memory otherwise.
+    self.host_store = None
+    if self.client_store == 'host' and core.technique.stateful(
+        self.round_fns.technique):
+      self.host_store = self.round_fns.host_store(self.init_params)
     # Each process packs only the clients its own devices train.
     self.split_cohort = self.mesh is not None and jax.process_count() > 1
     self.costs: dict[Any, accounting.DeviceCost] = {}
@@ -165,7 +192,22 @@ class Experiment:
         self.model, self.task, self.technique, self.client_optimizer,
         self.server_optimizer, chunk_size=chunk_size,
         prox_mu=self.config.client.prox_mu, num_tiers=self.num_tiers,
-        donate=donate, mesh=self.mesh)
+        donate=donate, mesh=self.mesh,
+        population=self.data.train.num_clients,
+        client_state_limit_bytes=int(
+            self.config.get('client_state_limit_gib', 4.0) * 2 ** 30),
+        client_store=self.client_store)
+
+  @property
+  def client_store(self) -> str:
+    """Where per-client technique state lives: with the data."""
+    return 'device' if self.examples is not None else 'host'
+
+  def client_state_bytes(self, state: core.ServerState) -> int:
+    """Memory of the client-state store (device or host), in bytes."""
+    if self.host_store is not None:
+      return self.host_store.nbytes
+    return int(sum(x.nbytes for x in jax.tree.leaves(state.clients)))
 
   def autotune_chunk_size(self) -> tuple[int, dict[int, float]]:
     """The fastest chunk width on round 0's cohort (cached on disk)."""

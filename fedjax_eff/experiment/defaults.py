@@ -23,6 +23,11 @@ def base_config() -> ml_collections.ConfigDict:
   # fastest (cached per model/backend/shape in
   # ~/.cache/fedjax_eff/chunk_autotune.json; core/autotune.py).
   c.chunk_size = 0
+  # Techniques with per-client state (error feedback, SCAFFOLD) keep one
+  # state per training client (N x model size for both): refused above
+  # this many GiB (on the device with device-resident data, else in host
+  # memory; summary.json reports client_state_bytes).
+  c.client_state_limit_gib = 4.0
   # Where the training examples live: 'device' (all clients' examples on
   # the accelerator once; a round gathers its cohort inside the program and
   # only indices cross from the host), 'host' (each cohort packed on the

@@ -47,11 +47,13 @@ class FederatedMode:
     self.exp = exp
     self.current = {'state': exp.init_state()}
 
-  def state(self) -> dict[str, Any]:
-    return {'state': self.current['state']}
-
   def restore(self, restored: dict[str, Any]) -> int:
-    self.current['state'] = jax.tree.map(jnp.asarray, restored['state'])
+    state = restored['state']
+    if self.exp.host_store is not None:  # the store back to host memory
+      self.exp.host_store = self.exp.host_store._replace(
+          states=jax.tree.map(np.array, state.clients))
+      state = state._replace(clients=())
+    self.current['state'] = jax.tree.map(jnp.asarray, state)
     return int(self.current['state'].round)
 
   def cohort(self, round_num: int) -> RoundInput:
@@ -61,9 +63,16 @@ class FederatedMode:
     """One round; the record holds the round's scalar metrics and the
     device costs (whose compiles are not the round's time)."""
     exp = self.exp
+    cohort, store = this.cohort, exp.host_store
+    if store is not None:  # this round's clients' states, as of now
+      ids = cohort.ctx['client_index']
+      cohort = cohort._replace(ctx=dict(cohort.ctx,
+                                        client_state=store.rows(ids)))
     self.current['state'], m = exp.round_fns.round_step(
-        self.current['state'], this.cohort, exp.round_key(r), round_num=r,
+        self.current['state'], cohort, exp.round_key(r), round_num=r,
         examples=exp.examples, part_of=this.part_of)
+    if store is not None:
+      store.write(ids, m)
     record = {k: float(v) for k, v in m._asdict().items()
               if not k.startswith('client_')}
     t_acc = time.time()
@@ -74,8 +83,16 @@ class FederatedMode:
     return self.exp.eval_metrics(self.current['state'].params, done)
 
   def checkpoint(self, done: int) -> dict[str, Any]:
+    """The server state, with the client-state store wherever it lives
+    (the same checkpoint for host and device placement)."""
     del done
-    return {'state': self.current['state']}
+    return self.state()
+
+  def state(self) -> dict[str, Any]:
+    state = self.current['state']
+    if self.exp.host_store is not None:
+      state = state._replace(clients=self.exp.host_store.states)
+    return {'state': state}
 
   def finish(self, last: dict[str, Any], rounds: int,
              history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -100,6 +117,7 @@ class FederatedMode:
         'processes': jax.process_count(),
         'device_cost': [dict(stage=repr(stage), tier=tier, **cost.as_dict())
                         for (stage, tier), cost in exp.costs.items()],
+        'client_state_bytes': exp.client_state_bytes(state),
         'num_params': int(sum(np.size(x)
                               for x in jax.tree.leaves(state.params))),
         # The model every client downloads once before its first round

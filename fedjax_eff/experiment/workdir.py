@@ -41,7 +41,8 @@ RESUMABLE_KEYS = (
     'num_rounds', 'eval_every', 'eval_batch_size', 'checkpoint_every',
     'checkpoint_keep', 'progress', 'log_every_seconds', 'tensorboard',
     'accounting',
-    'chunk_size', 'data_placement', 'mesh_clients', 'max_failed_rounds',
+    'chunk_size', 'client_state_limit_gib', 'data_placement',
+    'mesh_clients', 'max_failed_rounds',
     'data.data_dir', 'data.cache_dir', 'submodel_keeps',
     'pretrain.steps', 'pretrain.log_every', 'pretrain.checkpoint_every',
 )

@@ -526,20 +526,13 @@ def test_upload_bits_are_the_message_size(run):  # pylint: disable=redefined-out
 
 # Federated dropout trains a narrower view than the server model, but
 # client state (error feedback's residual, SCAFFOLD's c_i) and SCAFFOLD's
-# server c are shaped like the server model: the pair is accepted by
-# `techniques.build` and fails when the round is traced. When it composes
-# (or is refused with a clear error), move it into PAIRS.
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    'federated_dropout + a technique with client state: error feedback '
-    'adds a server-shaped residual to the narrower view\'s message '
-    '(techniques/compression.py _add_residual: "add got incompatible '
-    'shapes"), SCAFFOLD corrects view-shaped grads with server-shaped '
-    'control variates (techniques/scaffold.py correct: "sub got '
-    'incompatible shapes")'))
+# server c are shaped like the server model: the round refuses the pair
+# with one clear error when it builds its state (it used to fail when the
+# round was traced, with a broadcasting TypeError).
 @pytest.mark.parametrize('other', [('topk', dict(k=3, error_feedback=True)),
                                    ('scaffold', {})], ids=lambda o: o[0])
-def test_federated_dropout_with_client_state(other, fast_compiles):
+def test_federated_dropout_with_client_state_is_refused(other, fast_compiles):
   del fast_compiles
-  test_round_matches_reference(_build(
-      f'federated_dropout+{other[0]}',
-      Spec((('federated_dropout', dict(rate=0.5)), other))))
+  with pytest.raises(ValueError, match='per-client or server state'):
+    _build(f'federated_dropout+{other[0]}',
+           Spec((('federated_dropout', dict(rate=0.5)), other)))

@@ -109,13 +109,13 @@ def test_scaffold_matches_hand_written_loop():
         jax.tree.map(lambda s, cid=cid: s[cid], state.clients), zeros) == 0
 
 
-@pytest.mark.parametrize('codec', ['topk', 'topk+quantize'])
+@pytest.mark.parametrize('codec', ['topk', 'quantize', 'topk+quantize'])
 def test_error_feedback_matches_hand_written_loop(codec):
   data = helpers.ragged_clients()
   n = data.num_clients
-  chain = [codecs.topk_codec(k=3)]
-  if codec == 'topk+quantize':
-    chain.append(codecs.quantize_codec(8))
+  chain = [codecs.topk_codec(k=3)] if 'topk' in codec else []
+  if 'quantize' in codec:
+    chain.append(codecs.quantize_codec(2 if codec == 'quantize' else 8))
   codec_fn = codecs.chain_codecs(*chain)
   tech = compression.compress(chain, error_feedback=True)
   kw, params = _setup(tech)

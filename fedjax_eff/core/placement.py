@@ -50,6 +50,12 @@ def default_chunk_size(num_clients: int, backend: str | None = None) -> int:
   return 1 if backend == 'cpu' else min(num_clients, 128)
 
 
+def chunk_width(chunk_size: int | None, num_clients: int) -> int:
+  """The clients per chunk: `chunk_size` (None or 0: the backend's
+  default), at most `num_clients`. The one place the default is applied."""
+  return min(chunk_size or default_chunk_size(num_clients), num_clients)
+
+
 def client_keys(rng: jax.Array, num: int) -> jax.Array:
   """Per-client keys: `fold_in(rng, position)`, independent of chunking."""
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(num))
@@ -181,7 +187,7 @@ class Placement(NamedTuple):
 
   def layout(self, num_clients: int, tiers=None) -> ChunkLayout:
     """The round's slots, computed once on the host."""
-    c = min(self.chunk_size or default_chunk_size(num_clients), num_clients)
+    c = chunk_width(self.chunk_size, num_clients)
     if self.tiered and tiers is None:
       tiers = np.zeros(num_clients, np.int64)
     return chunk_layout(num_clients, c,
@@ -364,4 +370,4 @@ class Placement(NamedTuple):
 
 __all__ = ['CLIENTS_AXIS', 'ROWS', 'ChunkLayout', 'Clients', 'CohortLayout',
            'Contribution', 'Placement', 'chunk_key', 'chunk_layout',
-           'client_keys', 'default_chunk_size', 'map_clients', 'replicate']
+           'chunk_width', 'client_keys', 'default_chunk_size', 'map_clients', 'replicate']

@@ -471,10 +471,30 @@ def build_round(model: nn.Module, task: Task,
     if not stateful:
       return ServerState(params, server_optimizer.init(params),
                          jnp.zeros((), jnp.int32))
+    check_state_shapes(params)
     ts = technique_lib.init_state(tech, params)
     return ServerState(params, server_optimizer.init(params),
                        jnp.zeros((), jnp.int32), ts.server,
                        () if host_store else store_of(ts.client))
+
+  def check_state_shapes(params):
+    """Per-client state is kept in the server's coordinates; a technique
+    whose clients train a model of other shapes (federated dropout's
+    narrower sub-models) cannot be combined with it."""
+    shapes = lambda t: [tuple(x.shape) for x in jax.tree.leaves(t)]
+    stages = {tech.stage(0)} if tech.stage else {None}
+    for stage in stages:
+      for tier in range(num_tiers if tiered else 1):
+        view = technique_lib.view_shapes(
+            program(stage, tier), params,
+            {'client_index': jnp.int32(0), 'tier': jnp.int32(tier)})
+        if shapes(view) != shapes(params):
+          raise ValueError(
+              f'{tech.name!r}: a technique with per-client or server state '
+              '(error feedback, SCAFFOLD) keeps it in the server model\'s '
+              'shapes, but clients here train a model of other shapes '
+              '(e.g. federated dropout\'s sub-models); use one or the '
+              'other.')
 
   def store_of(one_client, xp=jnp):
     """N copies of one client's initial state (`xp`: jnp on the device,

@@ -465,6 +465,19 @@ def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
   return found
 
 
+def view_shapes(tech: Technique, params: PyTree, ctx: dict) -> PyTree:
+  """ShapeDtypeStructs of the model one client of `tech` trains (nothing
+  runs; no encoder is traced)."""
+  def probe(server_params):
+    round_num = jnp.zeros((), jnp.int32)
+    c = with_initial_state(tech, server_params, ctx)
+    if tech.chunk_plan:
+      c = dict(c, chunk=tech.chunk_plan(jax.random.key(1), round_num))
+    return tech.view(server_params, tech.plan(jax.random.key(0), round_num,
+                                              c))
+  return jax.eval_shape(probe, params)
+
+
 # Forward kwargs that describe the shapes of a client's view (federated
 # dropout's narrower sub-model), not the server model they were drawn from.
 VIEW_SHAPE_KWARGS = ('widths',)

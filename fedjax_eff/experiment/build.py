@@ -161,8 +161,8 @@ class Experiment:
                        'chosen config.chunk_size.')
     if chunk == -1 and config.mode == 'federated':
       chunk, self.autotune_seconds = self.autotune_chunk_size()
-    self.chunk_size = max(chunk, 0) or core.default_chunk_size(
-        config.clients_per_round)
+    self.chunk_size = core.placement.chunk_width(max(chunk, 0),
+                                                 config.clients_per_round)
     placement.check_round_fits(
         config, example_bytes=sum(
             v.dtype.itemsize * int(np.prod(v.shape[1:]))

@@ -60,6 +60,7 @@ import numpy as np
 
 from fedjax_eff import core
 from fedjax_eff.core import codecs
+from fedjax_eff.core import placement
 from fedjax_eff.core import round as round_lib
 from fedjax_eff.data import cohort as cohort_lib
 from fedjax_eff.experiment import errors
@@ -107,7 +108,7 @@ def build_local_step(client_update: Callable[..., round_lib.ClientOutput],
 
   def step(params, batches, mask, ctx, keys, round_num):
     n = mask.shape[0]
-    c = min(chunk_size or round_lib.default_chunk_size(n), n)
+    c = placement.chunk_width(chunk_size, n)
     return jax.lax.map(lambda xs: one(xs, round_num),
                        (params, batches, mask, ctx, keys), batch_size=c)
 

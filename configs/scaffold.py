@@ -10,8 +10,8 @@ The technique takes the client learning rate from `client.learning_rate`
 
   python launch/train.py --config=configs/scaffold.py --workdir=runs/scaffold
   # FedAvg on the same problem, for comparison:
-  python launch/train.py --config=configs/scaffold.py \\
-      --workdir=runs/fedavg_synth --config.techniques='()'
+  python launch/train.py --config=configs/synthetic_fedprox.py \\
+      --workdir=runs/fedavg_synth --config.client.prox_mu=0
 """
 
 import ml_collections

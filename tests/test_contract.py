@@ -491,6 +491,10 @@ def _upload_fn(program):
 def test_upload_bits_are_the_message_size(run):  # pylint: disable=redefined-outer-name
   tech = run.fns.technique
   fns = {}
+  feedback = 0.0  # fp32 bits of what `finish` feeds back (static size)
+  if core.technique.stateful(tech):
+    feedback = float(core.technique.feedback_bits(
+        jax.eval_shape(tech.init, run.states[0].params).feedback))
   for r in range(ROUNDS):
     state, cohort, rng = run.states[r], run.cohorts[r], run.rngs[r]
     k = cohort.num_clients
@@ -520,8 +524,10 @@ def test_upload_bits_are_the_message_size(run):  # pylint: disable=redefined-out
       bits = float(bits)
       assert float(codecs.message_bits(msg)) == bits, (r, i)
       assert np.float32(_hand_bits(msg)) == np.float32(bits), (r, i)
+      # The round's upload adds the client's feedback (fp32, e.g.
+      # SCAFFOLD's change of control variate) to the message.
       assert float(run.metrics[r].client_upload_bits[i]) == np.float32(
-          bits), (r, i)
+          bits + feedback), (r, i)
 
 
 # Federated dropout trains a narrower view than the server model, but

@@ -79,6 +79,7 @@ def build_reference_round(model, task, technique, client_optimizer,
       client_state = feedback = ()
       if t.finish is not None:
         client_state, feedback = t.finish(delta, sent, plan, steps)
+        bits = bits + technique_lib.feedback_bits(feedback)
       delta, coverage = t.merge(server_params, sent, trainable, plan)
       return (delta, coverage, bits,
               technique_lib.download_bits(t, start, plan), client_state,

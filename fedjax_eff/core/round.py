@@ -293,6 +293,7 @@ def build_client_update(model: nn.Module, task: Task,
     if tech.finish is not None:
       real_steps = jnp.sum((jnp.sum(mask, axis=1) > 0).astype(zero.dtype))
       client_state, feedback = tech.finish(delta, sent, plan, real_steps)
+      up_bits = up_bits + technique_lib.feedback_bits(feedback)
     delta, coverage = tech.merge(server_params, sent, trainable, plan)
     return ClientOutput(delta, coverage, stats.loss, stats.correct,
                         stats.loss_units, stats.scored_units,

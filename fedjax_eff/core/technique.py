@@ -109,6 +109,9 @@ class Technique(NamedTuple):
   correct: Optional[Callable[[PyTree, PyTree], PyTree]] = None
   finish: Optional[Callable[..., tuple[PyTree, PyTree]]] = None
   server_update: Optional[Callable[[PyTree, PyTree, dict], PyTree]] = None
+  # Bits a client downloads beside the model (e.g. SCAFFOLD's c):
+  # `side_download(plan) -> bits`, summed over a chain.
+  side_download: Optional[Callable[[PyTree], Any]] = None
 
 
 class TechniqueState(NamedTuple):
@@ -229,8 +232,18 @@ def _merge(t, server_params, delta, mask, plan):
 
 
 def download_bits(t, params, plan):
-  """What travels down: `t.download`, or the whole model in fp32."""
-  return t.download(params, plan) if t.download else tree_bits(params)
+  """What travels down: `t.download` (or the whole model in fp32), plus
+  what the technique sends beside it (`side_download`)."""
+  bits = t.download(params, plan) if t.download else tree_bits(params)
+  if t.side_download is not None:
+    bits = bits + t.side_download(plan)
+  return bits
+
+
+def feedback_bits(feedback: PyTree):
+  """A client's feedback (`finish`) travels up beside its message, in
+  fp32: e.g. SCAFFOLD's change of control variate, the size of the model."""
+  return tree_bits(feedback)
 
 
 def resolve(t: Technique) -> Technique:
@@ -262,7 +275,8 @@ def resolve(t: Technique) -> Technique:
       init=t.init,
       correct=t.correct,
       finish=t.finish,
-      server_update=t.server_update)
+      server_update=t.server_update,
+      side_download=t.side_download)
 
 
 def device_program(t: Technique) -> Technique:
@@ -407,10 +421,16 @@ def chain(*techniques: Technique) -> Technique:
           grads = t.correct(grads, p)
       return grads
 
+  side_download = None
+  if any(t.side_download for t in ts):
+    def side_download(plans):
+      return sum(t.side_download(p) for t, p in zip(ts, plans)
+                 if t.side_download)
+
   return Technique('+'.join(t.name for t in ts), plan, view, trainable,
                    forward, encode, decode, merge, download, stage,
                    specialize, chunk_plan, device, report, init, correct,
-                   finish, server_update)
+                   finish, server_update, side_download)
 
 
 def _static_or_none(x):
@@ -459,6 +479,8 @@ def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
     found['download_bits'] = _static_or_none(download_bits(tech, view, plan))
     _, up = upload(tech, jax.tree.map(jnp.zeros_like, view), trainable, plan,
                    jax.random.key(2))
+    if stateful(tech):
+      up = up + feedback_bits(tech.init(server_params).feedback)
     found['upload_bits'] = _static_or_none(up)
     return 0
   jax.eval_shape(probe, params, ctx)

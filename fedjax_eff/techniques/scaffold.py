@@ -16,8 +16,10 @@ usual (its optimizer plays the global step size η_g) and sets
 
   c <- c + (1 / N) Σ_{i in S} Δc_i
 
-over the round's aggregated clients S and the population N. c is server
-state (checkpointed with the server); the c_i live in the round's
+over the round's aggregated clients S and the population N. What travels
+doubles: each client downloads c beside the model and uploads Δc_i beside
+its Δ (fp32, model-sized; both counted in upload_bits/download_bits). c
+is server state (checkpointed with the server); the c_i live in the round's
 client-state store (N x model size). Option II assumes the client
 optimizer is plain SGD with learning rate η_l (`client_learning_rate`);
 with another client optimizer (x - y) / (K η_l) is only a heuristic
@@ -30,7 +32,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_eff.core.technique import Technique, TechniqueState
+from fedjax_eff.core.technique import Technique, TechniqueState, tree_bits
 
 
 def scaffold(client_learning_rate: float) -> Technique:
@@ -67,7 +69,8 @@ def scaffold(client_learning_rate: float) -> Technique:
                         feedback_sum)
 
   return Technique(name='scaffold', plan=plan, init=init, correct=correct,
-                   finish=finish, server_update=server_update)
+                   finish=finish, server_update=server_update,
+                   side_download=lambda plan: tree_bits(plan[0]))
 
 
 __all__ = ['scaffold']

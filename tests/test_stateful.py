@@ -177,7 +177,7 @@ def test_client_state_store_needs_population_and_is_bounded():
   kw, params = _setup(scaffold(CLIENT_LR))
   with pytest.raises(ValueError, match='population'):
     core.build_round(**kw).init(params)
-  with pytest.raises(ValueError, match='GiB'):
+  with pytest.raises(ValueError, match='MiB.*client_state_limit'):
     core.build_round(**kw, population=10 ** 6,
                      client_state_limit_bytes=1 << 20).init(params)
 
@@ -211,3 +211,13 @@ def test_host_client_store_equals_device_store():
   assert helpers.max_abs_diff(state.params, device.params) < 1e-6
   assert helpers.max_abs_diff(state.technique, device.technique) < 1e-6
   assert helpers.max_abs_diff(store.states, device.clients) < 1e-6
+
+
+def test_bad_client_state_limit_is_refused_before_training():
+  from fedjax_eff.experiment.defaults import base_config
+  from fedjax_eff.experiment.validation import validate_config
+  for bad in (0.0, -1.0, float('nan')):
+    c = base_config()
+    c.client_state_limit_gib = bad
+    with pytest.raises(ValueError, match='config.client_state_limit_gib'):
+      validate_config(c)

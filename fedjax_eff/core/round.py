@@ -509,10 +509,12 @@ def build_round(model: nn.Module, task: Task,
                        'training clients).')
     nbytes = population * sum(x.size * x.dtype.itemsize for x in leaves)
     if nbytes > client_state_limit_bytes:
+      mb = lambda b: f'{b / 2**20:,.1f} MiB'
       raise ValueError(
-          f'The client-state store of {tech.name!r} needs {nbytes / 2**30:.2f}'
-          f' GiB ({population} clients x {nbytes // population} bytes), '
-          f'over the limit of {client_state_limit_bytes / 2**30:.2f} GiB.')
+          f'The client-state store of {tech.name!r} needs {mb(nbytes)} '
+          f'({population} clients x {nbytes // population:,} bytes), over '
+          f'the limit of {mb(client_state_limit_bytes)} '
+          '(client_state_limit_bytes; config.client_state_limit_gib).')
     return jax.tree.map(lambda x: xp.broadcast_to(
         xp.asarray(x), (population,) + x.shape).copy(), one_client)
 

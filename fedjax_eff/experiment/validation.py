@@ -52,6 +52,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     v = _get(config, key)
     if v not in choices:
       raise ValueError(f'config.{key} must be one of {choices}, got {v!r}.')
+  limit = config.get('client_state_limit_gib', 4.0)
+  if not isinstance(limit, (int, float)) or not limit > 0:
+    raise ValueError('config.client_state_limit_gib must be > 0 (GiB), got '
+                     f'{limit!r}.')
   if config.local.num_clients > config.data.num_clients:
     raise ValueError(
         f'config.local.num_clients={config.local.num_clients} is more than '

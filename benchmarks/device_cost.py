@@ -1,12 +1,14 @@
 """What a device pays per round under each layer-structured technique.
 
 For one model (default: the ViT 'base' preset, 12 layers, 37.9M parameters,
-on 28x28x1 images, patch 4: 49 tokens), compiles the single-client local
-update each technique makes a device run (`accounting.client_cost`: XLA's
-`memory_analysis` and `cost_analysis`, nothing executed) and prints, per
-variant, peak training memory, FLOPs per round, upload/download bits and the
-analytic breakdown (weights, gradients, optimizer state, kept activations),
-each with its ratio against full-model FedAvg (> 1: the variant is cheaper).
+on 28x28x1 images, patch 4: 49 tokens), compiles the program each technique
+makes a device run (`accounting.client_cost`: the downloaded view and the
+batches in, only the packed upload out; XLA's `memory_analysis` and
+`cost_analysis`, nothing executed) and prints, per variant, peak memory,
+training state (gradients + optimizer state + activations kept for the
+backward pass), FLOPs per round, upload/download bits, the bytes the
+compiled program returns, and the analytic breakdown, each with its ratio
+against full-model FedAvg (> 1: the variant is cheaper).
 
 Variants:
   full                  FedAvg, everything trains
@@ -24,16 +26,22 @@ per client (dynamic gates: exact, every layer still computed) vs per chunk
   python benchmarks/device_cost.py                      # base ViT, ~4 min
   python benchmarks/device_cost.py --preset small --sim_rounds 0
 
-Last line: one JSON object with, per variant, `device_peak_bytes`,
-`device_flops_per_round`, `upload_bits`, `peak_ratio`, `flops_ratio`,
-`upload_ratio` (full / variant), and `sim_seconds_per_round` per depth
-dropout mode.
+Last line (also written to benchmarks/results/device_cost.json): one JSON
+object with `layerwise_peak_memory_ratio` and
+`layerwise_training_state_ratio` (full FedAvg over the largest layer-wise
+stage measured: what a device must hold across the whole schedule; the
+per-stage ratios are under `variants`), `device_outputs_equal_upload`
+(every variant's compiled program returns exactly its upload), per variant
+`device_peak_bytes`, `training_state_bytes`, `device_sent_bytes`,
+`device_flops_per_round`, `upload_bits` and their ratios (full / variant),
+and `sim_seconds_per_round` per depth dropout mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -139,6 +147,7 @@ def main():
     print(f'  measured {name} in {time.time() - t:.1f} s', flush=True)
   full = rows['full']
   cols = [('device_peak_bytes', 'peak MB', 1e6, 'peak_ratio'),
+          ('training_state_bytes', 'state MB', 1e6, 'training_state_ratio'),
           ('device_flops_per_round', 'GFLOPs', 1e9, 'flops_ratio'),
           ('upload_bits', 'up MB', 8e6, 'upload_ratio'),
           ('download_bits', 'down MB', 8e6, 'download_ratio'),
@@ -160,9 +169,27 @@ def main():
                       args.batch, args.steps)
     print(f'depth dropout per chunk vs per client: '
           f'{sim["client"] / sim["chunk"]:.2f}x faster simulation')
-  print(json.dumps({'model': f'vit-{args.preset}', 'num_params': num_params,
-                    'variants': rows, 'sim_seconds_per_round': sim,
-                    'jax': jax.__version__, 'backend': jax.default_backend()}))
+  # fp32 messages: the program's outputs are the upload, to the byte.
+  equal = all(r['device_sent_bytes'] * 8 == r['upload_bits']
+              for r in rows.values())
+  print(f'compiled device programs return exactly their upload: {equal}')
+  stages = [r for name, r in rows.items()
+            if name.startswith('layerwise_l') and not name.endswith('_dd')]
+  worst = lambda key: max(r[key] for r in stages)
+  headline = {
+      'layerwise_peak_memory_ratio': full['device_peak_bytes'] / worst(
+          'device_peak_bytes'),
+      'layerwise_training_state_ratio': full['training_state_bytes'] / worst(
+          'training_state_bytes'),
+      'device_outputs_equal_upload': equal,
+      'model': f'vit-{args.preset}', 'num_params': num_params,
+      'variants': rows, 'sim_seconds_per_round': sim,
+      'jax': jax.__version__, 'backend': jax.default_backend()}
+  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
+                     'device_cost.json')
+  with open(out, 'w') as f:
+    json.dump(headline, f, indent=1)
+  print(json.dumps(headline))
 
 
 if __name__ == '__main__':

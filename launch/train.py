@@ -124,9 +124,14 @@ def main(argv):
       for k, v in shown.items()))
   for cost in summary.get('device_cost', []):
     where = ', '.join(([f"stage {cost['stage']}"] if cost['stage'] != 'None'
-                       else []) + [f"tier {cost['tier']}"])
+                       else []) + [f"tier {cost['tier']}"] + (
+                           [f"variant {cost['variant']}"]
+                           if cost.get('variant') is not None else []))
+    state = cost.get('training_state_bytes')
     print(f"device cost ({where}): peak "
-          f"{cost['device_peak_bytes'] / 1e6:.2f} MB, "
+          f"{cost['device_peak_bytes'] / 1e6:.2f} MB"
+          + (f" (training state {state / 1e6:.2f} MB)" if state else '') +
+          f", "
           f"{cost['device_flops_per_round'] / 1e9:.3f} GFLOPs/round, "
           f"up {cost['upload_bits'] / 8e6:.3f} MB, "
           f"down {cost['download_bits'] / 8e6:.3f} MB per client")

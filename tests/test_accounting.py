@@ -255,7 +255,8 @@ def test_backends_without_analyses():
       'device_peak_bytes': None, 'device_flops_per_round': None,
       'upload_bits': 10, 'download_bits': 20, 'analytic_weights_bytes': None,
       'analytic_gradient_bytes': None, 'analytic_optimizer_bytes': None,
-      'analytic_activation_bytes': None}
+      'analytic_activation_bytes': None, 'device_sent_bytes': None,
+      'training_state_bytes': None}
 
 
 def test_device_cost_of_the_simulators_client_update():

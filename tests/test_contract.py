@@ -210,8 +210,9 @@ class Run(NamedTuple):
                             population=self.data.num_clients)
 
 
-def _build(name, spec=None) -> Run:
-  spec = spec or CASES[name]
+def technique_of(spec: Spec):
+  """(model, params, technique) of one case, built from its config
+  entries."""
   model_name, kwargs = MODELS[spec.model]
   model = get_model(model_name, 5, **kwargs)
   params = jax.jit(model.init)(jax.random.key(0),
@@ -220,8 +221,13 @@ def _build(name, spec=None) -> Run:
       model=model, init_params=params,
       measure=functools.partial(_measure, params),
       client_learning_rate=CLIENT_LR)
-  tech = techniques.build([dict(k, name=n) for n, k in spec.entries],
-                          context)
+  return model, params, techniques.build(
+      [dict(k, name=n) for n, k in spec.entries], context)
+
+
+def _build(name, spec=None) -> Run:
+  spec = spec or CASES[name]
+  model, params, tech = technique_of(spec)
   kw = helpers.round_kw(model, tech, optax.sgd(CLIENT_LR))
   data = helpers.ragged_clients()
   run = Run(name, spec, kw, data, None, [], [], [], [], [], [])

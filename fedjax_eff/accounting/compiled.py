@@ -233,12 +233,26 @@ class DeviceCost(NamedTuple):
     bits the technique reports).
   analytic: the per-kind breakdown of one local step (`AnalyticCost`), or
     None.
+  sent_bytes: what the compiled device program returns, less what it
+    writes in place of its inputs (its client state): the packed upload
+    (`accounting.program.build_device_program`); None if unknown.
   """
   peak_bytes: int | None
   flops_per_round: float | None
   upload_bits: int | float | None
   download_bits: int | float | None
   analytic: AnalyticCost | None = None
+  sent_bytes: int | None = None
+
+  @property
+  def training_state_bytes(self) -> int | None:
+    """What training keeps besides the weights and the data (analytic, one
+    local step): gradients + optimizer state + activations saved for the
+    backward pass."""
+    a = self.analytic
+    if a is None:
+      return None
+    return a.gradient_bytes + a.optimizer_state_bytes + a.activation_bytes
 
   def as_dict(self) -> dict[str, int | float | None]:
     """Flat, JSON-friendly numbers (None where unknown)."""
@@ -254,6 +268,8 @@ class DeviceCost(NamedTuple):
         'device_flops_per_round': _json_number(self.flops_per_round),
         'upload_bits': _json_number(self.upload_bits),
         'download_bits': _json_number(self.download_bits),
+        'device_sent_bytes': _json_number(self.sent_bytes),
+        'training_state_bytes': _json_number(self.training_state_bytes),
         **{key: None if a is None else _json_number(getattr(a, field))
            for key, field in analytic.items()},
     }

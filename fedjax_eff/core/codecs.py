@@ -357,7 +357,109 @@ def topk_codec(fraction: float | None = None, k: int | None = None) -> Codec:
   return Codec(name, encode, decode)
 
 
+# Bytes on the wire.
+
+def _unsigned(bits: int):
+  return {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits]
+
+
+def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
+  """`codes` as a little-endian bit stream: `[ceil(n bits / 8)]` uint8.
+
+  Value i of the flattened `codes` (an unsigned integer < 2^bits, or any
+  array whose itemsize is exactly `bits`) occupies bits [i b, (i + 1) b) of
+  the stream. Values are packed in groups of G = 32 / gcd(b, 32), whose
+  G b bits fill exactly b/gcd(b, 32) 32-bit words; each word of a group is
+  a static sum of shifted values, so XLA fuses the packing into one pass
+  that writes only the packed words (no temporaries the size of `codes`).
+  """
+  flat = codes.reshape(-1)
+  width = flat.dtype.itemsize * 8
+  if not 1 <= bits <= 32:
+    raise ValueError(f'pack_bits: bits={bits} must be in 1..32.')
+  if width == bits:  # already dense: the bytes themselves
+    if bits == 8:
+      return jax.lax.bitcast_convert_type(flat, jnp.uint8)
+    return jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(flat, _unsigned(bits)), jnp.uint8
+    ).reshape(-1)
+  if jnp.issubdtype(flat.dtype, jnp.floating):
+    raise ValueError(f'pack_bits: {flat.dtype} values cannot travel at '
+                     f'{bits} bits (quantize them first).')
+  n = flat.size
+  group = 32 // math.gcd(bits, 32)
+  words = group * bits // 32
+  groups = -(-n // group)
+  u = jnp.pad(flat, (0, groups * group - n)).reshape(groups, group)
+  out = []
+  for w in range(words):
+    acc = jnp.zeros((groups,), jnp.uint32)
+    for p in range(group):
+      first, last = p * bits, (p + 1) * bits  # bit range of value p
+      if last <= 32 * w or first >= 32 * (w + 1):
+        continue
+      shift = first - 32 * w
+      v = u[:, p].astype(jnp.uint32)
+      acc = acc | (v << shift if shift >= 0 else v >> -shift)
+    out.append(acc)
+  stream = jax.lax.bitcast_convert_type(jnp.stack(out, axis=1), jnp.uint8)
+  return stream.reshape(-1)[:-(-n * bits // 8)]
+
+
+def unpack_bits(stream: jax.Array, bits: int, n: int,
+                dtype=jnp.uint32) -> jax.Array:
+  """The inverse of `pack_bits`: `[n]` values of `dtype` from the stream."""
+  stream = stream.reshape(-1)
+  if jnp.dtype(dtype).itemsize * 8 == bits:
+    if bits == 8:
+      return jax.lax.bitcast_convert_type(stream, dtype)
+    return jax.lax.bitcast_convert_type(
+        stream.reshape(-1, bits // 8), dtype).reshape(-1)
+  pad = (-stream.size) % 4
+  words = jax.lax.bitcast_convert_type(
+      jnp.pad(stream, (0, pad)).reshape(-1, 4), jnp.uint32)
+  words = jnp.pad(words, (0, 1))
+  start = np.arange(n, dtype=np.int64) * bits
+  lo = words[start // 32] >> (start % 32).astype(np.uint32)
+  spill = (start % 32) + bits > 32
+  hi = jnp.where(spill, words[start // 32 + 1] << (
+      (32 - start % 32) % 32).astype(np.uint32), 0)
+  mask = np.uint32((1 << bits) - 1) if bits < 32 else np.uint32(0xFFFFFFFF)
+  return ((lo | hi) & mask).astype(dtype)
+
+
+def pack(msg: PyTree) -> list:
+  """The bytes of a message: per sent `Wire` with a static count, its
+  values when they are already dense (fp32 at 32 bits, 8-bit codes in
+  uint8), else a uint8 stream (`pack_bits` of its values at its bits,
+  padded to a whole byte). A `Wire` with a dynamic count is packed at its full size (an upper
+  bound: how many of its values travel is known only at run time).
+
+  The total size of the streams is Σ ceil(count x bits / 8) over the
+  message's Wires: `message_bits(msg) / 8` up to one byte per Wire.
+  """
+  out = []
+  for w in jax.tree.leaves(msg, is_leaf=lambda x: isinstance(x, Wire)):
+    if isinstance(w, Wire) and w.sent:
+      if w.values.dtype.itemsize * 8 == w.bits:  # dense already: as is
+        out.append(w.values)  # (a bitcast to bytes would cost XLA work)
+      else:
+        out.append(pack_bits(w.values, w.bits))
+  return out
+
+
+def packed_bytes(msg: PyTree) -> int:
+  """Σ ceil(count x bits / 8) over the sent Wires of `msg` (static counts;
+  a dynamic count counts all of its values): the bytes of `pack(msg)`."""
+  total = 0
+  for w in jax.tree.leaves(msg, is_leaf=lambda x: isinstance(x, Wire)):
+    if isinstance(w, Wire) and w.sent:
+      total += -(-math.prod(np.shape(w.values)) * w.bits // 8)
+  return total
+
+
 __all__ = ['Codec', 'Quantized', 'Sparse', 'Wire', 'chain_codecs',
            'dequantize_leaf', 'from_wire', 'identity_codec', 'index_bits',
-           'message_bits', 'quantize_codec', 'unsent', 'quantize_leaf', 'to_wire',
+           'message_bits', 'pack', 'pack_bits', 'packed_bytes', 'quantize_codec',
+           'unpack_bits', 'unsent', 'quantize_leaf', 'to_wire',
            'topk_codec', 'topk_count', 'zero_codes']

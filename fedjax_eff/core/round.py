@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_eff.core import codecs
 from fedjax_eff.core import placement as placement_lib
 from fedjax_eff.core import technique as technique_lib
 from fedjax_eff.core.placement import (CLIENTS_AXIS, ROWS, ChunkLayout,
@@ -71,6 +72,7 @@ class ClientOutput(NamedTuple):
   download_bits: jax.Array
   client_state: PyTree = ()  # this client's new persistent state
   feedback: PyTree = ()      # summed over aggregated clients for the server
+  variant: Any = ()          # int32: its program variant (Technique.variant)
 
 
 class RoundMetrics(NamedTuple):
@@ -87,6 +89,9 @@ class RoundMetrics(NamedTuple):
   # each client's new state [K, ...] and whether to write it back [K].
   client_states: Any = ()
   client_state_written: Any = ()
+  # [K] int32: each client's program variant (`Technique.variant`, e.g. the
+  # layers depth dropout skipped), when a program of the round has them.
+  client_variant: Any = ()
 
 
 # The cohort-level sums a round accumulates over its chunks.
@@ -224,31 +229,53 @@ def loss_dtype(params: PyTree):
   return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
 
 
-def build_client_update(model: nn.Module, task: Task,
+class DeviceOutput(NamedTuple):
+  """What one device's program produces (`build_device_update`).
+
+  message: the encoded upload, a wire tree (`core.codecs`; `codecs.pack`
+    gives its bytes). The only thing a device must send for the server to
+    aggregate it.
+  feedback: what a stateful technique sends up beside the message, in fp32
+    (`Technique.finish`, e.g. SCAFFOLD's change of control variate); ().
+  client_state: the device's new persistent state (`Technique.finish`, e.g.
+    its error-feedback residual); it stays on the device; ().
+  sums: Σ loss / correct / units over the real examples of all local steps:
+    the round's training metrics.
+  """
+  message: PyTree
+  feedback: PyTree
+  client_state: PyTree
+  sums: Sums
+
+
+def build_device_update(model: nn.Module, task: Task,
                         technique: technique_lib.Technique,
                         client_optimizer: optax.GradientTransformation,
-                        prox_mu: float = 0.0) -> Callable[..., ClientOutput]:
-  """The local update one device runs (single client, no client axis).
+                        prox_mu: float = 0.0) -> Callable[..., DeviceOutput]:
+  """The program one device runs: it trains the model it downloaded and
+  encodes its upload. Nothing at server shape enters or leaves it.
 
   Args to the returned function:
-    server_params: the server model.
+    view: the downloaded model, `technique.view(server_params, plan)`
+      (a sub-model for federated dropout, the whole model for last-n).
     batches: feature -> `[S, B, ...]`.
     mask: `[S, B]` real-example mask.
-    ctx: this client's context (dict of arrays without the client axis).
-    key: this client's PRNG key.
-    round_num: int32 scalar.
-    chunk: the chunk plan shared by this client's chunk (unbatched), or None.
+    plan: this client's plan (`technique.plan`: what the server tells the
+      device, or what both derive from a shared seed; a stateful
+      technique's plan carries the client's state).
+    train_key, encode_key: the device's keys for local training
+      (dropout, augmentation) and for its encoder (stochastic rounding).
+
+  Returns a `DeviceOutput`. Local training: S steps of `client_optimizer`
+  on the trainable part of the view (statically frozen leaves have neither
+  gradients nor optimizer state; a fully padded step changes nothing);
+  `Δ = view - trained` (masked), `msg = encode(to_wire(Δ))`.
   """
   tech = technique_lib.chain(technique)
   loss_fn = make_loss_fn(model, task, prox_mu)
 
-  def client_update(server_params, batches, mask, ctx, key, round_num,
-                    chunk=None):
-    plan_key, train_key, encode_key = split_client_key(key)
-    if chunk is not None:
-      ctx = dict(ctx, chunk=chunk)
-    plan = tech.plan(plan_key, round_num, ctx)
-    start = tech.view(server_params, plan)
+  def device_update(view, batches, mask, plan, train_key, encode_key):
+    start = view
     trainable = tech.trainable(start, plan)
     split = TrainableSplit.of(start, trainable)
     fwd = tech.forward(plan)
@@ -277,7 +304,7 @@ def build_client_update(model: nn.Module, task: Task,
       return (train, opt_state, stats), None
 
     steps = mask.shape[0]
-    zero = jnp.zeros((), loss_dtype(server_params))
+    zero = jnp.zeros((), loss_dtype(start))
     train0 = split.train
     (final, _, stats), _ = jax.lax.scan(
         step, (train0, client_optimizer.init(train0),
@@ -286,21 +313,62 @@ def build_client_update(model: nn.Module, task: Task,
     moved = split.apply_mask([a - b for a, b in zip(train0, final)])
     delta = TrainableSplit.of(
         jax.tree.map(jnp.zeros_like, start), trainable).full(moved)
-    msg, up_bits = technique_lib.upload(tech, delta, trainable, plan,
-                                        encode_key)
-    sent = technique_lib.receive(tech, msg, plan)
+    msg = technique_lib.encode_upload(tech, delta, trainable, plan,
+                                      encode_key)
     client_state = feedback = ()
-    if tech.finish is not None:
+    if tech.finish is not None:  # the device reads back what it sent
+      sent = technique_lib.receive(tech, msg, plan)
       real_steps = jnp.sum((jnp.sum(mask, axis=1) > 0).astype(zero.dtype))
       client_state, feedback = tech.finish(delta, sent, plan, real_steps)
-      up_bits = up_bits + technique_lib.feedback_bits(feedback)
-    delta, coverage = tech.merge(server_params, sent, trainable, plan)
+    return DeviceOutput(msg, feedback, client_state, stats)
+
+  return device_update
+
+
+def build_client_update(model: nn.Module, task: Task,
+                        technique: technique_lib.Technique,
+                        client_optimizer: optax.GradientTransformation,
+                        prox_mu: float = 0.0) -> Callable[..., ClientOutput]:
+  """One client of the round, server side and device side (no client axis):
+  the plan and the view the server sends, the device's program
+  (`build_device_update`), then what the server reads of the upload (decode,
+  scatter to server shape, coverage, bits).
+
+  Args to the returned function:
+    server_params: the server model.
+    batches: feature -> `[S, B, ...]`.
+    mask: `[S, B]` real-example mask.
+    ctx: this client's context (dict of arrays without the client axis).
+    key: this client's PRNG key.
+    round_num: int32 scalar.
+    chunk: the chunk plan shared by this client's chunk (unbatched), or None.
+  """
+  tech = technique_lib.chain(technique)
+  device_update = build_device_update(model, task, tech, client_optimizer,
+                                      prox_mu)
+
+  def client_update(server_params, batches, mask, ctx, key, round_num,
+                    chunk=None):
+    plan_key, train_key, encode_key = split_client_key(key)
+    if chunk is not None:
+      ctx = dict(ctx, chunk=chunk)
+    plan = tech.plan(plan_key, round_num, ctx)
+    start = tech.view(server_params, plan)
+    out = device_update(start, batches, mask, plan, train_key, encode_key)
+    up_bits = codecs.message_bits(out.message)
+    if tech.finish is not None:
+      up_bits = up_bits + technique_lib.feedback_bits(out.feedback)
+    sent = technique_lib.receive(tech, out.message, plan)
+    delta, coverage = tech.merge(server_params, sent,
+                                 tech.trainable(start, plan), plan)
+    stats = out.sums
     return ClientOutput(delta, coverage, stats.loss, stats.correct,
                         stats.loss_units, stats.scored_units,
                         jnp.asarray(up_bits, jnp.float32),
                         jnp.asarray(technique_lib.download_bits(
                             tech, start, plan), jnp.float32),
-                        client_state, feedback)
+                        out.client_state, out.feedback,
+                        tech.variant(plan) if tech.variant else ())
 
   return client_update
 
@@ -518,6 +586,11 @@ def build_round(model: nn.Module, task: Task,
     return jax.tree.map(lambda x: xp.broadcast_to(
         xp.asarray(x), (population,) + x.shape).copy(), one_client)
 
+  def has_variants(stage):
+    """Does a program of this stage report per-client variants?"""
+    return any(program(stage, t).variant is not None
+               for t in range(num_tiers if tiered else 1))
+
   def contribution(stage, tier, shared, chunk, rows):
     """One chunk of C clients of one tier: their weighted sums, their bits
     and their new client states (`placement.Contribution`)."""
@@ -546,6 +619,9 @@ def build_round(model: nn.Module, task: Task,
         dropped=jnp.sum((~finite) & pres & (weight > 0)).astype(dtype))
     bits = (jnp.where(pres, out.upload_bits, 0.0),
             jnp.where(pres, out.download_bits, 0.0))
+    if has_variants(stage):  # (last of the per-slot outputs)
+      bits += (jnp.zeros(pres.shape, jnp.int32) if t.variant is None
+               else jnp.where(pres, out.variant, 0),)
     if not stateful:
       return placement_lib.Contribution(
           (weighted_sum(w, finite, out.delta),
@@ -588,6 +664,9 @@ def build_round(model: nn.Module, task: Task,
     if host_store and stateful:  # written back unless the step was skipped
       host_rows = (jax.tree.map(per_client, per_slot[2]),
                    per_client(per_slot[3]) & ~skipped)
+    variants = {}
+    if has_variants(stage):
+      variants = dict(client_variant=per_client(per_slot[-1]))
     return new_state, RoundMetrics(
         # NaN (null in metrics.jsonl) when no example counted: every
         # client dropped, not a loss of 0.
@@ -600,7 +679,7 @@ def build_round(model: nn.Module, task: Task,
         server_step_skipped=skipped.astype(jnp.float32),
         client_upload_bits=up, client_download_bits=down,
         **(dict(zip(('client_states', 'client_state_written'), host_rows))
-           if host_rows else {}))
+           if host_rows else {}), **variants)
 
   def technique_server_update(state, new_state, feedback, sums, store,
                               skipped):

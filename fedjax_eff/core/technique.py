@@ -112,6 +112,13 @@ class Technique(NamedTuple):
   # Bits a client downloads beside the model (e.g. SCAFFOLD's c):
   # `side_download(plan) -> bits`, summed over a chain.
   side_download: Optional[Callable[[PyTree], Any]] = None
+  # Per-client draws that change what a device computes (depth dropout's
+  # gates): `variant(plan) -> int32 scalar` names the static program this
+  # client's draw amounts to, `device_variant(v)` is that program. The
+  # round reports each client's variant (`RoundMetrics.client_variant`) and
+  # the experiment accounts each client for its own variant's program.
+  variant: Optional[Callable[[PyTree], Any]] = None
+  device_variant: Optional[Callable[[int], 'Technique']] = None
 
 
 class TechniqueState(NamedTuple):
@@ -193,9 +200,14 @@ def _decode(t, msg, plan):
   return t.decode(msg, plan) if t.decode else msg
 
 
+def encode_upload(t: Technique, delta: PyTree, mask: PyTree, plan, rng):
+  """The message: the client's delta through `t`'s encoders."""
+  return t.encode(codecs.to_wire(delta, mask), plan, rng)
+
+
 def upload(t: Technique, delta: PyTree, mask: PyTree, plan, rng):
   """(message, bits): the client's delta through `t`'s encoders."""
-  msg = t.encode(codecs.to_wire(delta, mask), plan, rng)
+  msg = encode_upload(t, delta, mask, plan, rng)
   return msg, codecs.message_bits(msg)
 
 
@@ -276,11 +288,17 @@ def resolve(t: Technique) -> Technique:
       correct=t.correct,
       finish=t.finish,
       server_update=t.server_update,
-      side_download=t.side_download)
+      side_download=t.side_download,
+      variant=t.variant,
+      device_variant=t.device_variant)
 
 
-def device_program(t: Technique) -> Technique:
-  """The static program a device runs for `t` (`t.device()` or `t`)."""
+def device_program(t: Technique, variant: int | None = None) -> Technique:
+  """The static program a device runs for `t`: that of its `variant`
+  (`t.device_variant(variant)`) when given and `t` has variants, else
+  `t.device()` (a typical device), else `t`."""
+  if variant is not None and t.device_variant:
+    return t.device_variant(int(variant))
   return t.device() if t.device else t
 
 
@@ -427,10 +445,26 @@ def chain(*techniques: Technique) -> Technique:
       return sum(t.side_download(p) for t, p in zip(ts, plans)
                  if t.side_download)
 
+  variant = device_variant = None
+  varying = [i for i, t in enumerate(ts) if t.variant]
+  if len(varying) > 1:
+    raise ValueError(f'{[ts[i].name for i in varying]}: only one technique '
+                     'of a chain may have per-client program variants.')
+  if varying:
+    (i,) = varying
+
+    def variant(plans):
+      return ts[i].variant(plans[i])
+
+    def device_variant(v):
+      return chain(*(t.device_variant(v) if j == i else device_program(t)
+                     for j, t in enumerate(ts)))
+
   return Technique('+'.join(t.name for t in ts), plan, view, trainable,
                    forward, encode, decode, merge, download, stage,
                    specialize, chunk_plan, device, report, init, correct,
-                   finish, server_update, side_download)
+                   finish, server_update, side_download, variant,
+                   device_variant)
 
 
 def _static_or_none(x):

@@ -185,6 +185,7 @@ class Experiment:
     # Each process packs only the clients its own devices train.
     self.split_cohort = self.mesh is not None and jax.process_count() > 1
     self.costs: dict[Any, accounting.DeviceCost] = {}
+    self.variant_costs: dict[Any, accounting.DeviceCost] = {}
 
   def build_round(self, chunk_size: int, donate: bool = True
                   ) -> core.RoundFns:
@@ -275,38 +276,71 @@ class Experiment:
       return stage, tech.specialize(stage, tier)
     return stage, tech
 
-  def program_cost(self, round_num: int, tier: int) -> accounting.DeviceCost:
+  def program_cost(self, round_num: int, tier: int,
+                   variant: int | None = None) -> accounting.DeviceCost:
+    """The cost of tier `tier`'s program in round `round_num`: a typical
+    device's, or that of one program variant (`Technique.variant`, e.g.
+    the layers depth dropout skipped)."""
     stage, program = self.program(round_num, tier)
     key = (stage, tier if self.round_fns.technique.specialize else 0)
+    if variant is not None and program.device_variant:
+      key += (int(variant),)
+      if key not in self.variant_costs:
+        self.variant_costs[key] = self.device_cost(
+            core.technique.device_program(program, variant))
+      return self.variant_costs[key]
     if key not in self.costs:
       self.costs[key] = self.device_cost(
           core.technique.device_program(program))
     return self.costs[key]
 
+  def cost_table(self) -> list[dict]:
+    """Every program measured so far: stage, tier, variant (of a technique
+    with per-client program variants; None for a typical device) and its
+    `DeviceCost.as_dict()`, for summary.json."""
+    rows = [dict(stage=repr(k[0]), tier=k[1], variant=None, **c.as_dict())
+            for k, c in self.costs.items()]
+    rows += [dict(stage=repr(k[0]), tier=k[1], variant=k[2], **c.as_dict())
+             for k, c in sorted(self.variant_costs.items(),
+                                key=lambda kv: repr(kv[0]))]
+    return rows
+
   def device_metrics(self, round_num: int, tiers, m) -> dict[str, float]:
     """Per-client device cost of the round: means over the cohort and per
-    tier (bits as measured in the round, peak/FLOPs from the compiled
-    single-client program of each tier); `tiers`: each client's tier."""
+    tier (bits as measured in the round; peak, training state and FLOPs
+    from the compiled single-client program each client ran: its tier's,
+    or its own variant's when the round reports variants, e.g. the gates
+    depth dropout drew); `tiers`: each client's tier."""
     tiers = np.asarray(tiers)
     up = np.asarray(m.client_upload_bits)
     down = np.asarray(m.client_download_bits)
+    variants = getattr(m, 'client_variant', ())
+    variants = None if isinstance(variants, tuple) else np.asarray(variants)
     out: dict[str, float] = {}
-    peak = np.zeros(len(tiers))
-    flops = np.zeros(len(tiers))
+    names = ('device_peak_bytes', 'device_training_state_bytes',
+             'device_flops_per_round')
+    cost_of = {k: np.zeros(len(tiers)) for k in names}
+
+    def put(sel, cost):
+      for k, v in zip(names, (cost.peak_bytes, cost.training_state_bytes,
+                              cost.flops_per_round)):
+        cost_of[k][sel] = v or 0
     for t in range(self.num_tiers):
       sel = tiers == t
       if self.config.accounting:
-        cost = self.program_cost(round_num, t)
-        peak[sel], flops[sel] = cost.peak_bytes or 0, cost.flops_per_round or 0
+        if variants is None:
+          put(sel, self.program_cost(round_num, t))
+        else:
+          for v in np.unique(variants[sel]):
+            put(sel & (variants == v), self.program_cost(round_num, t, v))
       if self.num_tiers > 1 and sel.any():
         out[f'tier{t}/upload_bits'] = float(up[sel].mean())
         out[f'tier{t}/download_bits'] = float(down[sel].mean())
         if self.config.accounting:
-          out[f'tier{t}/device_peak_bytes'] = float(peak[sel].mean())
-          out[f'tier{t}/device_flops_per_round'] = float(flops[sel].mean())
+          for k in names:
+            out[f'tier{t}/{k}'] = float(cost_of[k][sel].mean())
     if self.config.accounting:
-      out['device_peak_bytes'] = float(peak.mean())
-      out['device_flops_per_round'] = float(flops.mean())
+      out.update({k: float(v.mean()) for k, v in cost_of.items()})
     return out
 
   def round_key(self, round_num: int) -> jax.Array:

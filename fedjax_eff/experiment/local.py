@@ -357,9 +357,8 @@ class LocalMode:
         'technique': exp.round_fns.technique.name,
         # What each device's program costs to train; nothing travels per
         # round (the federated program's bits would, so they are zeroed).
-        'device_cost': [dict(stage=repr(stage), tier=tier, **dict(
-            cost.as_dict(), upload_bits=0.0, download_bits=0.0))
-                        for (stage, tier), cost in exp.costs.items()],
+        'device_cost': [dict(row, upload_bits=0.0, download_bits=0.0)
+                        for row in exp.cost_table()],
         'num_params': int(sum(np.size(x)
                               for x in jax.tree.leaves(exp.init_params))),
         'initial_download_bits': model_bits,  # per client, as federated

@@ -183,7 +183,7 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str,
   history = metrics_lib.read_metrics(workdir)
   if not last and history:  # resumed a finished run: report its last round
     last = dict(history[-1])
-  if config.accounting and not exp.costs:  # resumed a finished run
+  if config.accounting and not exp.cost_table():  # resumed a finished run
     for t in range(exp.num_tiers):
       exp.program_cost(max(rounds - 1, 0), t)
   fields = mode.finish(last, rounds, history)

@@ -115,8 +115,7 @@ class FederatedMode:
         'data_placement': 'device' if exp.examples is not None else 'host',
         'mesh_devices': exp.mesh.size if exp.mesh else 0,
         'processes': jax.process_count(),
-        'device_cost': [dict(stage=repr(stage), tier=tier, **cost.as_dict())
-                        for (stage, tier), cost in exp.costs.items()],
+        'device_cost': exp.cost_table(),
         'client_state_bytes': exp.client_state_bytes(state),
         'num_params': int(sum(np.size(x)
                               for x in jax.tree.leaves(state.params))),

@@ -32,9 +32,13 @@ never dropped. `mode` says who draws the gates:
   of a chunk share one draw;
 * `step`: per local step (the model draws the gates with the dropout rng).
 
-Whatever the mode, the device cost is accounted for a typical device that
-skips round(p * a) of the a frozen layers (static gates, `device`), since
-XLA's cost analysis of a conditional counts its most expensive branch.
+XLA's cost analysis of a conditional counts its most expensive branch, so
+the device cost is accounted from static programs: in `client` and `chunk`
+modes each client reports how many layers its gates skipped (the technique's
+`variant`) and is charged the compiled cost of the program that skips that
+many (`device_variant`), so the per-round FLOPs are those of the gates
+actually drawn; in `step` mode (gates drawn inside the model, per step) a
+typical device that skips round(p * a) of the a frozen layers (`device`).
 """
 
 from __future__ import annotations
@@ -203,13 +207,20 @@ def depth_dropout(model, schedule: LayerSchedule, p: float,
                      'takes layer_drop_rate.')
   n = s.num_layers
 
-  def typical_device(a):
-    # A device skipping round(p * a) of the a frozen layers below the
-    # active one, as static gates: what the accounting compiles.
-    skip = int(round(p * (a or 0)))
-    gates = np.arange(n) >= skip
+  def skipping(k):
+    # A device that skips k of the frozen layers below the active one, as
+    # static gates (which k does not matter for its cost: the blocks of a
+    # layer stack are alike).
+    gates = np.arange(n) >= k
     return Technique(name='depth_dropout',
                      forward=lambda plan: ForwardPlan(layer_gates=gates))
+
+  def typical_device(a):
+    # Skips round(p * a) of the a frozen layers below the active one.
+    return skipping(int(round(p * (a or 0))))
+
+  def skipped(gates):  # the variant: how many layers this client skips
+    return jnp.sum(~gates).astype(jnp.int32)
 
   def specialize(stage, tier):
     del tier
@@ -220,14 +231,14 @@ def depth_dropout(model, schedule: LayerSchedule, p: float,
           name='depth_dropout',
           plan=lambda rng, r, ctx: depth_gates(rng, n, a, p),
           forward=lambda gates: ForwardPlan(layer_gates=gates),
-          device=device)
+          device=device, variant=skipped, device_variant=skipping)
     if mode == 'chunk':
       return Technique(
           name='depth_dropout',
           chunk_plan=lambda rng, r: depth_gates(rng, n, a, p),
           plan=lambda rng, r, ctx: ctx['chunk'],
           forward=lambda gates: ForwardPlan(layer_gates=gates),
-          device=device)
+          device=device, variant=skipped, device_variant=skipping)
     rates = np.where(np.arange(n) < (a if a is not None else 0), p, 0.0)
     return Technique(name='depth_dropout',
                      forward=lambda plan: ForwardPlan(layer_drop_rate=rates),

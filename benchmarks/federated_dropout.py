@@ -2,8 +2,10 @@
 
 For the Conformer CTC of `configs/conformer_fd.py` on the offline espeak-ng
 speech set, per keep ratio r (every width group keeps round(r * width)
-units: heads and feed-forward units of every block), side by side with the
-full model (r = 1) in one run:
+units: with `--scope units`, the default, heads and feed-forward units of
+every block; with `--scope all` also the residual width, the conv-module
+and front-end channels), side by side with the full model (r = 1) in one
+run:
 
   download / upload bits  exact, what one client's round sends
   FLOPs, peak memory      XLA's cost and memory analysis of the compiled
@@ -19,6 +21,7 @@ held-out CER/WER of the full model and of the nested sub-models (the first
 r of the units, evaluated alone) of both.
 
   python benchmarks/federated_dropout.py                     # costs, ~3 min
+  python benchmarks/federated_dropout.py --scope all         # every width
   python benchmarks/federated_dropout.py --train_rounds 150  # + CER/WER
 
 Last line: one JSON object with, per keep ratio, `upload_ratio`,
@@ -57,7 +60,7 @@ def base_config(args):
 def keep_config(args, keep: float):
   c = base_config(args)
   c.techniques = [] if keep == 1.0 else [ml_collections.ConfigDict(dict(
-      name='federated_dropout', rate=1.0 - keep))]
+      name='federated_dropout', rate=1.0 - keep, scope=args.scope))]
   return c
 
 
@@ -85,6 +88,8 @@ def train(args, name: str, techniques) -> dict:
   c = base_config(args)
   if techniques is not None:
     c.techniques = techniques
+  else:
+    c.techniques[0].scope = args.scope
   c.submodel_keeps = [0.25, 0.5, 0.75, 1.0]  # the full baseline's too
   c.num_rounds = args.train_rounds
   c.eval_every = c.checkpoint_every = max(args.train_rounds // 3, 1)
@@ -97,6 +102,8 @@ def train(args, name: str, techniques) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--preset', default='cpu')
+  parser.add_argument('--scope', default='units', choices=('units', 'all'),
+                      help="federated dropout's width groups")
   parser.add_argument('--keeps', default='0.25,0.5,0.75,1.0')
   parser.add_argument('--clients', type=int, default=8)
   parser.add_argument('--steps', type=int, default=4)
@@ -107,7 +114,8 @@ def main():
   keeps = sorted({float(k) for k in args.keeps.split(',')} | {1.0})
   print(f'jax {jax.__version__} on {jax.default_backend()} '
         f'({platform.processor() or platform.machine()}), '
-        f'{os.cpu_count()} cpus; conformer_ctc {args.preset}, '
+        f'{os.cpu_count()} cpus; conformer_ctc {args.preset}, scope '
+        f'{args.scope}, '
         f'{args.clients} clients x {args.steps} steps per round', flush=True)
   rows = {}
   for keep in keeps:

@@ -18,6 +18,11 @@ sub-models' CER/WER at keep 0.25, 0.5, 0.75, 1.0 (`keep*/test_cer`).
   python launch/train.py --config=configs/conformer_fd.py --workdir=runs/fd
   python launch/train.py --config=configs/conformer_fd.py --workdir=runs/full \\
       --config.techniques='()'           # the full-model baseline
+  python launch/train.py --config=configs/conformer_fd.py --workdir=runs/all \\
+      --config.techniques[0].scope=all   # every width drops (residual too)
+
+`benchmarks/fd_schedules.py` compares constant, depth and size schedules at
+equal sub-model size with `scope='all'`.
 """
 
 import ml_collections
@@ -32,8 +37,12 @@ def get_config():
   c.task.name = 'ctc'
   c.model.name = 'conformer_ctc'
   c.model.kwargs = ml_collections.ConfigDict(dict(preset='cpu'))
+  # scope 'units': heads and feed-forward units drop; 'all' also drops the
+  # residual width, the conv-module and front-end channels (the sub-model
+  # at keep 0.25 is then 0.07 of the parameters, not 0.46).
   c.techniques = [ml_collections.ConfigDict(dict(
-      name='federated_dropout', rate=0.5, schedule='depth', rate_first=0.25))]
+      name='federated_dropout', rate=0.5, schedule='depth', rate_first=0.25,
+      scope='units'))]
   c.num_rounds = 300
   c.clients_per_round = 8
   c.client.optimizer, c.client.learning_rate = 'adam', 1e-3

@@ -45,12 +45,22 @@ def kw(model, technique, lr=0.1, server='fedavg'):
               server_optimizer=core.make_optimizer(server, 1.0))
 
 
-def masked_full(params, model, indices):
+def masked_full(params, model, indices, scope='units'):
   """The full model with every dropped unit's weights zeroed."""
-  ones = jax.tree.map(jnp.ones_like,
-                      fd.gather(params, fd.width_groups(model), indices))
-  keep = fd.scatter(ones, params, fd.width_groups(model), indices)
+  groups = fd.width_groups(model, scope)
+  ones = jax.tree.map(jnp.ones_like, fd.gather(params, groups, indices))
+  keep = fd.scatter(ones, params, groups, indices)
   return jax.tree.map(jnp.multiply, params, keep)
+
+
+def assert_same_outputs(out, ref, atol):
+  """Equal outputs; a CTC model's `(logits, paddings)` at real frames."""
+  if isinstance(out, tuple):
+    (out, pad), (ref, ref_pad) = out, ref
+    np.testing.assert_array_equal(pad, ref_pad)
+    real = np.asarray(pad) < 0.5
+    out, ref = np.asarray(out)[real], np.asarray(ref)[real]
+  np.testing.assert_allclose(out, ref, atol=atol)
 
 
 @pytest.mark.parametrize('make', [mlp, cnn])
@@ -268,12 +278,7 @@ def test_layer_stack_submodels_equal_masked_full_models(name):
   sub = t.view(params, indices)
   out = model.apply({'params': sub}, x, **t.forward(indices))
   ref = model.apply({'params': masked_full(params, model, indices)}, x)
-  if name == 'conformer_ctc':
-    (out, pad), (ref, ref_pad) = out, ref
-    np.testing.assert_array_equal(pad, ref_pad)
-    real = np.asarray(pad) < 0.5
-    out, ref = np.asarray(out)[real], np.asarray(ref)[real]
-  np.testing.assert_allclose(out, ref, atol=2e-5)
+  assert_same_outputs(out, ref, 2e-5)
   if name == 'lstm_lm':
     assert sub['lstm_1']['hi']['kernel'].shape == (6, 6)
     assert sub['lstm_1']['ii']['kernel'].shape == (6, 6)
@@ -305,3 +310,156 @@ def test_conformer_fd_config_end_to_end(tmp_path):
   # Keep 0.75 -> 0.5 by depth: well under the full model's upload.
   full_bits = 32 * s['num_params']
   assert 0.3 * full_bits < m['upload_bits'] < 0.9 * full_bits
+
+
+# ------------------------------------------- scope 'all' and equal-size rates
+
+def _n(tree) -> int:
+  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('name', ['transformer_lm', 'conformer_ctc', 'vit',
+                                  'lstm_lm'])
+def test_scope_all_submodels_equal_masked_full_models(name):
+  """Scope 'all' narrows the residual width (one group through the whole
+  stack), the conformer's conv and front-end channels, the LSTM's
+  embedding: the narrower model (LayerNorms with the full width's
+  statistics) still computes the full model with those units zeroed, and
+  its size is `kept_fraction`'s."""
+  model, x = _stack_models()[name]
+  params = model.init(jax.random.key(0), x)['params']
+  # LayerNorm scales/biases away from 1/0, so the statistics matter.
+  params = jax.tree.map(
+      lambda a: a + 0.1 * jax.random.normal(jax.random.key(a.size), a.shape),
+      params)
+  groups = fd.width_groups(model, 'all')
+  extra = {g.name for g in groups if g.scope == 'all'}
+  assert extra == {
+      'conformer_ctc': {'embed/conv_0', 'embed/conv_1', 'block_0/conv',
+                        'block_1/conv', 'residual'},
+      'lstm_lm': {'embed'}}.get(name, {'residual'})
+  assert len(groups) == len(fd.width_groups(model)) + len(extra)
+  t = fd.federated_dropout(model, params, rate=0.5, scope='all')
+  indices = t.plan(jax.random.key(5), 0, {})
+  sub = t.view(params, indices)
+  out = model.apply({'params': sub}, x, **t.forward(indices))
+  ref = model.apply({'params': masked_full(params, model, indices, 'all')},
+                    x)
+  assert_same_outputs(out, ref, 1e-5)
+  counts = [int(i.shape[0]) for i in indices]
+  assert _n(sub) / _n(params) == pytest.approx(
+      fd.kept_fraction(groups, params, counts), rel=1e-12)
+  # Now every width is halved, so most kernels keep a quarter.
+  assert _n(sub) < 0.35 * _n(params)
+  if name != 'lstm_lm':
+    d = params['block_0']['attn']['query']['kernel'].shape[0]
+    assert sub['block_0']['attn']['query']['kernel'].shape[0] == d // 2
+
+
+def test_kept_fraction_formula():
+  """F(keep) by hand: MLP 36 -> 12 -> 8 -> 5 keeping 3 of 12 and 2 of 8;
+  and the 'cpu' Conformer CTC at keep 0.25, before (heads and feed-forward
+  units only) and with every width (issue 15: 0.46 -> 0.066)."""
+  model, params = mlp()
+  groups = fd.width_groups(model)
+  total = 36 * 12 + 12 + 12 * 8 + 8 + 8 * 5 + 5
+  kept = 36 * 3 + 3 + 3 * 2 + 2 + 2 * 5 + 5
+  assert fd.kept_fraction(groups, params, (3, 2)) == pytest.approx(
+      kept / total)
+  sub, _ = fd.submodel(model, params, 0.25)
+  assert _n(sub) == kept
+  ctc = get_model('conformer_ctc', 29, preset='cpu')
+  shapes = jax.eval_shape(lambda: ctc.init(
+      jax.random.key(0), (np.zeros((1, 64, 40), np.float32),
+                          np.array([64], np.int32))))['params']
+  frac = {}
+  for scope in fd.SCOPES:
+    g = fd.width_groups(ctc, scope)
+    frac[scope] = fd.kept_fraction(g, shapes,
+                                   fd.kept_counts(g, [0.75] * len(g)))
+    sub = jax.eval_shape(lambda p, g=g: fd.submodel(ctc, p, 0.25,
+                                                    scope=scope)[0], shapes)
+    assert _n(sub) / _n(shapes) == pytest.approx(frac[scope])
+  assert frac['units'] == pytest.approx(0.4628, abs=1e-4)
+  assert frac['all'] == pytest.approx(0.0664, abs=1e-4)
+
+
+def test_calibrated_schedules_keep_equal_fractions():
+  """`target_fraction`: each schedule's base rate is bisected so its
+  sub-model keeps the same fraction of the parameters (within a unit's
+  share); the technique's sub-model has exactly `describe`'s size."""
+  model = get_model('cnn', 10, features=(8, 16), hidden=32)
+  params = model.init(jax.random.key(0),
+                      np.zeros((1, 12, 12, 1), np.float32))['params']
+  groups = fd.width_groups(model, 'all')
+  got = {}
+  for schedule in fd.SCHEDULES:
+    info = fd.describe(model, params, schedule=schedule, scope='all',
+                       target_fraction=0.5)
+    got[schedule] = info
+    assert info['fraction'] == pytest.approx(0.5, abs=0.02), schedule
+    t = fd.federated_dropout(model, params, schedule=schedule, scope='all',
+                             target_fraction=0.5)
+    indices = t.plan(jax.random.key(0), 0, {})
+    assert [int(i.shape[0]) for i in indices] == [
+        v['kept'] for v in info['groups'].values()]
+    assert _n(t.view(params, indices)) / _n(params) == pytest.approx(
+        info['fraction'])
+    # F is non-increasing in the base rate: the bisection's premise.
+    f = [fd.schedule_fraction(groups, params, r, schedule)
+         for r in np.linspace(0, 0.99, 23)]
+    assert all(a >= b for a, b in zip(f, f[1:])), schedule
+  rates = lambda s: [v['rate'] for v in got[s]['groups'].values()]
+  # Constant: one rate; depth: 0 at the first group, rising; size and
+  # params: the widest / largest group drops most.
+  assert len(set(rates('constant'))) == 1
+  assert rates('depth')[0] == 0 and rates('depth') == sorted(rates('depth'))
+  assert rates('size')[-1] == max(rates('size'))
+  sizes = fd.group_params(groups, params)
+  assert np.allclose(np.array(rates('params')) / max(rates('params')),
+                     np.array(sizes) / max(sizes))
+  with pytest.raises(ValueError, match='out of its reach'):
+    fd.calibrate_rate(groups, params, 0.01, 'depth')
+  with pytest.raises(ValueError, match='tier_rates'):
+    fd.federated_dropout(model, params, tier_rates=(0.1, 0.2),
+                         target_fraction=0.5)
+
+
+def test_scope_all_round_matches_reference_loop():
+  """A ViT whose residual width, heads and MLP units drop per client: the
+  vectorised round equals the per-client loop; the upload is the
+  sub-model's."""
+  model = get_model('vit', 5, preset='tiny', num_heads=2, patch_size=2)
+  params = model.init(jax.random.key(0),
+                      np.zeros((1, 6, 6, 1), np.float32))['params']
+  t = fd.federated_dropout(model, params, schedule='depth', scope='all',
+                           target_fraction=0.4)
+  _, _, metrics, _, _ = round_vs_reference(
+      kw(model, t, server='fedadam'), params, tiny_cohort(),
+      jax.random.key(2), chunk_size=3)
+  frac = fd.describe(model, params, schedule='depth', scope='all',
+                     target_fraction=0.4)['fraction']
+  np.testing.assert_array_equal(np.asarray(metrics.client_upload_bits),
+                                round(32 * frac * _n(params)))
+
+
+def test_scope_all_nested_submodels():
+  model, x = _stack_models()['conformer_ctc']
+  params = model.init(jax.random.key(0), x)['params']
+  sub, fwd = fd.submodel(model, params, 0.5, scope='all')
+  w = dict(fwd['widths'])
+  assert w['residual'] == 16 and w['block_0/conv'] == 16
+  assert w['embed/conv_0'] == 4  # 'tiny': 8 subsampling channels
+  np.testing.assert_array_equal(sub['embed']['out']['kernel'],
+                                params['embed']['out']['kernel'][
+                                    :, :16].reshape(-1, 8, 16)[:, :4]
+                                .reshape(-1, 16))
+  logits, _ = model.apply({'params': sub}, x, **fwd)
+  assert logits.shape[-1] == 29
+  full, fwd1 = fd.submodel(model, params, 1.0, scope='all')
+  np.testing.assert_array_equal(model.apply({'params': full}, x, **fwd1)[0],
+                                model.apply({'params': params}, x)[0])
+  report = fd.submodel_report(model, (0.5,), scope='all')
+  seen = {}
+  report(params, lambda p, **f: seen.update(dict(f['widths'])) or {'m': 0})
+  assert seen == w

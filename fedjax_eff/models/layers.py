@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -57,3 +58,39 @@ def max_pool_2x2(x):
   n, h, w, c = x.shape
   x = x[:, :h - h % 2, :w - w % 2, :]
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class WidthLayerNorm(nn.Module):
+  """LayerNorm of a width narrowed by federated dropout, `x.shape[-1]` of
+  `full` channels, with the statistics the full-width LayerNorm computes
+  when the dropped channels are zero: `mean = sum(x) / full`,
+  `var = sum(x^2) / full - mean^2`. Parameters `scale` and `bias` as
+  `nn.LayerNorm`'s, narrowed. So a sub-model whose residual (or conv)
+  width is narrowed computes exactly the full model with the dropped
+  channels' weights zeroed: a dropped channel enters as 0, and its zeroed
+  scale and bias keep it 0 on the way out.
+  """
+  full: int
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (d,))
+    bias = self.param('bias', nn.initializers.zeros, (d,))
+    y = jnp.asarray(x, jnp.float32)
+    mean = y.sum(-1, keepdims=True) / self.full
+    var = jnp.maximum((y * y).sum(-1, keepdims=True) / self.full
+                      - mean * mean, 0.0)
+    y = (y - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale + bias).astype(x.dtype)
+
+
+def layer_norm(x, name: str, full: int = 0, epsilon: float = 1e-6):
+  """`nn.LayerNorm(epsilon, name=name)(x)`, or, when `x` is narrower than
+  `full` channels (federated dropout), `WidthLayerNorm` with the same
+  parameter names. Call inside a compact method: the norm is a child of
+  the caller."""
+  if not full or x.shape[-1] == full:
+    return nn.LayerNorm(epsilon=epsilon, name=name)(x)
+  return WidthLayerNorm(full, epsilon, name=name)(x)

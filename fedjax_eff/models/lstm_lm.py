@@ -124,9 +124,12 @@ class LSTMLM(nn.Module):
     recurrent kernels on the cell axis, the recurrent kernels' input axis
     too, and the next layer's input) and the projection's units. A dropped
     cell with all its weights zeroed stays at 0, so a narrower LSTM is the
-    masked full one."""
+    masked full one. Scope 'all' adds the embedding width (the embedding
+    table's columns and the first LSTM's input); the vocabulary stays."""
     names = self.layer_names + ('head',)
-    groups = []
+    groups = [WidthGroup('embed', self.embed_dim, (('embed/embedding', 1),) +
+                         tuple(('lstm_0/' + g + '/kernel', 0)
+                               for g in _INPUT_GATES), -1, 'all')]
     for i, name in enumerate(names[:-1]):
       nxt = names[i + 1]
       reads = (tuple((f'{nxt}/{g}/kernel', 0) for g in _INPUT_GATES)
@@ -149,12 +152,12 @@ class LSTMLM(nn.Module):
                widths=None):
     drop = lambda y: (nn.Dropout(self.dropout, deterministic=not train)(y)
                       if self.dropout else y)
-    h = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=_embed_init,
-                 name='embed')(tokens)
-    h = drop(h)
     widths = dict(widths or ())
     if self.is_initializing():
       stop_below, widths = None, {}
+    h = nn.Embed(self.vocab_size, widths.get('embed', self.embed_dim),
+                 embedding_init=_embed_init, name='embed')(tokens)
+    h = drop(h)
     for i, name in enumerate(self.layer_names):
       if i == stop_below:
         h = jax.lax.stop_gradient(h)

@@ -32,6 +32,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fedjax_eff.models.structure import WidthGroup
 from fedjax_eff.models.transformer import _LayerStack
 
 SUBSAMPLES = (1, 2, 4)
@@ -139,6 +140,8 @@ class SpeechEmbed(nn.Module):
   channels: int = 0  # 0 = d_model
   position: str = 'rotary'
   max_len: int = 512
+  # Federated dropout: kept channels of conv i (absent or 0 = `channels`).
+  conv_widths: tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x, x_len):
@@ -151,7 +154,8 @@ class SpeechEmbed(nn.Module):
     h = h * _frame_mask(h.shape[1], x_len)[..., None, None]
     n = x_len
     for i in range(self.subsample.bit_length() - 1):
-      h = nn.relu(SubsampleConv(self.channels or self.d_model,
+      kept = self.conv_widths[i] if i < len(self.conv_widths) else 0
+      h = nn.relu(SubsampleConv(kept or self.channels or self.d_model,
                                 name=f'conv_{i}')(h))
       n = subsampled_length(n, 2)
       h = h * _frame_mask(h.shape[1], n)[..., None, None].astype(h.dtype)
@@ -214,10 +218,17 @@ class ConformerCTC(_LayerStack):
   def _out_dim(self) -> int:
     return self.num_classes
 
-  def _embed(self, inputs, train):
+  @property
+  def _num_convs(self) -> int:
+    return self.subsample.bit_length() - 1
+
+  def _embed(self, inputs, train, widths):
     x, x_len = inputs
-    embed = SpeechEmbed(self.d_model, self.subsample, self.subsample_channels,
-                        self.position, self.max_len, name='embed')
+    embed = SpeechEmbed(
+        widths.get('residual', self.d_model), self.subsample,
+        self.subsample_channels or self.d_model, self.position, self.max_len,
+        tuple(widths.get(f'embed/conv_{i}', 0)
+              for i in range(self._num_convs)), name='embed')
     h, key_mask = embed(x, x_len)
     if self.dropout:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -226,6 +237,26 @@ class ConformerCTC(_LayerStack):
   def _pool(self, h, key_mask):
     del key_mask
     return h  # A prediction per frame: no pooling.
+
+  def _embed_residual(self):
+    pos = (('embed/pos', 1),) if self.position == 'learned' else ()
+    return (('embed/out/kernel', 1), ('embed/out/bias', 0), *pos)
+
+  def _front_end_groups(self):
+    """Scope 'all': each subsampling conv's output channels (its kernel
+    and bias, and the input axis of what reads them: the next conv, or the
+    front end's `out` Dense, whose input is the flattened `[F', C]` map,
+    channel-minor). The mel bins stay: the data fixes them."""
+    n, ch = self._num_convs, self.subsample_channels or self.d_model
+    groups = []
+    for i in range(n):
+      reads = (f'embed/conv_{i + 1}/kernel', 2) if i + 1 < n else (
+          'embed/out/kernel', 0)
+      groups.append(WidthGroup(
+          f'embed/conv_{i}', ch, ((f'embed/conv_{i}/kernel', 3),
+                                  (f'embed/conv_{i}/bias', 0), reads),
+          i - n, 'all'))
+    return tuple(groups)
 
   @nn.compact
   def __call__(self, inputs, train: bool = False, *, depth: int | None = None,

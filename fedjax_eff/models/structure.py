@@ -74,12 +74,24 @@ class WidthGroup(NamedTuple):
   `('dense0/bias', 0)`, `('head/kernel', 0)`; an axis of length
   `m * width` holds `m` blocks of the units, unit index minor. `depth`: the
   group's position from input to output (federated dropout's `depth` rate
-  schedule).
+  schedule; a group shared by every block, the residual width, sits in the
+  middle, so a linear ramp gives it the blocks' mean rate).
+
+  `scope`: 'units' for the units a layer owns alone (hidden units, heads,
+  feed-forward units, a CNN's or an LSTM's channels): federated dropout's
+  default. 'all' for the widths that several layers share or that pass
+  through a LayerNorm (a layer stack's residual width, a conformer's conv
+  channels, a front end's conv channels, an LSTM's embedding width): used
+  when federated dropout is asked for `scope='all'`. Either way the
+  narrower model is the full one with the dropped units zeroed (LayerNorms
+  of a narrowed width keep the full width's statistics:
+  `layers.WidthLayerNorm`).
   """
   name: str
   width: int
   members: tuple[tuple[str, int], ...]
-  depth: int = 0
+  depth: float = 0
+  scope: str = 'units'
 
 
 # -------------------------------------------------------------- forward plan

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_eff.models.layers import WidthLayerNorm, layer_norm
 from fedjax_eff.models.structure import WidthGroup
 
 # Layer counts, widths and heads of the size presets. Parameter counts:
@@ -195,20 +196,22 @@ class Attention(nn.Module):
   dot product (no parameters: the tree is the same either way). Off by
   default, so every existing model and imported checkpoint is unchanged.
   `kept_heads` runs a sub-model with fewer heads of the same head size
-  (federated dropout).
+  (federated dropout); `head_dim` fixes the head size when the input is
+  narrower than the model width (federated dropout of the residual width).
   """
   num_heads: int
   peft: PeftSpec = PeftSpec()
   rotary: bool = False
   kept_heads: int = 0  # federated dropout: run this many heads (0 = all)
+  head_dim: int = 0  # 0 = input width // num_heads
 
   @nn.compact
   def __call__(self, x, mask=None, task: int = 0):
     d = x.shape[-1]
     h = self.num_heads
-    if d % h:
+    if d % h and not self.head_dim:
       raise ValueError(f'd_model={d} is not divisible by num_heads={h}.')
-    shape = (self.kept_heads or h, d // h)
+    shape = (self.kept_heads or h, self.head_dim or d // h)
     init = self.is_initializing()
     spec = self.peft
 
@@ -228,6 +231,12 @@ class Attention(nn.Module):
       q, k = apply_rotary(q), apply_rotary(k)
     y = nn.dot_product_attention(q, k, v, mask=mask)
     return proj('out', y, d, axis=(-2, -1))
+
+
+def _head_dim(full: int, d: int, num_heads: int) -> int:
+  """`Attention.head_dim` for input width `d` of a model `full` wide: the
+  full model's head size when `d` is narrowed, else 0 (derived)."""
+  return full // num_heads if full and d != full else 0
 
 
 def _adapt(spec: PeftSpec, task: int, init: bool, site: str, y):
@@ -279,6 +288,9 @@ class Block(nn.Module):
   peft: PeftSpec = PeftSpec()
   rotary: bool = False
   widths: tuple[tuple[str, int], ...] = ()  # kept 'attn' heads, 'mlp' units
+  # The full model width when `x` may be narrower (federated dropout of the
+  # residual width); 0 = `x`'s width.
+  model_dim: int = 0
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, task: int = 0):
@@ -287,11 +299,13 @@ class Block(nn.Module):
     widths = dict(self.widths)
     init = self.is_initializing()
     drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
-    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, name=name)
+    norm = lambda name: lambda y: layer_norm(y, name, self.model_dim,
+                                             self.layer_norm_eps)
     pre = self.norm_position == 'pre'
 
     y = norm('ln1')(x) if pre else x
     y = Attention(self.num_heads, spec, self.rotary, widths.get('attn', 0),
+                  _head_dim(self.model_dim, d, self.num_heads),
                   name='attn')(y, mask, task)
     x = x + drop(_adapt(spec, task, init, 'attn', y))
     if not pre:
@@ -338,12 +352,13 @@ class FeedForward(nn.Module):
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   peft: PeftSpec = PeftSpec()
+  model_dim: int = 0  # full width when `x` is narrowed (0 = x's width)
 
   @nn.compact
   def __call__(self, x, train: bool = False, task: int = 0):
     spec, init = self.peft, self.is_initializing()
     drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.LayerNorm(epsilon=self.layer_norm_eps, name='ln')(x)
+    y = layer_norm(x, 'ln', self.model_dim, self.layer_norm_eps)
     y = nn.swish(_dense(spec, task, init, 'mlp_in', y, self.mlp_dim))
     y = _dense(spec, task, init, 'mlp_out', drop(y), x.shape[-1])
     return drop(_adapt(spec, task, init, 'mlp', y))
@@ -363,17 +378,23 @@ class ConvModule(nn.Module):
   causal: bool = False
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
+  # Federated dropout: kept conv channels (0 = all) and the full model
+  # width (0 = `x`'s), which is also the full number of conv channels.
+  channels: int = 0
+  model_dim: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False, key_mask=None):
     d = x.shape[-1]
-    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, name=name)
-    y = nn.Dense(2 * d, name='pw_in')(norm('ln')(x))
+    full = self.model_dim or d
+    eps = self.layer_norm_eps
+    y = nn.Dense(2 * (self.channels or full),
+                 name='pw_in')(layer_norm(x, 'ln', full, eps))
     y = nn.glu(y, axis=-1)
     if key_mask is not None:
       y = y * key_mask[..., None].astype(y.dtype)
     y = DepthwiseConv1D(self.kernel_size, self.causal, name='dw')(y)
-    y = nn.swish(norm('ln_dw')(y))
+    y = nn.swish(layer_norm(y, 'ln_dw', full, eps))
     y = nn.Dense(d, name='pw_out')(y)
     return nn.Dropout(self.dropout, deterministic=not train)(y)
 
@@ -399,27 +420,31 @@ class ConformerBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   peft: PeftSpec = PeftSpec()
   rotary: bool = False
-  # Federated dropout: kept 'attn' heads, 'ffn_in' / 'ffn_out' units.
+  # Federated dropout: kept 'attn' heads, 'ffn_in' / 'ffn_out' units,
+  # 'conv' channels; `model_dim` the full width when `x` is narrower.
   widths: tuple[tuple[str, int], ...] = ()
+  model_dim: int = 0
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False, task: int = 0,
                key_mask=None):
     spec, init = self.peft, self.is_initializing()
     widths = dict(self.widths)
+    full, eps = self.model_dim or x.shape[-1], self.layer_norm_eps
     ffn = lambda name: FeedForward(widths.get(name, self.mlp_dim),
-                                   self.dropout, self.layer_norm_eps, spec,
-                                   name=name)
+                                   self.dropout, eps, spec, full, name=name)
     x = x + 0.5 * ffn('ffn_in')(x, train, task)
-    y = nn.LayerNorm(epsilon=self.layer_norm_eps, name='ln_attn')(x)
+    y = layer_norm(x, 'ln_attn', full, eps)
     y = Attention(self.num_heads, spec, self.rotary, widths.get('attn', 0),
+                  _head_dim(full, x.shape[-1], self.num_heads),
                   name='attn')(y, mask, task)
     y = _adapt(spec, task, init, 'attn', y)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-    x = x + ConvModule(self.conv_kernel, self.causal, self.dropout,
-                       self.layer_norm_eps, name='conv')(x, train, key_mask)
+    x = x + ConvModule(self.conv_kernel, self.causal, self.dropout, eps,
+                       widths.get('conv', 0), full,
+                       name='conv')(x, train, key_mask)
     x = x + 0.5 * ffn('ffn_out')(x, train, task)
-    return nn.LayerNorm(epsilon=self.layer_norm_eps, name='ln_out')(x)
+    return layer_norm(x, 'ln_out', full, eps)
 
 
 class Head(nn.Module):
@@ -433,10 +458,11 @@ class Head(nn.Module):
   hidden: int = 0
   norm: bool = True
   layer_norm_eps: float = 1e-6
+  model_dim: int = 0  # full width when `x` is narrowed (0 = x's width)
 
   @nn.compact
   def __call__(self, x):
-    feats = (nn.LayerNorm(epsilon=self.layer_norm_eps, name='ln')(x)
+    feats = (layer_norm(x, 'ln', self.model_dim, self.layer_norm_eps)
              if self.norm else x)
     if not self.out:
       return feats, feats
@@ -458,6 +484,7 @@ class TokenEmbed(nn.Module):
   type_vocab_size: int = 0
   norm: bool = False
   layer_norm_eps: float = 1e-6
+  full_dim: int = 0  # federated dropout: the full width (0 = d_model)
 
   def setup(self):
     self.tok = nn.Embed(self.vocab_size, self.d_model,
@@ -468,7 +495,9 @@ class TokenEmbed(nn.Module):
       self.type = self.param('type', nn.initializers.normal(0.02),
                              (self.type_vocab_size, self.d_model))
     if self.norm:
-      self.ln = nn.LayerNorm(epsilon=self.layer_norm_eps)
+      self.ln = (WidthLayerNorm(self.full_dim, self.layer_norm_eps)
+                 if self.full_dim and self.full_dim != self.d_model else
+                 nn.LayerNorm(epsilon=self.layer_norm_eps))
 
   def __call__(self, tokens):
     t = tokens.shape[1]
@@ -524,8 +553,10 @@ def _is_static(v) -> bool:
 class _LayerStack(nn.Module):
   """What `Transformer` and `ViT` share: fields, the block loop, the heads.
 
-  Subclasses define `_embed(x, train) -> (embed module, h [B, T, d],
-  key_mask [B, T] or None)`, `_out_dim`, `_pool(h, key_mask)` and
+  Subclasses define `_embed(x, train, widths) -> (embed module,
+  h [B, T, d], key_mask [B, T] or None)` (`d` = `widths['residual']` when
+  federated dropout narrows the residual width), `_embed_residual` (its
+  parameter axes on that width), `_out_dim`, `_pool(h, key_mask)` and
   optionally `_project` (logits from the head's output).
 
   PEFT modules (FedYolo; see `module_pattern` for their names), one set per
@@ -654,21 +685,51 @@ class _LayerStack(nn.Module):
     if self.block_type == 'conformer':
       return ConformerBlock(self.num_heads, self.mlp_dim, self.conv_kernel,
                             self.causal, self.dropout, self.layer_norm_eps,
-                            self.peft, self.rotary, mine, name=f'block_{i}')
+                            self.peft, self.rotary, mine,
+                            model_dim=self.d_model, name=f'block_{i}')
     return Block(self.num_heads, self.mlp_dim, self.dropout,
                  self.norm_position, self.layer_norm_eps,
                  self.gelu_approximate, self.peft, self.rotary, mine,
-                 name=f'block_{i}')
+                 model_dim=self.d_model, name=f'block_{i}')
+
+  def _embed_residual(self) -> tuple[tuple[str, int], ...]:
+    """The embedding's parameter axes on the residual width."""
+    raise NotImplementedError
+
+  def _front_end_groups(self) -> tuple[WidthGroup, ...]:
+    """Width groups inside the embedding (scope 'all'); none here."""
+    return ()
 
   @property
   def width_groups(self):
-    """Federated dropout's units per block: attention heads (query/key/
+    """Federated dropout's units.
+
+    Scope 'units' (the default), per block: attention heads (query/key/
     value outputs, out inputs) and MLP hidden units (a conformer's two
-    feed-forwards separately). The residual width, the embedding and the
-    heads' classes are never dropped; nor are a conformer's conv channels,
-    whose LayerNorm couples them (a narrower conv module would not be any
-    masked version of the full one)."""
+    feed-forwards separately).
+
+    Scope 'all' adds, per conformer block, the conv module's channels
+    (`pw_in`'s two GLU halves, the depthwise conv, `ln_dw`, `pw_out`'s
+    input), the front end's conv channels (`_front_end_groups`), and one
+    `residual` group for the model width `d_model`: the residual stream
+    ties every block to the embedding and the heads, so its units are
+    dropped together everywhere (embedding outputs and positions, every
+    LayerNorm, the inputs of query/key/value/`mlp_in`/`pw_in`, the outputs
+    of `out`/`mlp_out`/`pw_out`, prompts, the heads' LayerNorm and input).
+    Its `depth` is the middle of the stack.
+
+    Never dropped: the input (token ids, image patches' pixels, mel bins)
+    and the output (classes, vocabulary, CTC labels), whose sizes the data
+    fixes; the head size inside attention (rotary pairs and the
+    `1/sqrt(head_dim)` scale are per head: heads drop whole); the depthwise
+    kernel's taps; and a LoRA or adapter (federated dropout refuses them).
+    """
     groups = []
+    conformer = self.block_type == 'conformer'
+    residual = list(self._embed_residual())
+    residual += [(f'prompt_t{t}', 1) for t in range(self.num_tasks)
+                 if self.prompt_len]
+    ln = lambda p: ((f'{p}/scale', 0), (f'{p}/bias', 0))
     for i in range(self.num_layers):
       b = f'block_{i}'
       attn = tuple((f'{b}/attn/{n}/{w}', a) for n in ('query', 'key', 'value')
@@ -676,12 +737,39 @@ class _LayerStack(nn.Module):
                        (f'{b}/attn/out/kernel', 0),)
       groups.append(WidthGroup(f'{b}/attn', self.num_heads, attn, i))
       mlps = (('ffn_in', 'ffn_in/'), ('ffn_out', 'ffn_out/')) if (
-          self.block_type == 'conformer') else (('mlp', ''),)
+          conformer) else (('mlp', ''),)
       for name, sub in mlps:
         groups.append(WidthGroup(f'{b}/{name}', self.mlp_dim, (
             (f'{b}/{sub}mlp_in/kernel', 1), (f'{b}/{sub}mlp_in/bias', 0),
             (f'{b}/{sub}mlp_out/kernel', 0)), i))
-    return tuple(groups)
+        residual += [*ln(f'{b}/{sub}ln')] if conformer else []
+        residual += [(f'{b}/{sub}mlp_in/kernel', 0),
+                     (f'{b}/{sub}mlp_out/kernel', 1),
+                     (f'{b}/{sub}mlp_out/bias', 0)]
+      residual += [(f'{b}/attn/{n}/kernel', 0)
+                   for n in ('query', 'key', 'value')]
+      residual += [(f'{b}/attn/out/kernel', 2), (f'{b}/attn/out/bias', 0)]
+      if conformer:
+        c = f'{b}/conv'
+        groups.append(WidthGroup(c, self.d_model, (
+            (f'{c}/pw_in/kernel', 1), (f'{c}/pw_in/bias', 0),
+            (f'{c}/dw/kernel', 2), (f'{c}/dw/bias', 0), *ln(f'{c}/ln_dw'),
+            (f'{c}/pw_out/kernel', 0)), i, 'all'))
+        residual += [*ln(f'{b}/ln_attn'), *ln(f'{c}/ln'),
+                     (f'{c}/pw_in/kernel', 0), (f'{c}/pw_out/kernel', 1),
+                     (f'{c}/pw_out/bias', 0), *ln(f'{b}/ln_out')]
+      else:
+        residual += [*ln(f'{b}/ln1'), *ln(f'{b}/ln2')]
+    for h in self.head_names:
+      if self.norm_position == 'pre':
+        residual += [*ln(f'{h}/ln')]
+      if self.head_hidden:
+        residual.append((f'{h}/hidden/kernel', 0))
+      elif self._out_dim or self.num_tasks > 1:
+        residual.append((f'{h}/out/kernel', 0))
+    return (self._front_end_groups() + tuple(groups) + (WidthGroup(
+        'residual', self.d_model, tuple(residual),
+        (self.num_layers - 1) / 2, 'all'),))
 
   def _task_out_dim(self, task: int) -> int:
     if self.task_classes:
@@ -727,7 +815,7 @@ class _LayerStack(nn.Module):
                                   1.0 - jnp.asarray(layer_drop_rate), (n,))
       layer_gates = keep if layer_gates is None else keep & (
           jnp.asarray(layer_gates) > 0)
-    embed, h, key_mask = self._embed(x, train)
+    embed, h, key_mask = self._embed(x, train, widths)
     seq_mask = key_mask
     if self.prompt_len:
       h, key_mask = self._prompt(h, key_mask, task, init)
@@ -761,7 +849,8 @@ class _LayerStack(nn.Module):
     pooled = self._pool(h, key_mask)
     make_head = lambda name, out: Head(out, self.head_hidden,
                                        self.norm_position == 'pre',
-                                       self.layer_norm_eps, name=name)
+                                       self.layer_norm_eps, self.d_model,
+                                       name=name)
     if self.per_layer_heads:
       heads = [make_head(f'head_{i}', self._out_dim) for i in range(n)]
       if init:
@@ -840,14 +929,22 @@ class Transformer(_LayerStack):
       return 0 if self._tied else self.vocab_size
     return self.num_classes
 
-  def _embed(self, tokens, train):
-    embed = TokenEmbed(self.vocab_size, self.d_model, self.max_len,
-                       self.type_vocab_size, self.embed_norm,
-                       self.layer_norm_eps, name='embed')
+  def _embed(self, tokens, train, widths):
+    embed = TokenEmbed(self.vocab_size, widths.get('residual', self.d_model),
+                       self.max_len, self.type_vocab_size, self.embed_norm,
+                       self.layer_norm_eps, self.d_model, name='embed')
     h = embed(tokens)
     if self.dropout:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return embed, h, tokens != self.pad_id
+
+  def _embed_residual(self):
+    out = [('embed/tok/embedding', 1), ('embed/pos', 1)]
+    if self.type_vocab_size:
+      out.append(('embed/type', 1))
+    if self.embed_norm:
+      out += [('embed/ln/scale', 0), ('embed/ln/bias', 0)]
+    return tuple(out)
 
   def _pool(self, h, key_mask):
     if self.causal:
@@ -909,13 +1006,18 @@ class ViT(_LayerStack):
   def _out_dim(self) -> int:
     return self.num_classes
 
-  def _embed(self, x, train):
-    embed = PatchEmbed(self.patch_size, self.d_model, self.pooling == 'cls',
-                       name='embed')
+  def _embed(self, x, train, widths):
+    embed = PatchEmbed(self.patch_size, widths.get('residual', self.d_model),
+                       self.pooling == 'cls', name='embed')
     h = embed(x)
     if self.dropout:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return embed, h, None
+
+  def _embed_residual(self):
+    cls = (('embed/cls', 2),) if self.pooling == 'cls' else ()
+    return (('embed/patch/kernel', 1), ('embed/patch/bias', 0), *cls,
+            ('embed/pos', 1))
 
   def _pool(self, h, key_mask):
     del key_mask

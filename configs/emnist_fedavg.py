@@ -34,7 +34,7 @@ def get_config():
   c.client.optimizer = 'sgd'
   c.client.learning_rate = 10 ** -1.5
   c.client.batch_size = 20
-  c.client.local_steps = 16
+  c.client.epochs = 1  # S: the largest client's ceil(n / 20)
   c.server.optimizer = 'fedadam'
   c.server.learning_rate = 10 ** -2.5
   c.server.optimizer_kwargs.b1 = 0.9

@@ -398,7 +398,7 @@ def test_activations_count_in_the_estimate(monkeypatch):
   per_example = placement.activation_bytes_per_example(
       exp.model, exp.task, exp.init_params, exp.example_batch)
   assert per_example > 0
-  kw = dict(example_bytes=8 * 8 * 4, param_bytes=10_000,
+  kw = dict(steps=1, example_bytes=8 * 8 * 4, param_bytes=10_000,
             on_device_data=True, chunk=20)
   base = placement.round_memory_estimate(
       clients=20, chunk=20, steps=1, batch=4096, example_bytes=256,

@@ -21,8 +21,9 @@ Tokens (comma-separated, any order):
   partial    train the top half of the layers (and the head's norm/output);
              the embedding and the lower half are frozen, not uploaded
   q8 | q4    upload 8- or 4-bit stochastic-rounding codes (blocks of 256)
-  paper      Reddi et al.'s round sizes: 50 clients per round, 16 local
-             steps, at most 1,000 sentences per module, 1,500 rounds,
+  paper      Reddi et al.'s round sizes: 50 clients per round, one local
+             epoch (client.epochs=1) at batch 16 over at most 1,000
+             sentences per module, 1,500 rounds,
              evaluation every 50 (about a day on 2 CPU cores: an
              accelerator's setting). Without it the round is sized for a
              CPU: 10 clients x 4 steps, at most 256 sentences per module,
@@ -105,7 +106,10 @@ def apply(c: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
     c.data.pretrain_fraction = 0.2
   if 'paper' in variants:  # Reddi et al. (2021)'s Stack Overflow rounds
     c.num_rounds, c.clients_per_round = 1500, 50
-    c.client.local_steps, c.data.max_sequences = 16, 1000
+    # One local epoch at batch 16 over at most 1,000 sequences per client
+    # (TFF's max_elements_per_user): ceil(min(n, 1000) / 16) steps.
+    c.client.epochs, c.client.max_examples = 1, 1000
+    c.data.max_sequences = 1000
     c.eval_every = c.checkpoint_every = 50
     c.pretrain.steps = 5000
   c.spec = ','.join([model, server] + sorted(variants))

@@ -17,6 +17,13 @@ With `weighting='num_examples'` a client's weight is the number of distinct
 real examples it trained on, `min(n, S * B)`; with `'uniform'` every
 non-empty client weighs 1.
 
+With `epochs` E (config `client.epochs`, TFF's and FedJAX's convention), a
+client instead runs E epochs over min(n, `max_examples`) of its examples:
+E x ceil(min(n, max) / B) real steps, each epoch reshuffled with a
+partial last batch, the rest of the S = `epoch_steps(...)` steps (those of
+the largest client) padding; its weight is min(n, max) (FedJAX's
+convention: examples per epoch; `'uniform'` as above).
+
 Every random choice derives from `(seed, round, client index)`, so packing is
 reproducible and a resumed run sees exactly the cohorts an unbroken run saw.
 """
@@ -140,8 +147,55 @@ def _example_order(client_id: str, n: int, capacity: int, rng, *,
   return order
 
 
-def _client_weight(n: int, capacity: int, weighting: str) -> float:
-  return min(n, capacity) if weighting == 'num_examples' else float(n > 0)
+def _client_weight(trained: int, n: int, weighting: str) -> float:
+  """`trained` (the distinct examples a client trains on) or 1."""
+  return trained if weighting == 'num_examples' else float(n > 0)
+
+
+def epoch_steps(sizes, batch_size: int, epochs: int,
+                max_examples: int = 0) -> int:
+  """S for `epochs` local epochs: the steps of the largest client,
+  `epochs x ceil(min(n, max_examples) / B)` (max_examples 0: no cap)."""
+  largest = int(np.max(sizes)) if len(sizes) else 0
+  if max_examples:
+    largest = min(largest, max_examples)
+  return max(1, epochs * -(-largest // batch_size))
+
+
+def _slot_examples(client_id: str, n: int, capacity: int, rng, *,
+                   batch_size: int, policy_large: str, policy_small: str,
+                   shuffle: bool, epochs: int = 0, max_examples: int = 0
+                   ) -> tuple[np.ndarray, int]:
+  """(the example in each of a client's `capacity` slots, -1 for padding;
+  how many distinct examples it trains on).
+
+  Without `epochs` the slots fill from the start (`_example_order`). With
+  `epochs` E (TFF's and FedJAX's client epochs): the client trains on m =
+  min(n, max_examples) of its examples (a fresh subset each round when
+  n > max_examples), E times, each epoch a fresh order in ceil(m / B)
+  steps whose last batch is partial (its other slots padding); its steps
+  past E ceil(m / B) are padding. The packing policies do not apply.
+  """
+  if not epochs:
+    order = _example_order(client_id, n, capacity, rng,
+                           policy_large=policy_large,
+                           policy_small=policy_small, shuffle=shuffle)
+    slots = np.full(capacity, -1, np.int64)
+    slots[:len(order)] = order
+    return slots, min(n, capacity)
+  m = min(n, max_examples) if max_examples else n
+  per_epoch = -(-m // batch_size)
+  if per_epoch * epochs * batch_size > capacity:
+    raise ValueError(
+        f'Client {client_id!r}: {epochs} epochs of {m} examples at batch '
+        f'{batch_size} need {per_epoch * epochs} steps, more than the '
+        f'{capacity // batch_size} packed (epoch_steps gives S).')
+  base = rng.permutation(n)[:m] if shuffle else np.arange(m)
+  slots = np.full(capacity, -1, np.int64)
+  for e in range(epochs):
+    start = e * per_epoch * batch_size
+    slots[start:start + m] = rng.permutation(base) if shuffle else base
+  return slots, m
 
 
 def _full_ctx(client_indices, ctx):
@@ -156,7 +210,8 @@ def pack(data: FederatedData, client_indices: np.ndarray, *, steps: int,
          batch_size: int, seed: int, round_num: int,
          policy_large: str = 'subsample', policy_small: str = 'pad',
          weighting: str = 'num_examples', shuffle: bool = True,
-         ctx: Mapping[str, np.ndarray] | None = None) -> Cohort:
+         ctx: Mapping[str, np.ndarray] | None = None, epochs: int = 0,
+         max_examples: int = 0) -> Cohort:
   """Packs clients into a `Cohort` of shape `[K, steps, batch_size, ...]`.
 
   Args:
@@ -168,6 +223,9 @@ def pack(data: FederatedData, client_indices: np.ndarray, *, steps: int,
     policy_large, policy_small, weighting: see the module docstring.
     shuffle: shuffle each client's examples (per round) before packing.
     ctx: extra per-client context, `[K, ...]` arrays.
+    epochs, max_examples: local epochs over at most `max_examples` of each
+      client's examples instead of filling the S steps (`_slot_examples`;
+      `epoch_steps` gives the S they need).
 
   Returns:
     A `Cohort` of numpy arrays.
@@ -184,14 +242,16 @@ def pack(data: FederatedData, client_indices: np.ndarray, *, steps: int,
     ci = int(ci)
     client = data.client(ci)
     n = len(next(iter(client.values())))
-    order = _example_order(
+    slots, trained = _slot_examples(
         data.client_ids[ci], n, capacity, _client_rng(seed, round_num, ci),
-        policy_large=policy_large, policy_small=policy_small, shuffle=shuffle)
-    used = len(order)
+        batch_size=batch_size, policy_large=policy_large,
+        policy_small=policy_small, shuffle=shuffle, epochs=epochs,
+        max_examples=max_examples)
+    real = slots >= 0
     for f, a in client.items():
-      batches[f][slot, :used] = a[order]
-    mask[slot, :used] = 1.0
-    weight[slot] = _client_weight(n, capacity, weighting)
+      batches[f][slot, real] = a[slots[real]]
+    mask[slot, real] = 1.0
+    weight[slot] = _client_weight(trained, n, weighting)
   shape = (k, steps, batch_size)
   batches = {f: a.reshape(shape + a.shape[2:]) for f, a in batches.items()}
   return Cohort(batches, mask.reshape(shape), weight,
@@ -246,7 +306,8 @@ def pack_index(resident: ResidentData, client_indices: np.ndarray, *,
                steps: int, batch_size: int, seed: int, round_num: int,
                policy_large: str = 'subsample', policy_small: str = 'pad',
                weighting: str = 'num_examples', shuffle: bool = True,
-               ctx: Mapping[str, np.ndarray] | None = None) -> Cohort:
+               ctx: Mapping[str, np.ndarray] | None = None, epochs: int = 0,
+               max_examples: int = 0) -> Cohort:
   """`pack`, but as row indices: the same examples in the same slots."""
   _validate(policy_large, policy_small, weighting, steps, batch_size)
   if resident.pad_row >= 2 ** 31 - 1:
@@ -260,13 +321,15 @@ def pack_index(resident: ResidentData, client_indices: np.ndarray, *,
   for slot, ci in enumerate(client_indices):
     ci = int(ci)
     n = int(resident.sizes[ci])
-    order = _example_order(
+    slots, trained = _slot_examples(
         resident.client_ids[ci], n, capacity,
-        _client_rng(seed, round_num, ci), policy_large=policy_large,
-        policy_small=policy_small, shuffle=shuffle)
-    index[slot, :len(order)] = resident.offsets[ci] + order
-    mask[slot, :len(order)] = 1.0
-    weight[slot] = _client_weight(n, capacity, weighting)
+        _client_rng(seed, round_num, ci), batch_size=batch_size,
+        policy_large=policy_large, policy_small=policy_small,
+        shuffle=shuffle, epochs=epochs, max_examples=max_examples)
+    real = slots >= 0
+    index[slot, real] = resident.offsets[ci] + slots[real]
+    mask[slot, real] = 1.0
+    weight[slot] = _client_weight(trained, n, weighting)
   shape = (k, steps, batch_size)
   return IndexedCohort(index.reshape(shape), mask.reshape(shape), weight,
                        _full_ctx(client_indices, ctx))

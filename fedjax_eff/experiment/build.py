@@ -106,6 +106,17 @@ class Experiment:
     validate_config(config)
     self.config = config
     self.data = data_registry.load(config.data)
+    c = config.client
+    # S: `client.local_steps`, or with `client.epochs` the steps of the
+    # largest training client (each client runs its own, the rest padded).
+    self.local_steps = c.local_steps if not c.epochs else (
+        cohort_lib.epoch_steps(self.data.train.client_sizes, c.batch_size,
+                               c.epochs, c.max_examples))
+    # How every round packs its clients (`data.cohort.pack`).
+    self.packing = dict(
+        steps=self.local_steps, batch_size=c.batch_size, seed=config.seed,
+        policy_large=c.policy_large, policy_small=c.policy_small,
+        weighting=c.weighting, epochs=c.epochs, max_examples=c.max_examples)
     self.model = build_model(config, self.data)
     self.task, self.evaluation = task_registry.build(
         config.task, self.model, config.eval_batch_size)
@@ -164,7 +175,7 @@ class Experiment:
     self.chunk_size = core.placement.chunk_width(max(chunk, 0),
                                                  config.clients_per_round)
     placement.check_round_fits(
-        config, example_bytes=sum(
+        config, steps=self.local_steps, example_bytes=sum(
             v.dtype.itemsize * int(np.prod(v.shape[1:]))
             for v in example.values()),
         param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(
@@ -239,10 +250,8 @@ class Experiment:
       part_of = (len(ids), tiers)
       mine = ids[np.minimum(self.round_fns.local_part(*part_of),
                             len(ids) - 1)]
-    kw = dict(steps=c.local_steps, batch_size=c.batch_size,
-              seed=self.config.seed, round_num=round_num,
-              policy_large=c.policy_large, policy_small=c.policy_small,
-              weighting=c.weighting, ctx={'tier': self.tier_of[mine]})
+    kw = dict(self.packing, round_num=round_num,
+              ctx={'tier': self.tier_of[mine]})
     if self.resident is not None:
       cohort = cohort_lib.pack_index(self.resident, mine, **kw)
     else:
@@ -265,7 +274,7 @@ class Experiment:
       self._measured[key] = accounting.client_cost(
           self.model, self.task, technique, self.client_optimizer,
           self.init_params, self.example_batch,
-          self.config.client.local_steps, ctx, self.config.client.prox_mu)
+          self.local_steps, ctx, self.config.client.prox_mu)
     return self._measured[key]
 
   def program(self, round_num: int, tier: int = 0):

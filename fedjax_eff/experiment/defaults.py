@@ -58,6 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
       optimizer_kwargs=ml_collections.ConfigDict(),
       local_steps=4,          # S: local steps per round
       batch_size=16,          # B
+      # > 0: E local epochs instead of S steps: a client runs
+      # E x ceil(min(n, max_examples) / B) steps (TFF / FedJAX clients),
+      # weight min(n, max_examples); S is the largest client's count.
+      epochs=0,
+      max_examples=0,         # with epochs: examples per client (0: all)
       policy_large='subsample',  # clients with > S*B examples
       policy_small='pad',     # clients with < S*B examples: pad | repeat
       weighting='num_examples',  # aggregation weight: num_examples | uniform

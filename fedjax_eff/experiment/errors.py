@@ -81,4 +81,5 @@ def translated(workdir: str):
 MEMORY_ADVICE = ('{what}. A round holds chunk_size clients at once, each '
                  'with local_steps x batch_size examples: lower '
                  'config.chunk_size, config.client.batch_size, '
-                 'config.client.local_steps or config.clients_per_round.')
+                 'config.client.local_steps (or client.epochs / '
+                 'client.max_examples) or config.clients_per_round.')

@@ -179,12 +179,8 @@ class LocalTrainer:
   def cohort(self, round_num: int) -> cohort_lib.Cohort:
     """Round `round_num`'s batches of every simulated client, packed as the
     federated round packs its cohort (same policies, same shuffles)."""
-    c = self.exp.config.client
-    cohort = cohort_lib.pack(
-        self.exp.data.train, self.clients, steps=c.local_steps,
-        batch_size=c.batch_size, seed=self.exp.config.seed,
-        round_num=round_num, policy_large=c.policy_large,
-        policy_small=c.policy_small, weighting=c.weighting)
+    cohort = cohort_lib.pack(self.exp.data.train, self.clients,
+                             round_num=round_num, **self.exp.packing)
     return cohort._replace(ctx=dict(cohort.ctx, tier=self.tiers))
 
   def _step(self, stage, tier) -> Callable:

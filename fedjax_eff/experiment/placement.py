@@ -146,17 +146,19 @@ def round_memory_estimate(*, clients: int, chunk: int, steps: int,
           'total': int(cohort + model + activations)}
 
 
-def memory_advice(need: int, have: int, config) -> str:
+def memory_advice(need: int, have: int, config, steps: int) -> str:
   c = config.client
   return (f'a round needs at least {need / 2**30:.2f} GiB but '
           f'{have / 2**30:.2f} GiB is available. Lower config.chunk_size '
           f'({config.chunk_size}; 0 = the backend default), '
           f'config.client.batch_size ({c.batch_size}), '
-          f'config.client.local_steps ({c.local_steps}) or '
+          f'the local steps ({steps}: config.client.local_steps, or '
+          'client.epochs x the largest client\'s batches) or '
           f'config.clients_per_round ({config.clients_per_round}).')
 
 
-def check_round_fits(config, *, example_bytes: int, param_bytes: int,
+def check_round_fits(config, *, steps: int, example_bytes: int,
+                     param_bytes: int,
                      on_device_data: bool, chunk: int,
                      activation_bytes=lambda: 0) -> None:
   """Raises `RunRefused` before compiling the round if it cannot fit.
@@ -168,7 +170,7 @@ def check_round_fits(config, *, example_bytes: int, param_bytes: int,
   c = config.client
   in_flight = chunk * c.batch_size
   est = round_memory_estimate(
-      clients=config.clients_per_round, chunk=chunk, steps=c.local_steps,
+      clients=config.clients_per_round, chunk=chunk, steps=steps,
       batch=c.batch_size, example_bytes=example_bytes,
       param_bytes=param_bytes, on_device_data=on_device_data,
       activation_bytes=activation_bytes()
@@ -178,5 +180,5 @@ def check_round_fits(config, *, example_bytes: int, param_bytes: int,
     parts = ', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in est.items()
                       if k != 'total' and v)
     raise RunRefused('out of memory: ' + memory_advice(est['total'], have,
-                                                       config) +
+                                                       config, steps) +
                      f' (estimated from shapes: {parts})')

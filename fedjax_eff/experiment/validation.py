@@ -13,7 +13,8 @@ _POSITIVE_INTS = ('num_rounds', 'clients_per_round', 'client.local_steps',
                   'client.batch_size', 'eval_every', 'checkpoint_every',
                   'checkpoint_keep',
                   'eval_batch_size', 'data.num_clients')
-_NON_NEGATIVE = ('client.prox_mu', 'data.heldout_clients',
+_NON_NEGATIVE = ('client.prox_mu', 'client.epochs', 'client.max_examples',
+                 'data.heldout_clients',
                  'local.num_clients', 'max_failed_rounds', 'data.nan_clients')
 _CHOICES = {
     'client.policy_large': ('subsample', 'error'),
@@ -52,6 +53,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     v = _get(config, key)
     if v not in choices:
       raise ValueError(f'config.{key} must be one of {choices}, got {v!r}.')
+  for key in ('client.epochs', 'client.max_examples'):
+    if not isinstance(_get(config, key), int):
+      raise ValueError(f'config.{key} must be an integer, got '
+                       f'{_get(config, key)!r}.')
   limit = config.get('client_state_limit_gib', 4.0)
   if not isinstance(limit, (int, float)) or not limit > 0:
     raise ValueError('config.client_state_limit_gib must be > 0 (GiB), got '

@@ -96,15 +96,35 @@ class ChunkLayout(NamedTuple):
 CohortLayout = ChunkLayout  # the host's plan of a round's slots
 
 
+def client_steps(mask) -> np.ndarray:
+  """`[K]` steps each client must run (host side): 1 + the index of its
+  last step with an example, from the cohort's `[K, S, B]` mask."""
+  real = np.asarray(mask).reshape(mask.shape[0], mask.shape[1], -1).any(-1)
+  return np.where(real.any(1), real.shape[1] - np.argmax(real[:, ::-1], 1),
+                  0)
+
+
+def _by_steps(members: np.ndarray, steps, c: int) -> np.ndarray:
+  """`members` with the most steps first (stable), so that each chunk of
+  `c` holds clients of similar step counts and runs only to its longest
+  (`core.round`: steps past a chunk's longest client are skipped)."""
+  if steps is None or c == 1:
+    return members
+  return members[np.argsort(-np.asarray(steps)[members], kind='stable')]
+
+
 def chunk_layout(num_clients: int, chunk_size: int, tiers=None,
-                 num_tiers: int = 1, shards: int = 1) -> ChunkLayout:
+                 num_tiers: int = 1, shards: int = 1,
+                 steps=None) -> ChunkLayout:
   """The slots of a round; `shards` rounds the chunk count up to a multiple
-  (one block of chunks per device of the mesh), adding skipped chunks."""
+  (one block of chunks per device of the mesh), adding skipped chunks.
+  With `steps` (`[K]`, `client_steps`) and chunks wider than one client,
+  the clients of each tier are ordered by step count (most first)."""
   k, c = num_clients, chunk_size
   if tiers is None:
     n = -(-k // c)
     order = np.full(-(-n // shards) * shards * c, k)
-    order[:k] = np.arange(k)
+    order[:k] = _by_steps(np.arange(k), steps, c)
     chunk_tier = np.zeros(len(order) // c, np.int32)
     chunk_tier[n:] = 1  # whole chunks of padding: skipped
     return ChunkLayout(order, chunk_tier)
@@ -116,7 +136,7 @@ def chunk_layout(num_clients: int, chunk_size: int, tiers=None,
   n = (k + num_tiers * (c - 1)) // c
   order, chunk_tier = [], []
   for t in range(num_tiers):
-    members = np.flatnonzero(tiers == t)
+    members = _by_steps(np.flatnonzero(tiers == t), steps, c)
     m = -(-len(members) // c)
     order.append(np.concatenate([members, np.full(m * c - len(members), k)]))
     chunk_tier += [t] * m
@@ -185,14 +205,16 @@ class Placement(NamedTuple):
 
   # Host side.
 
-  def layout(self, num_clients: int, tiers=None) -> ChunkLayout:
-    """The round's slots, computed once on the host."""
+  def layout(self, num_clients: int, tiers=None, steps=None
+             ) -> ChunkLayout:
+    """The round's slots, computed once on the host (`steps`: order each
+    tier's clients by step count, `chunk_layout`)."""
     c = chunk_width(self.chunk_size, num_clients)
     if self.tiered and tiers is None:
       tiers = np.zeros(num_clients, np.int64)
     return chunk_layout(num_clients, c,
                         np.asarray(tiers) if self.tiered else None,
-                        self.num_tiers, self.shards)
+                        self.num_tiers, self.shards, steps)
 
   def local_slots(self, layout: ChunkLayout) -> slice:
     """The slots on this process's devices (one contiguous range)."""

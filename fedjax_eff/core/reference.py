@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_eff.core import placement as placement_lib
 from fedjax_eff.core import round as round_lib
 from fedjax_eff.core import technique as technique_lib
 
@@ -100,7 +101,9 @@ def build_reference_round(model, task, technique, client_optimizer,
     tiers = None
     if tech.specialize:
       tiers = np.asarray(cohort.ctx.get('tier', np.zeros(k, np.int64)))
-    layout = round_lib.chunk_layout(k, min(chunk_size, k), tiers, num_tiers)
+    layout = round_lib.chunk_layout(
+        k, min(chunk_size, k), tiers, num_tiers,
+        steps=placement_lib.client_steps(cohort.mask))
     c = len(layout.order) // len(layout.chunk_tier)
     first_of_chunk = {}
     for slot, pos in enumerate(layout.order):

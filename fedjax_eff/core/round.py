@@ -105,15 +105,18 @@ def over_clients(client_update: Callable[..., ClientOutput], c: int):
   def run(params, batches, mask, ctx, keys, round_num, chunk):
     ctx = dict(ctx)
     server_state = ctx.pop('server_state', None)
+    num_steps = last_real_step(mask)  # the chunk's longest client, unbatched
 
     def update(params, batches, mask, ctx, key, round_num, chunk,
-               server_state):
+               server_state, num_steps):
       if server_state is not None:
         ctx = dict(ctx, server_state=server_state)
-      return client_update(params, batches, mask, ctx, key, round_num, chunk)
+      return client_update(params, batches, mask, ctx, key, round_num, chunk,
+                           num_steps)
     return placement_lib.map_clients(
-        update, c, (None, 0, 0, 0, 0, None, None, None))(
-            params, batches, mask, ctx, keys, round_num, chunk, server_state)
+        update, c, (None, 0, 0, 0, 0, None, None, None, None))(
+            params, batches, mask, ctx, keys, round_num, chunk, server_state,
+            num_steps)
   return run
 
 
@@ -219,6 +222,15 @@ class TrainableSplit(NamedTuple):
             for x, m in zip(xs, self.masks)]
 
 
+def last_real_step(mask: jax.Array) -> jax.Array:
+  """int32: 1 + the index of the last step of `mask` (`[..., S, B]`) with
+  an example anywhere in the leading axes (0 if none): the steps a client,
+  or a chunk of clients, must run."""
+  real = jnp.any(mask.reshape((-1,) + mask.shape[-2:]) > 0, axis=(0, 2))
+  idx = jnp.arange(1, real.shape[0] + 1, dtype=jnp.int32)
+  return jnp.max(jnp.where(real, idx, 0))
+
+
 def loss_dtype(params: PyTree):
   """The dtype the round accumulates losses in: the parameters' (float64
   under `jax_enable_x64` with float64 parameters), at least float32."""
@@ -265,6 +277,10 @@ def build_device_update(model: nn.Module, task: Task,
       technique's plan carries the client's state).
     train_key, encode_key: the device's keys for local training
       (dropout, augmentation) and for its encoder (stochastic rounding).
+    num_steps: int32 scalar, the steps to run; the rest are skipped (they
+      must hold no example). Default: up to this client's last step with
+      an example. The round passes its chunk's largest, unbatched, so that
+      under `vmap` the skip is real.
 
   Returns a `DeviceOutput`. Local training: S steps of `client_optimizer`
   on the trainable part of the view (statically frozen leaves have neither
@@ -274,7 +290,8 @@ def build_device_update(model: nn.Module, task: Task,
   tech = technique_lib.chain(technique)
   loss_fn = make_loss_fn(model, task, prox_mu)
 
-  def device_update(view, batches, mask, plan, train_key, encode_key):
+  def device_update(view, batches, mask, plan, train_key, encode_key,
+                    num_steps=None):
     start = view
     trainable = tech.trainable(start, plan)
     split = TrainableSplit.of(start, trainable)
@@ -285,7 +302,7 @@ def build_device_update(model: nn.Module, task: Task,
                      start, fwd)
     grad_fn = jax.grad(train_loss, has_aux=True)
 
-    def step(carry, xs):
+    def local_step(carry, xs):
       train, opt_state, stats = carry
       batch, mask_b, s = xs
       grads, sums = grad_fn(
@@ -301,9 +318,18 @@ def build_device_update(model: nn.Module, task: Task,
           lambda a, b: jnp.where(real, a, b), (new_train, new_opt_state),
           (train, opt_state))
       stats = jax.tree.map(jnp.add, stats, sums)
-      return (train, opt_state, stats), None
+      return train, opt_state, stats
+
+    def step(carry, xs):
+      # Steps from `num_steps` on hold no example (of this client or, in a
+      # chunk, of any of its clients): not computed. An unbatched
+      # predicate, so `lax.cond` really skips them.
+      run = xs[2] < num_steps
+      return jax.lax.cond(run, local_step, lambda c, _: c, carry, xs), None
 
     steps = mask.shape[0]
+    if num_steps is None:  # the last step with an example, + 1
+      num_steps = last_real_step(mask)
     zero = jnp.zeros((), loss_dtype(start))
     train0 = split.train
     (final, _, stats), _ = jax.lax.scan(
@@ -342,19 +368,21 @@ def build_client_update(model: nn.Module, task: Task,
     key: this client's PRNG key.
     round_num: int32 scalar.
     chunk: the chunk plan shared by this client's chunk (unbatched), or None.
+    num_steps: the steps to run (`build_device_update`), or None.
   """
   tech = technique_lib.chain(technique)
   device_update = build_device_update(model, task, tech, client_optimizer,
                                       prox_mu)
 
   def client_update(server_params, batches, mask, ctx, key, round_num,
-                    chunk=None):
+                    chunk=None, num_steps=None):
     plan_key, train_key, encode_key = split_client_key(key)
     if chunk is not None:
       ctx = dict(ctx, chunk=chunk)
     plan = tech.plan(plan_key, round_num, ctx)
     start = tech.view(server_params, plan)
-    out = device_update(start, batches, mask, plan, train_key, encode_key)
+    out = device_update(start, batches, mask, plan, train_key, encode_key,
+                        num_steps)
     up_bits = codecs.message_bits(out.message)
     if tech.finish is not None:
       up_bits = up_bits + technique_lib.feedback_bits(out.feedback)
@@ -761,7 +789,8 @@ def build_round(model: nn.Module, task: Task,
     else:
       k = cohort.num_clients
       tiers = cohort.ctx.get('tier') if tiered else None
-      layout = place.layout(k, tiers)
+      layout = place.layout(k, tiers, placement_lib.client_steps(
+          cohort.mask))
     return round_program(place.broadcast(state),
                          {} if examples is None else examples, cohort,
                          layout.order, layout.chunk_tier, rng, stage=stage,

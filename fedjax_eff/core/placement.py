@@ -98,7 +98,10 @@ CohortLayout = ChunkLayout  # the host's plan of a round's slots
 
 def client_steps(mask) -> np.ndarray:
   """`[K]` steps each client must run (host side): 1 + the index of its
-  last step with an example, from the cohort's `[K, S, B]` mask."""
+  last step with an example, from the cohort's `[K, S, B]` mask; None
+  for a traced mask."""
+  if isinstance(mask, jax.core.Tracer):  # traced (a jitted round_step):
+    return None                          # no host-side order
   real = np.asarray(mask).reshape(mask.shape[0], mask.shape[1], -1).any(-1)
   return np.where(real.any(1), real.shape[1] - np.argmax(real[:, ::-1], 1),
                   0)

@@ -26,12 +26,14 @@ writes it to FILE.
 from __future__ import annotations
 
 import json
+import os
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fedjax_eff.data.sources import DatasetNotPreparedError
 from fedjax_eff.experiment import build
 from fedjax_eff.experiment import cli
 
@@ -60,7 +62,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     exp = build.Experiment(_CONFIG.value)
-  except ValueError as e:
+  except (ValueError, DatasetNotPreparedError) as e:
     cli.fail(str(e))
   rows = []
   print(f'{"stage":<28}{"tier":>5}{"round":>7}{"peak MB":>10}'
@@ -80,9 +82,11 @@ def main(argv):
             f'{mb("upload_bits", 8e6):>9.3f}{mb("download_bits", 8e6):>9.3f}'
             f'{mb("device_sent_bytes"):>9.3f}', flush=True)
   line = json.dumps({'programs': rows})
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
+  if _OUT.value:  # whole or not at all: written beside, then renamed
+    tmp = _OUT.value + '.tmp'
+    with open(tmp, 'w') as f:
       f.write(line + '\n')
+    os.replace(tmp, _OUT.value)
   print(line)
 
 

@@ -165,7 +165,7 @@ def build_reference_round(model, task, technique, client_optimizer,
       if not finite:
         dropped += int(cohort.weight[i] > 0)
         continue
-      if stateful:  # an aggregated client: its state and feedback count
+      if stateful and cohort.weight[i] > 0:  # aggregated: state, feedback
         store = jax.tree.map(lambda s, n: s.at[ci].set(n), store,
                              client_state)
         feedback_sum = jax.tree.map(jnp.add, feedback_sum, feedback)
@@ -179,14 +179,20 @@ def build_reference_round(model, task, technique, client_optimizer,
       scored += c_scored
     dtype = round_lib.loss_dtype(state.params)
     to32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)
-    new_state = server_step(state, to32(acc_delta), to32(acc_cov))
+    acc_delta, acc_cov = to32(acc_delta), to32(acc_cov)
+    technique_state = state.technique
+    if tech.aggregate is not None:
+      acc_delta, acc_cov, technique_state = tech.aggregate(
+          state.technique, acc_delta, acc_cov,
+          dict(round=state.round, clients=jnp.asarray(aggregated, dtype)))
+    new_state = server_step(state, acc_delta, acc_cov)
     if stateful:
-      technique_state = state.technique
       if tech.server_update is not None:
         technique_state = tech.server_update(
-            state.technique, feedback_sum,
+            technique_state, feedback_sum,
             dict(clients=jnp.float32(aggregated),
-                 population=jax.tree.leaves(store)[0].shape[0]))
+                 population=(jax.tree.leaves(store)[0].shape[0]
+                             if jax.tree.leaves(store) else None)))
       new_state = new_state._replace(technique=technique_state,
                                      clients=store)
     metrics: dict[str, Any] = dict(

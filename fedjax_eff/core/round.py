@@ -568,8 +568,9 @@ def build_round(model: nn.Module, task: Task,
     if not stateful:
       return ServerState(params, server_optimizer.init(params),
                          jnp.zeros((), jnp.int32))
-    check_state_shapes(params)
     ts = technique_lib.init_state(tech, params)
+    if jax.tree.leaves(ts.client):
+      check_state_shapes(params)
     return ServerState(params, server_optimizer.init(params),
                        jnp.zeros((), jnp.int32), ts.server,
                        () if host_store else store_of(ts.client))
@@ -656,7 +657,8 @@ def build_round(model: nn.Module, task: Task,
            weighted_sum(w, finite, out.coverage), sums), bits)
     # Feedback: an unweighted sum over the aggregated clients. Client
     # states: written back for the aggregated clients only (a dropped or
-    # padded slot keeps its client's state).
+    # padded slot, or a client of weight 0, keeps its client's state).
+    ok = ok & (weight > 0)
     sums['aggregated'] = jnp.sum(ok).astype(dtype)
     feedback = jax.tree.map(lambda x: jnp.sum(jnp.where(
         ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), axis=0), out.feedback)
@@ -681,10 +683,16 @@ def build_round(model: nn.Module, task: Task,
     total, per_slot, store = place.sum_over_clients(
         programs, (state, examples), clients, state.clients, dispatch)
     delta_sum, coverage, sums = total[:3]
+    read = state
+    if tech.aggregate is not None:  # e.g. DP noise, a modular sum
+      delta_sum, coverage, technique_state = tech.aggregate(
+          state.technique, delta_sum, coverage,
+          dict(round=state.round, clients=sums['aggregated']))
+      read = state._replace(technique=technique_state)
     new_state, skipped = guarded_server_update(server_optimizer, state,
                                                delta_sum, coverage)
     if stateful:
-      new_state = technique_server_update(state, new_state, total[3], sums,
+      new_state = technique_server_update(read, new_state, total[3], sums,
                                           store, skipped)
     per_client = lambda x: place.per_client(x, clients)
     up, down = per_client(per_slot[0]), per_client(per_slot[1])
@@ -712,7 +720,9 @@ def build_round(model: nn.Module, task: Task,
   def technique_server_update(state, new_state, feedback, sums, store,
                               skipped):
     """The technique's server state from its clients' feedback, and the
-    client-state store; a skipped server step keeps both as they were."""
+    client-state store; a skipped server step keeps both as they were
+    (`state`: after `aggregate`, so noise once drawn is never drawn
+    again)."""
     technique_state = tech.server_update(
         state.technique, feedback,
         dict(clients=sums['aggregated'], population=population)

@@ -41,7 +41,12 @@ the client's new state and its feedback (what it tells the server state,
 e.g. SCAFFOLD's change of control variate); feedback is summed over the
 round's aggregated clients (unweighted) and `server_update(server_state,
 feedback_sum, info)` gives the new server state (`info`: `clients`, the
-number aggregated, and `population`, the store's size).
+number aggregated, and `population`, the store's size). Before the server
+optimizer steps, `aggregate(server_state, delta_sum, coverage, info)` may
+rewrite the round's weighted sums (noise on the sum, a fixed denominator,
+a modular sum's decoding); its new server state is what `server_update`
+starts from. Clients of weight 0 (an empty slot of a Poisson-sampled
+cohort) are not aggregated: no feedback, no new state.
 
 Trainable masks come in the two forms of DESIGN.md, "Heterogeneous devices".
 A mask leaf that is an array is *dynamic*: exact per-client semantics, but the
@@ -119,6 +124,14 @@ class Technique(NamedTuple):
   # the experiment accounts each client for its own variant's program.
   variant: Optional[Callable[[PyTree], Any]] = None
   device_variant: Optional[Callable[[int], 'Technique']] = None
+  # The server's reading of the round's sums, before its optimizer:
+  # `aggregate(server_state, delta_sum, coverage, info) -> (delta_sum,
+  # coverage, server_state)` (e.g. differential privacy's noise on the sum
+  # and its fixed denominator; secure aggregation's modular sum and
+  # inverse rotation). `info`: `round` (int32) and `clients` (the number
+  # of clients aggregated). Needs `init` (it reads and returns the
+  # technique's server state).
+  aggregate: Optional[Callable[..., tuple[PyTree, PyTree, PyTree]]] = None
 
 
 class TechniqueState(NamedTuple):
@@ -290,7 +303,8 @@ def resolve(t: Technique) -> Technique:
       server_update=t.server_update,
       side_download=t.side_download,
       variant=t.variant,
-      device_variant=t.device_variant)
+      device_variant=t.device_variant,
+      aggregate=t.aggregate)
 
 
 def device_program(t: Technique, variant: int | None = None) -> Technique:
@@ -416,7 +430,16 @@ def chain(*techniques: Technique) -> Technique:
           out[k] = v
       return out
 
-  init = correct = finish = server_update = None
+  init = correct = finish = server_update = aggregate = None
+  if any(t.aggregate for t in ts):
+    def aggregate(server_state, delta_sum, coverage, info):
+      # In reverse, like decode: the last encoder's sum is read first.
+      states = list(server_state)
+      for i in reversed(range(len(ts))):
+        if ts[i].aggregate:
+          delta_sum, coverage, states[i] = ts[i].aggregate(
+              states[i], delta_sum, coverage, info)
+      return delta_sum, coverage, tuple(states)
   if any(t.init for t in ts):
     def init(params):
       states = [init_state(t, params) for t in ts]
@@ -464,7 +487,7 @@ def chain(*techniques: Technique) -> Technique:
                    forward, encode, decode, merge, download, stage,
                    specialize, chunk_plan, device, report, init, correct,
                    finish, server_update, side_download, variant,
-                   device_variant)
+                   device_variant, aggregate)
 
 
 def _static_or_none(x):

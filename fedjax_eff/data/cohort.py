@@ -104,6 +104,128 @@ class CohortSampler:
                               replace=False)).astype(np.int64)
 
 
+  @property
+  def slots(self) -> int:
+    """Static cohort size: every round draws exactly this many."""
+    return self.clients_per_round
+
+  @property
+  def sampling_probability(self) -> float:
+    return self.clients_per_round / self.num_clients
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSampler:
+  """Each client joins round r independently with probability q = K / N
+  (the sampling DP-FedAvg's amplification assumes; McMahan et al. 2018).
+
+  The cohort's size varies; the round's shapes do not: `slots` =
+  ceil(qN + 4 sqrt(qN(1-q))) + 1 (a draw larger than that has
+  probability < 1e-4 per round) and `pad_absent` fills the rest with
+  absent clients (weight 0, no example). A draw beyond `slots` keeps a
+  random `slots` of its clients and says so (`overflow`).
+  """
+  num_clients: int
+  clients_per_round: int  # K: the expected cohort size qN
+  seed: int
+
+  def __post_init__(self):
+    CohortSampler.__post_init__(self)
+
+  @property
+  def sampling_probability(self) -> float:
+    return self.clients_per_round / self.num_clients
+
+  @property
+  def slots(self) -> int:
+    k, q = self.clients_per_round, self.sampling_probability
+    return int(min(self.num_clients,
+                   np.ceil(k + 4 * np.sqrt(k * (1 - q))) + 1))
+
+  def draw(self, round_num: int) -> tuple[np.ndarray, int]:
+    """(sorted client indices, clients drawn beyond `slots`)."""
+    rng = np.random.default_rng([self.seed, 0x9015, round_num])
+    ids = np.flatnonzero(rng.random(self.num_clients)
+                         < self.sampling_probability)
+    over = max(len(ids) - self.slots, 0)
+    if over:
+      ids = np.sort(rng.choice(ids, self.slots, replace=False))
+    return ids.astype(np.int64), over
+
+  def sample(self, round_num: int) -> np.ndarray:
+    return self.draw(round_num)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class CyclicSampler:
+  """The population, shuffled once (seeded), split into N // K blocks of K
+  clients; round r trains block r mod (N // K). Each client takes part
+  once every N // K rounds (min-separation N // K): the participation
+  pattern banded DP-FTRL's accounting assumes (Choquette-Choo et al.
+  2023; Kairouz et al. 2021 train in such epochs). The N mod K clients
+  left over by the split never train.
+  """
+  num_clients: int
+  clients_per_round: int
+  seed: int
+
+  def __post_init__(self):
+    CohortSampler.__post_init__(self)
+
+  @property
+  def slots(self) -> int:
+    return self.clients_per_round
+
+  @property
+  def sampling_probability(self) -> float:
+    return self.clients_per_round / self.num_clients
+
+  @property
+  def blocks(self) -> int:
+    return self.num_clients // self.clients_per_round
+
+  def sample(self, round_num: int) -> np.ndarray:
+    order = np.random.default_rng([self.seed, 0xC1C1]).permutation(
+        self.num_clients)
+    b = round_num % self.blocks
+    k = self.clients_per_round
+    return np.sort(order[b * k:(b + 1) * k]).astype(np.int64)
+
+
+SAMPLERS = {'fixed': CohortSampler, 'poisson': PoissonSampler,
+            'cyclic': CyclicSampler}
+
+
+def make_sampler(sampling: str, num_clients: int, clients_per_round: int,
+                 seed: int):
+  """'fixed' (K distinct clients per round), 'poisson' or 'cyclic'."""
+  if sampling not in SAMPLERS:
+    raise ValueError(f'sampling={sampling!r} is not one of '
+                     f'{sorted(SAMPLERS)}.')
+  return SAMPLERS[sampling](num_clients, clients_per_round, seed)
+
+
+def padded_ids(ids: np.ndarray, slots: int) -> np.ndarray:
+  """`ids` filled up to `slots` entries (repeating the first client, or
+  client 0 for an empty draw) for packing; `pad_absent` empties the
+  filler."""
+  ids = np.asarray(ids, np.int64)
+  filler = ids[0] if len(ids) else 0
+  return np.concatenate([ids, np.full(slots - len(ids), filler, np.int64)])
+
+
+def pad_absent(cohort, present: int):
+  """`cohort` with every slot from `present` on absent: no example
+  (mask 0) and weight 0, so it trains nothing and is not aggregated."""
+  if present >= cohort.num_clients:
+    return cohort
+  mask = np.array(cohort.mask, copy=True)
+  weight = np.array(cohort.weight, copy=True)
+  mask[present:] = 0.0
+  weight[present:] = 0.0
+  return cohort._replace(mask=mask, weight=weight)
+
+
 def _client_rng(seed: int, round_num: int, client_index: int):
   return np.random.default_rng([seed, 0xC0DE, round_num, client_index])
 

@@ -54,6 +54,7 @@ from fedjax_eff.core import technique as technique_lib
 from fedjax_eff.data import pack
 from fedjax_eff.experiment import checkpoints
 from fedjax_eff.models import get_model
+from fedjax_eff.privacy import secagg
 from tests import helpers
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -84,10 +85,12 @@ class Spec(NamedTuple):
   model: str = 'mlp'
   tiers: int = 1
   frozen: bool = False
+  weighting: str = 'num_examples'  # 'uniform': secure aggregation's sums
 
 
-def _one(name, model='mlp', tiers=1, frozen=False, **knobs):
-  return Spec(((name, knobs),), model, tiers, frozen)
+def _one(name, model='mlp', tiers=1, frozen=False, weighting='num_examples',
+         **knobs):
+  return Spec(((name, knobs),), model, tiers, frozen, weighting)
 
 
 # Small knobs per registered technique. Every name of REGISTRY needs one.
@@ -115,6 +118,11 @@ KNOBS = {
     'compress': _one('compress', codecs=[{'name': 'quantize', 'bits': 4},
                                          {'name': 'topk', 'fraction': 0.3}]),
     'scaffold': _one('scaffold'),
+    # A ring of 2^20 (5 clients x 2^19 < 2^24: exact float sums), clipped,
+    # with the distributed discrete Gaussian.
+    'secure_aggregation': _one('secure_aggregation', weighting='uniform',
+                               bits=20, scale=2.0 ** 10, clip_norm=1.0,
+                               noise_stddev=0.01),
 }
 
 PAIRS = {
@@ -169,11 +177,11 @@ def _measure(params, technique):
       technique_lib.chain(technique), params, {})['upload_bits'])
 
 
-def _cohort(data, r, tiers):
+def _cohort(data, r, tiers, weighting='num_examples'):
   ids = np.asarray(COHORTS[r])
   ctx = {'tier': (ids % tiers).astype(np.int32)} if tiers > 1 else None
   return pack(data, ids, steps=STEPS, batch_size=BATCH, seed=0, round_num=r,
-              ctx=ctx)
+              ctx=ctx, weighting=weighting)
 
 
 @contextlib.contextmanager
@@ -240,7 +248,8 @@ def _build(name, spec=None) -> Run:
   state = jax.device_put(fns.init(params), jax.devices()[0])
   run.states.append(state)
   for r in range(ROUNDS):
-    cohort, rng = _cohort(data, r, spec.tiers), jax.random.key(100 + r)
+    cohort, rng = (_cohort(data, r, spec.tiers, spec.weighting),
+                   jax.random.key(100 + r))
     with _count_compiles() as compiles:
       state, metrics = fns.round_step(state, cohort, rng)
       jax.block_until_ready((state, metrics))
@@ -459,6 +468,8 @@ def _hand_bits(node) -> float:
     return sum(_hand_bits(n) for n in (node.codes, node.lo, node.hi))
   if isinstance(node, codecs.Sparse):
     return _hand_bits(node.values) + _hand_bits(node.indices)
+  if isinstance(node, secagg.Ring):  # (its `finite` flag does not travel)
+    return _hand_bits(node.codes)
   if isinstance(node, Mapping):
     return sum(_hand_bits(v) for v in node.values())
   if isinstance(node, (list, tuple)):

@@ -632,6 +632,8 @@ def build_round(model: nn.Module, task: Task,
     t = program(stage, tier)
     cp = t.chunk_plan(chunk_key(keys[0]), state.round) if t.chunk_plan else None
     if stateful:  # (a host store's rows came with the cohort's ctx)
+      if not jax.tree.leaves(state.clients):  # no client state: its
+        rows = state.clients                  # (empty) structure
       ctx = dict(ctx, server_state=state.technique,
                  **({} if host_store else dict(client_state=rows)))
     out = over_clients(client_update_for(stage, tier), mask.shape[0])(

@@ -30,6 +30,7 @@ from fedjax_eff.experiment import checkpoints
 from fedjax_eff.experiment import init_checkpoint
 from fedjax_eff.experiment import placement
 from fedjax_eff.experiment.validation import validate_config
+from fedjax_eff.privacy import setup as privacy_setup
 
 
 def params_sha256(params: Any) -> str:
@@ -97,6 +98,9 @@ class RoundInput(NamedTuple):
   cohort: Any           # Cohort or IndexedCohort (this process's part)
   part_of: Any          # (K, tiers) when split across processes, else None
   tiers: np.ndarray     # [K] device tier of every client of the cohort
+  sampled: int = 0      # clients drawn (< K with Poisson sampling: the
+                        # rest of the slots are absent)
+  overflow: int = 0     # Poisson: clients drawn beyond the slots, left out
 
 
 class Experiment:
@@ -106,6 +110,9 @@ class Experiment:
     validate_config(config)
     self.config = config
     self.data = data_registry.load(config.data)
+    self.sampler = cohort_lib.make_sampler(
+        config.get('sampling', 'fixed'), self.data.train.num_clients,
+        config.clients_per_round, config.seed)
     c = config.client
     # S: `client.local_steps`, or with `client.epochs` the steps of the
     # largest training client (each client runs its own, the rest padded).
@@ -149,7 +156,12 @@ class Experiment:
             self.model, self.init_params, self.device_cost,
             num_tasks=len(self.data.tasks),
             submodel_keeps=tuple(config.get('submodel_keeps', ())),
-            client_learning_rate=c.learning_rate))
+            client_learning_rate=c.learning_rate,
+            weighting=c.weighting,
+            max_clients=self.sampler.slots))
+    # Client-level DP: first in the chain, with its accountant.
+    self.technique, self.privacy = privacy_setup.build(
+        config, self.data.train.num_clients, self.technique)
     # A client's tier is its device class, or its task (its static
     # program, dispatched like a tier).
     self.tier_of, self.num_tiers = self.data.client_tiers(
@@ -161,8 +173,6 @@ class Experiment:
       self.resident = cohort_lib.ResidentData.of(self.data.train)
       self.examples = placement.put_replicated(self.resident.examples,
                                                self.mesh)
-    self.sampler = cohort_lib.CohortSampler(
-        self.data.train.num_clients, config.clients_per_round, config.seed)
     self.autotune_seconds = None
     self.split_cohort = False
     chunk = config.chunk_size
@@ -195,6 +205,9 @@ class Experiment:
       self.host_store = self.round_fns.host_store(self.init_params)
     # Each process packs only the clients its own devices train.
     self.split_cohort = self.mesh is not None and jax.process_count() > 1
+    if self.split_cohort and config.get('sampling') == 'poisson':
+      raise ValueError("config.sampling='poisson' runs in one process (each "
+                       'process packs only its own slots).')
     self.costs: dict[Any, accounting.DeviceCost] = {}
     self.variant_costs: dict[Any, accounting.DeviceCost] = {}
 
@@ -242,8 +255,13 @@ class Experiment:
     """Round `round_num`'s cohort: row indices into the device-resident
     examples, or (host placement) the examples packed on the host. Under
     `jax.distributed`, only the clients of this process's slots."""
-    c = self.config.client
-    ids = self.sampler.sample(round_num)
+    over = 0
+    if isinstance(self.sampler, cohort_lib.PoissonSampler):
+      ids, over = self.sampler.draw(round_num)
+    else:
+      ids = self.sampler.sample(round_num)
+    sampled = len(ids)
+    ids = cohort_lib.padded_ids(ids, self.sampler.slots)
     tiers = self.tier_of[ids]
     part_of, mine = None, ids
     if self.split_cohort:
@@ -256,7 +274,9 @@ class Experiment:
       cohort = cohort_lib.pack_index(self.resident, mine, **kw)
     else:
       cohort = cohort_lib.pack(self.data.train, mine, **kw)
-    return RoundInput(cohort, part_of, tiers)
+    if sampled < len(ids):  # Poisson: the slots beyond the draw are empty
+      cohort = cohort_lib.pad_absent(cohort, sampled)
+    return RoundInput(cohort, part_of, tiers, sampled, over)
 
   def device_cost(self, technique) -> accounting.DeviceCost:
     """What one device pays to run `technique` (a static program).

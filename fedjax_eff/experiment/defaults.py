@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from fedjax_eff.data import registry as data_registry
+from fedjax_eff.privacy import setup as privacy_setup
 from fedjax_eff.ssl import augment as ssl_augment
 
 
@@ -93,6 +94,16 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Techniques, composed in order (see fedjax_eff/techniques). Empty: FedAvg.
   c.techniques = []
+
+  # How a round's cohort is drawn: 'fixed' (clients_per_round distinct
+  # clients), 'poisson' (each client with probability clients_per_round /
+  # N: a cohort of varying size in static shapes, the sampling DP
+  # amplification assumes) or 'cyclic' (fixed blocks of the shuffled
+  # population in turn: banded DP-FTRL's participation).
+  c.sampling = 'fixed'
+  # Client-level differential privacy (fedjax_eff/privacy/setup.py):
+  # mechanism 'none' | 'gaussian' (DP-FedAvg) | 'banded' (DP-FTRL).
+  c.privacy = privacy_setup.default_config()
 
   # Simulated device classes. Each client belongs to one tier, drawn once
   # from `tier_fractions` (seeded); techniques may run a different program

@@ -87,9 +87,11 @@ def run_rounds(config, workdir: str, start: int, *,
                evaluate: Callable[[int], dict[str, float]],
                save: Callable[[int], None], progress: bool | None = None,
                desc: str = 'rounds', callbacks: Sequence[Any] = (),
-               tensorboard: bool | None = None
+               tensorboard: bool | None = None,
+               num_rounds: int | None = None
                ) -> tuple[dict[str, Any], float | None]:
-  """Runs rounds `start..config.num_rounds-1`.
+  """Runs rounds `start..num_rounds-1` (`num_rounds`: default
+  `config.num_rounds`; fewer when a privacy budget ends the run).
 
   Progress: a bar when `progress` (default `config.progress`) is on and
   stderr is a terminal; otherwise a line every `config.log_every_seconds`
@@ -99,18 +101,19 @@ def run_rounds(config, workdir: str, start: int, *,
   Returns (the last round's record with its `round`, seconds of the first
   round including compilation, None if no round ran).
   """
+  total = config.num_rounds if num_rounds is None else num_rounds
   writer = metrics_lib.MetricWriter(
       workdir, resume_round=start,
       tensorboard=config.tensorboard if tensorboard is None else tensorboard,
       config=config)
   show = config.progress if progress is None else progress
   bar_on = bool(show) and sys.stderr.isatty()
-  bar = tqdm.tqdm(total=config.num_rounds, initial=start, unit='round',
+  bar = tqdm.tqdm(total=total, initial=start, unit='round',
                   disable=not bar_on, dynamic_ncols=True, desc=desc)
   callbacks = list(callbacks)
   every = config.get('log_every_seconds', 30.0)
   if not bar_on and every > 0 and progress is not False:
-    callbacks.insert(0, callbacks_lib.ProgressLog(start, config.num_rounds,
+    callbacks.insert(0, callbacks_lib.ProgressLog(start, total,
                                                   every))
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   last: dict[str, Any] = {}
@@ -122,20 +125,20 @@ def run_rounds(config, workdir: str, start: int, *,
   stop = signals.__enter__()
   try:
     pending = (pool.submit(cohort, start)
-               if start < config.num_rounds else None)
-    for r in range(start, config.num_rounds):
+               if start < total else None)
+    for r in range(start, total):
       t_wait = time.time()
       this = pending.result()
       waited = time.time() - t_wait  # the round waiting on host packing
       pending = (pool.submit(cohort, r + 1)
-                 if r + 1 < config.num_rounds else None)
+                 if r + 1 < total else None)
       t_round = time.time()
       record, untimed = step(r, this)
       t_round += untimed  # accounting compiles: not the round
       if compile_s is None:
         compile_s = time.time() - t_round
       done = r + 1
-      if done % config.eval_every == 0 or done == config.num_rounds:
+      if done % config.eval_every == 0 or done == total:
         evaluated = evaluate(done)
         record.update(evaluated)
         callbacks_lib.call(callbacks, 'on_evaluate', done, evaluated)
@@ -152,7 +155,7 @@ def run_rounds(config, workdir: str, start: int, *,
           postfix[k.split('_')[0] + '_acc'] = f'{last[k]:.3f}'
       bar.set_postfix(postfix, refresh=False)
       bar.update(1)
-      saved = done % config.checkpoint_every == 0 or done == config.num_rounds
+      saved = done % config.checkpoint_every == 0 or done == total
       if saved:
         save(done)
         callbacks_lib.call(callbacks, 'on_checkpoint', done, ckpt_dir)

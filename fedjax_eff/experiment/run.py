@@ -175,6 +175,7 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str,
         evaluate=mode.evaluate,
         save=lambda done: ckpt.save(done, tree(mode.checkpoint(done), done)),
         progress=progress, desc=mode.desc, callbacks=callbacks,
+        num_rounds=getattr(mode, 'num_rounds', None),
         # under jax.distributed only process 0 writes events
         tensorboard=config.tensorboard and jax.process_index() == 0)
   finally:

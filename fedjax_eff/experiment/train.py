@@ -33,6 +33,7 @@ from fedjax_eff.experiment import loop as loop_lib
 from fedjax_eff.experiment import run as run_lib
 from fedjax_eff.experiment.build import Experiment, RoundInput
 from fedjax_eff.experiment.build import params_sha256, versions
+from fedjax_eff.privacy import setup as privacy_setup
 
 __all__ = ['Experiment', 'FederatedMode', 'MODES', 'params_sha256',
            'train_and_evaluate', 'train_federated', 'versions']
@@ -46,9 +47,20 @@ class FederatedMode:
   def __init__(self, exp: Experiment):
     self.exp = exp
     self.current = {'state': exp.init_state()}
+    # Rounds to run: fewer than config.num_rounds when privacy's
+    # target_epsilon would be exceeded.
+    self.num_rounds = exp.config.num_rounds
+    if exp.privacy is not None:
+      self.num_rounds = exp.privacy.rounds_allowed
+      line = privacy_setup.stop_line(exp.privacy, exp.config.num_rounds)
+      if line:
+        print(line, flush=True)
 
   def restore(self, restored: dict[str, Any]) -> int:
     state = restored['state']
+    if self.exp.privacy is not None:  # the accountant's state
+      self.exp.privacy.check_restored(restored['privacy'],
+                                      int(np.asarray(state.round)))
     if self.exp.host_store is not None:  # the store back to host memory
       self.exp.host_store = self.exp.host_store._replace(
           states=jax.tree.map(np.array, state.clients))
@@ -68,6 +80,10 @@ class FederatedMode:
       ids = cohort.ctx['client_index']
       cohort = cohort._replace(ctx=dict(cohort.ctx,
                                         client_state=store.rows(ids)))
+    privacy = {}
+    if exp.privacy is not None:  # the clip this round uses
+      privacy['clip_norm'] = privacy_setup.clip_norm(
+          self.current['state'].technique)
     self.current['state'], m = exp.round_fns.round_step(
         self.current['state'], cohort, exp.round_key(r), round_num=r,
         examples=exp.examples, part_of=this.part_of)
@@ -75,6 +91,12 @@ class FederatedMode:
       store.write(ids, m)
     record = {k: float(v) for k, v in m._asdict().items()
               if not k.startswith('client_')}
+    record['num_sampled'] = float(this.sampled)
+    if this.overflow:
+      record['sampling_overflow'] = float(this.overflow)
+    if exp.privacy is not None:  # (epsilon after this round)
+      privacy['epsilon'] = exp.privacy.epsilon(r + 1)
+    record.update(privacy)
     t_acc = time.time()
     record.update(exp.device_metrics(r, this.tiers, m))
     return record, time.time() - t_acc
@@ -92,7 +114,11 @@ class FederatedMode:
     state = self.current['state']
     if self.exp.host_store is not None:
       state = state._replace(clients=self.exp.host_store.states)
-    return {'state': state}
+    out = {'state': state}
+    if self.exp.privacy is not None:
+      out['privacy'] = self.exp.privacy.checkpoint(
+          int(np.asarray(state.round)))
+    return out
 
   def finish(self, last: dict[str, Any], rounds: int,
              history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -103,7 +129,12 @@ class FederatedMode:
     if 'test_accuracy' not in last and 'heldout_accuracy' not in last:
       last.update(exp.eval_metrics(state.params, rounds))
     last.update(exp.technique_report(state.params))
+    privacy = {}
+    if exp.privacy is not None:
+      privacy['privacy'] = exp.privacy.summary(
+          rounds, privacy_setup.clip_norm(state.technique))
     return {
+        **privacy,
         'server_steps_skipped': int(sum(
             h.get('server_step_skipped') or 0 for h in history)),
         'failed_rounds': int(sum(loop_lib.failed_round(h)

@@ -8,6 +8,7 @@ import ml_collections
 from ml_collections.config_flags import config_path
 
 from fedjax_eff.experiment.workdir import flatten
+from fedjax_eff.privacy import setup as privacy_setup
 
 _POSITIVE_INTS = ('num_rounds', 'clients_per_round', 'client.local_steps',
                   'client.batch_size', 'eval_every', 'checkpoint_every',
@@ -70,6 +71,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'config.clients_per_round={config.clients_per_round} is more than '
         f'config.data.num_clients={config.data.num_clients}.')
   check_numbers(config)
+  if 'privacy' in config:
+    privacy_setup.validate(config)
 
 
 # A learning rate above this is a typo, not a setting: with it one step

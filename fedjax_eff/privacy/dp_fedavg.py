@@ -34,14 +34,16 @@ sensitivity under the run's participation pattern
 (`privacy.accounting.banded_sensitivity`), is passed in as `sensitivity`.
 
 Adaptive clipping (Andrew et al. 2021, Alg. 1): each client also reports
-b_i = 1[‖Δ_i‖ ≤ C] (as feedback, the norm of its update before codecs);
-the server noises the count, b̄ = (Σ b_i + N(0, σ_b²)) / K̂, and moves the
-clip geometrically towards the target quantile γ:
+b_i = 1[‖Δ_i‖ ≤ C] - 1/2 (as feedback, the norm of its update before
+codecs; centred, so one client moves the count by at most 1/2), the server
+noises the count, b̄ = (Σ b_i + N(0, σ_b²)) / K̂ + 1/2, and moves the clip
+geometrically towards the target quantile γ:
 
   C ← C · exp(-η (b̄ - γ))
 
-The count is a second Gaussian release; `privacy.accounting` composes the
-two (Andrew et al., Thm. 1).
+The count is a second Gaussian release, of sensitivity 1/2;
+`privacy.accounting` composes the two (Andrew et al., Thm. 1:
+z = (z_Δ⁻² + (2 σ_b)⁻²)^(-1/2)).
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ def dp_fedavg(clip_norm: float, noise_multiplier: float,
       return (), ()
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(d.astype(jnp.float32)))
                         for d in jax.tree.leaves(delta)))
-    return (), (norm <= clip).astype(jnp.float32)
+    return (), (norm <= clip).astype(jnp.float32) - 0.5
 
   def aggregate(state: DPState, delta_sum, coverage, info):
     del info
@@ -199,7 +201,7 @@ def dp_fedavg(clip_norm: float, noise_multiplier: float,
       return state
     noisy, count_state = count_privatizer.update(feedback_sum,
                                                  state.count_noise)
-    fraction = noisy / expected_clients
+    fraction = noisy / expected_clients + 0.5
     clip = state.clip * jnp.exp(-clip_learning_rate *
                                 (fraction - target_quantile))
     return state._replace(clip=clip.astype(jnp.float32),

@@ -22,6 +22,9 @@ Registered:
   compress            a chain of codecs (topk, quantize, in any order),
                       optionally with error feedback (client state)
   scaffold            SCAFFOLD control variates (server + client state)
+  secure_aggregation  SecAgg simulated: clip, rotation, integer grid, ring
+                      sum, the distributed discrete Gaussian
+                      (privacy/secagg.py); uniform client weights
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, NamedTuple
 
 from fedjax_eff.core.technique import Technique, chain, identity
+from fedjax_eff.privacy import secagg
 from fedjax_eff.techniques import compression
 from fedjax_eff.techniques import last_n as last_n_lib
 from fedjax_eff.techniques import federated_dropout as federated_dropout_lib
@@ -57,6 +61,10 @@ class TechniqueContext(NamedTuple):
   client_learning_rate: float | None = None  # the client optimizer's
   num_tasks: int = 0
   submodel_keeps: tuple[float, ...] = ()
+  # The run's client weighting and largest cohort ('' / 0: unknown), for
+  # techniques that need uniform weights and bounded sums (SecAgg).
+  weighting: str = ''
+  max_clients: int = 0
 
 
 def _layerwise(ctx, rounds_per_layer, order='forward', final_joint=False,
@@ -87,6 +95,16 @@ def _compress(ctx, codecs, error_feedback=False):
       [compression.codec_from_config(c) for c in codecs], error_feedback)
 
 
+def _secure_aggregation(ctx, **kw):
+  if ctx.weighting and ctx.weighting != 'uniform':
+    raise ValueError("the ring sum adds each client once: set "
+                     "config.client.weighting='uniform' (got "
+                     f'{ctx.weighting!r}).')
+  if ctx.max_clients:
+    secagg.check_exact(kw.get('bits', 16), ctx.max_clients)
+  return secagg.secure_aggregation(**kw)
+
+
 def _scaffold(ctx, client_learning_rate=None):
   lr = client_learning_rate or ctx.client_learning_rate
   if lr is None:
@@ -115,6 +133,7 @@ REGISTRY: dict[str, Callable[..., Technique]] = {
     'topk': lambda ctx, **kw: compression.topk(**kw),
     'compress': _compress,
     'scaffold': _scaffold,
+    'secure_aggregation': _secure_aggregation,
     'modules': lambda ctx, kinds=('lora',), **kw: modules(
         ctx.model, ctx.init_params,
         kinds if isinstance(kinds, str) else tuple(kinds), **kw),

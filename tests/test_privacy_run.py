@@ -68,8 +68,10 @@ def test_epsilon_every_round_resume_and_summary(tmp_path):
   np.testing.assert_allclose(eps, want, rtol=1e-9)
   assert all(a < b for a, b in zip(eps, eps[1:]))
   # Poisson: cohorts of varying size, all within the slots.
-  sizes = [r['num_sampled'] for r in rows]
-  assert all(0 <= s <= 30 for s in sizes)
+  sizes = [r['num_clients'] for r in rows]
+  assert all(0 <= s <= 30 for s in sizes) and len(set(sizes)) > 1
+  # Bits: the mean over the clients drawn (fp32 model + the count's 32).
+  assert all(r['upload_bits'] == 32 * (64 * 10 + 10) + 32 for r in rows)
   assert all(r['clip_norm'] > 0 for r in rows)
   p = straight['privacy']
   assert p['epsilon'] == pytest.approx(want[-1], rel=1e-9)
@@ -111,7 +113,7 @@ def test_banded_dp_ftrl_runs_with_cyclic_sampling(tmp_path):
               noise_multiplier=2.0)
   summary = train_lib.train_and_evaluate(c, str(tmp_path))
   rows = read_metrics(str(tmp_path))
-  assert [r['num_sampled'] for r in rows] == [10] * 4
+  assert [r['num_clients'] for r in rows] == [10] * 4
   assert summary['privacy']['mechanism'] == 'banded'
   assert 0 < summary['privacy']['epsilon'] < float('inf')
   assert np.isfinite(summary['final_metrics']['test_accuracy'])

@@ -39,6 +39,21 @@ __all__ = ['Experiment', 'FederatedMode', 'MODES', 'params_sha256',
            'train_and_evaluate', 'train_federated', 'versions']
 
 
+def real_clients(m: core.RoundMetrics, k: int) -> core.RoundMetrics:
+  """Round metrics of a cohort's first `k` clients (the rest: absent
+  slots of a Poisson draw): their count, their mean bits, their
+  per-client arrays."""
+  per_client = {f: np.asarray(getattr(m, f))[:k] for f in (
+      'client_upload_bits', 'client_download_bits', 'client_variant')
+                if not isinstance(getattr(m, f), tuple)}
+  up, down = (per_client['client_upload_bits'],
+              per_client['client_download_bits'])
+  return m._replace(num_clients=np.float32(k),
+                    upload_bits=np.float32(up.mean() if k else 0.0),
+                    download_bits=np.float32(down.mean() if k else 0.0),
+                    **per_client)
+
+
 class FederatedMode:
   """Rounds of `core.build_round` on the server state (`run.RoundMode`)."""
 
@@ -89,16 +104,18 @@ class FederatedMode:
         examples=exp.examples, part_of=this.part_of)
     if store is not None:
       store.write(ids, m)
+    tiers = this.tiers
+    if this.sampled < len(tiers):  # Poisson: the clients drawn, not the
+      m, tiers = real_clients(m, this.sampled), tiers[:this.sampled]
     record = {k: float(v) for k, v in m._asdict().items()
               if not k.startswith('client_')}
-    record['num_sampled'] = float(this.sampled)
     if this.overflow:
       record['sampling_overflow'] = float(this.overflow)
     if exp.privacy is not None:  # (epsilon after this round)
       privacy['epsilon'] = exp.privacy.epsilon(r + 1)
     record.update(privacy)
     t_acc = time.time()
-    record.update(exp.device_metrics(r, this.tiers, m))
+    record.update(exp.device_metrics(r, tiers, m))
     return record, time.time() - t_acc
 
   def evaluate(self, done: int) -> dict[str, float]:

@@ -161,7 +161,9 @@ class Experiment:
             max_clients=self.sampler.slots))
     # Client-level DP: first in the chain, with its accountant.
     self.technique, self.privacy = privacy_setup.build(
-        config, self.data.train.num_clients, self.technique)
+        config, self.data.train.num_clients, self.technique,
+        num_params=int(sum(np.size(x) for x in jax.tree.leaves(
+            self.init_params))))
     # A client's tier is its device class, or its task (its static
     # program, dispatched like a tier).
     self.tier_of, self.num_tiers = self.data.client_tiers(

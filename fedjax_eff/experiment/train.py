@@ -97,8 +97,10 @@ class FederatedMode:
                                         client_state=store.rows(ids)))
     privacy = {}
     if exp.privacy is not None:  # the clip this round uses
-      privacy['clip_norm'] = privacy_setup.clip_norm(
-          self.current['state'].technique)
+      clip = privacy_setup.clip_norm(exp.config,
+                                     self.current['state'].technique)
+      if clip is not None:
+        privacy['clip_norm'] = clip
     self.current['state'], m = exp.round_fns.round_step(
         self.current['state'], cohort, exp.round_key(r), round_num=r,
         examples=exp.examples, part_of=this.part_of)
@@ -149,7 +151,7 @@ class FederatedMode:
     privacy = {}
     if exp.privacy is not None:
       privacy['privacy'] = exp.privacy.summary(
-          rounds, privacy_setup.clip_norm(state.technique))
+          rounds, privacy_setup.clip_norm(exp.config, state.technique))
     return {
         **privacy,
         'server_steps_skipped': int(sum(

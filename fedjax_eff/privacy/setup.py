@@ -6,7 +6,12 @@ round budget.
   mechanism          'none' | 'gaussian' (DP-FedAvg, amplified by
                      `config.sampling`: 'poisson' or 'fixed') | 'banded'
                      (DP-FTRL with a banded matrix factorisation; needs
-                     config.sampling='cyclic', no amplification)
+                     config.sampling='cyclic', no amplification) |
+                     'distributed' (no central noise: the run's
+                     secure_aggregation technique clips and its clients add
+                     the distributed discrete Gaussian; accounted with
+                     Kairouz et al. 2021's bound, every round composed,
+                     fixed-size cohorts)
   noise_multiplier   z: the noise std on the clipped sum in units of the
                      clip. With adaptive clipping and mechanism 'gaussian'
                      the total: the update gets z_Δ with z = (z_Δ⁻² +
@@ -40,8 +45,9 @@ import numpy as np
 from fedjax_eff.core.technique import Technique, chain
 from fedjax_eff.privacy import accounting
 from fedjax_eff.privacy import dp_fedavg as dp_lib
+from fedjax_eff.privacy import secagg
 
-MECHANISMS = ('none',) + dp_lib.MECHANISMS
+MECHANISMS = ('none',) + dp_lib.MECHANISMS + ('distributed',)
 ACCOUNTANTS = ('rdp', 'pld')
 SAMPLING = ('fixed', 'poisson', 'cyclic')
 
@@ -74,11 +80,22 @@ def validate(config) -> None:
     return
   if config.mode != 'federated':
     raise ValueError("config.privacy needs config.mode='federated'.")
-  if any(dict(t).get('name') == 'secure_aggregation'
-         for t in config.techniques):
+  secure = secagg_entry(config)
+  if p.mechanism == 'distributed':
+    if (secure is None or not secure.get('clip_norm', 0) > 0
+        or not secure.get('noise_stddev', 0) > 0):
+      raise ValueError(
+          "config.privacy.mechanism='distributed' needs a "
+          'secure_aggregation technique with clip_norm > 0 and '
+          'noise_stddev > 0 (its clients add the noise).')
+    if config.sampling != 'fixed':
+      raise ValueError("config.privacy.mechanism='distributed' is accounted "
+                       "for fixed-size cohorts: config.sampling='fixed'.")
+  elif secure is not None:
     raise ValueError(
-        'config.privacy (central DP: the server clips each decoded update) '
-        'cannot read updates under secure_aggregation; use its own '
+        f'config.privacy.mechanism={p.mechanism!r} (central DP: the server '
+        'clips each decoded update) cannot read updates under '
+        "secure_aggregation; use mechanism='distributed' with its own "
         'clip_norm and noise_stddev (the distributed discrete Gaussian).')
   if config.client.weighting != 'uniform':
     raise ValueError(
@@ -112,25 +129,84 @@ def validate(config) -> None:
                      "'rdp'.")
 
 
+def secagg_entry(config) -> dict | None:
+  """The knobs of the run's secure_aggregation technique, if any."""
+  for t in config.techniques:
+    t = dict(t)
+    if t.get('name') == 'secure_aggregation':
+      return t
+  return None
+
+
+class DistributedAccountant:
+  """ε of secure aggregation's distributed discrete Gaussian (Kairouz,
+  Liu & Steinke 2021; `secagg.ddg_epsilon`): K clients each add N_Z(0,
+  σ²) to their clipped, rotated, rounded update; no sampling
+  amplification is claimed, every round composes. `dim`: the values a
+  client sends (the model's size: an upper bound where leaves are
+  frozen, and ε grows with d)."""
+
+  def __init__(self, knobs: dict, clients: int, dim: int, delta: float,
+               population: int):
+    self.knobs = dict(clip_norm=float(knobs['clip_norm']),
+                      scale=float(knobs.get('scale', 2.0 ** 10)),
+                      noise_stddev=float(knobs['noise_stddev']),
+                      beta=float(knobs.get('beta', 0.0)))
+    self.clients, self.dim, self.delta = clients, dim, delta
+    self.population = population
+    self._cache: dict[int, float] = {}
+
+  def epsilon(self, rounds: int) -> float:
+    if rounds <= 0:
+      return 0.0
+    if rounds not in self._cache:
+      self._cache[rounds] = secagg.ddg_epsilon(
+          clients=self.clients, dim=self.dim, rounds=rounds,
+          delta=self.delta, **self.knobs)
+    return self._cache[rounds]
+
+  def summary(self, rounds: int) -> dict:
+    k = self.knobs
+    return dict(
+        epsilon=self.epsilon(rounds), delta=self.delta,
+        # The sum's noise std over the clip: √K σ / c.
+        noise_multiplier=float(np.sqrt(self.clients) * k['noise_stddev']
+                               / k['clip_norm']),
+        sampling_probability=self.clients / self.population,
+        rounds=int(rounds), accountant='rdp',
+        mechanism='distributed_discrete_gaussian', sampling='fixed',
+        clients=self.clients, dim=self.dim, **k)
+
+
+def rounds_within(epsilon, target: float, max_rounds: int) -> int:
+  """The largest r <= max_rounds with epsilon(r) <= target (ε grows with
+  r)."""
+  lo, hi = 0, max_rounds
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if epsilon(mid) <= target:
+      lo = mid
+    else:
+      hi = mid - 1
+  return lo
+
+
 class RunPrivacy(NamedTuple):
-  """What a private run keeps beside its round."""
-  schedule: accounting.PrivacySchedule
-  accountant: accounting.Accountant
-  rounds_allowed: int           # rounds within target_epsilon
-  update_noise_multiplier: float
+  """What a private run keeps beside its round: its accountant
+  (`epsilon(rounds)`, `summary(rounds)`), the numbers a resumed run must
+  match, and the rounds within target_epsilon."""
+  accountant: Any
+  numbers: tuple
+  delta: float
+  rounds_allowed: int
 
   def epsilon(self, rounds: int) -> float:
     return self.accountant.epsilon(rounds)
 
   def checkpoint(self, rounds: int) -> np.ndarray:
-    """The accountant's state as the checkpoint holds it: the schedule's
-    numbers and the rounds accounted."""
-    s = self.schedule
-    banded = s.mechanism == 'banded'  # (its noise depends on the plan)
-    return np.asarray([s.noise_multiplier, s.sampling_probability,
-                       s.delta, s.count_noise_multiplier,
-                       MECHANISMS.index(s.mechanism), s.bands if banded else 0,
-                       s.num_rounds if banded else 0, rounds], np.float64)
+    """The accountant's state as the checkpoint holds it: what it was
+    computed from and the rounds accounted."""
+    return np.asarray(self.numbers + (rounds,), np.float64)
 
   def check_restored(self, saved: np.ndarray, rounds: int) -> None:
     now = self.checkpoint(rounds)
@@ -138,26 +214,49 @@ class RunPrivacy(NamedTuple):
     if saved.shape != now.shape or not np.allclose(saved, now, rtol=1e-12):
       raise ValueError(
           'The checkpoint was accounted with another privacy schedule '
-          '(noise multiplier, q, delta, count noise, mechanism, bands, '
-          f'planned rounds (banded), rounds = '
-          f'{saved.tolist()}; this run: {now.tolist()}); use a fresh '
-          '--workdir.')
+          f'({saved.tolist()}; this run: {now.tolist()}: the mechanism\'s '
+          'numbers, then the rounds); use a fresh --workdir.')
 
   def summary(self, rounds: int, clip_norm: float | None) -> dict:
     out = self.accountant.summary(rounds)
-    out['clip_norm'] = clip_norm
+    if clip_norm is not None:
+      out['clip_norm'] = clip_norm
     return out
 
 
-def build(config, num_clients: int, technique: Technique
-          ) -> tuple[Technique, RunPrivacy | None]:
+def _allowed(config, epsilon) -> int:
+  """Rounds within config.privacy.target_epsilon (all without one)."""
+  p = config.privacy
+  if not p.target_epsilon > 0:
+    return config.num_rounds
+  allowed = rounds_within(epsilon, p.target_epsilon, config.num_rounds)
+  if allowed < 1:
+    raise ValueError(
+        f'config.privacy.target_epsilon={p.target_epsilon:g} is exceeded '
+        f'by one round (epsilon {epsilon(1):.3g} at delta {p.delta:g}): '
+        'raise the noise multiplier (launch/noise_multiplier.py computes '
+        'one) or the target.')
+  return allowed
+
+
+def build(config, num_clients: int, technique: Technique,
+          num_params: int = 0) -> tuple[Technique, RunPrivacy | None]:
   """The run's technique with DP first in the chain (its clip reads the
   fully decoded upload; its noise is the last word on the sum), and the
-  run's privacy; `(technique, None)` without privacy."""
+  run's privacy; `(technique, None)` without privacy. `num_params`: the
+  model's size (the distributed mechanism's d)."""
   if not enabled(config):
     return technique, None
   p = config.privacy
   k = config.clients_per_round
+  if p.mechanism == 'distributed':  # the noise is secure_aggregation's
+    knobs = secagg_entry(config)
+    acc = DistributedAccountant(knobs, k, num_params, p.delta, num_clients)
+    a = acc.knobs
+    numbers = (MECHANISMS.index('distributed'), a['clip_norm'], a['scale'],
+               a['noise_stddev'], a['beta'], k, num_params, p.delta)
+    return technique, RunPrivacy(acc, numbers, p.delta,
+                                 _allowed(config, acc.epsilon))
   adaptive = p.target_quantile > 0
   count_z = (p.count_noise_multiplier or k / 20.0) if adaptive else 0.0
   z_update = p.noise_multiplier
@@ -177,26 +276,24 @@ def build(config, num_clients: int, technique: Technique
       accountant=p.accountant, mechanism=p.mechanism, bands=bands,
       num_rounds=config.num_rounds, count_noise_multiplier=count_z)
   acc = accounting.Accountant(schedule)
-  allowed = config.num_rounds
-  if p.target_epsilon > 0:
-    allowed = accounting.rounds_within(p.target_epsilon, schedule,
-                                       config.num_rounds)
-    if allowed < 1:
-      raise ValueError(
-          f'config.privacy.target_epsilon={p.target_epsilon:g} is exceeded '
-          f'by one round (epsilon {acc.epsilon(1):.3g} at delta '
-          f'{p.delta:g}): raise the noise multiplier (launch/'
-          'noise_multiplier.py computes one) or the target.')
+  banded = p.mechanism == 'banded'  # (its noise depends on the plan)
+  numbers = (z_update, schedule.sampling_probability, p.delta, count_z,
+             MECHANISMS.index(p.mechanism), bands if banded else 0,
+             config.num_rounds if banded else 0)
+  allowed = _allowed(config, acc.epsilon_at)
   dp = dp_lib.dp_fedavg(
       p.clip_norm, z_update, float(k), target_quantile=p.target_quantile,
       clip_learning_rate=p.clip_learning_rate, count_noise_multiplier=count_z,
       mechanism=p.mechanism, num_rounds=config.num_rounds, bands=bands,
       sensitivity=sensitivity, seed=config.seed)
-  return chain(dp, technique), RunPrivacy(schedule, acc, allowed, z_update)
+  return chain(dp, technique), RunPrivacy(acc, numbers, p.delta, allowed)
 
 
-def clip_norm(technique_state: Any) -> float:
-  """The DP clip of a run's technique state (DP is first in its chain)."""
+def clip_norm(config, technique_state: Any) -> float | None:
+  """The DP clip of a run's technique state (DP is first in its chain);
+  None for the distributed mechanism (its clip is a constant)."""
+  if config.privacy.mechanism == 'distributed':
+    return None
   return float(dp_lib.clip_of(technique_state[0]))
 
 
@@ -205,11 +302,10 @@ def stop_line(privacy: RunPrivacy, num_rounds: int) -> str | None:
   if privacy.rounds_allowed >= num_rounds:
     return None
   r = privacy.rounds_allowed
-  s = privacy.schedule
   return (f'privacy: training stops after round {r} of {num_rounds}: '
           f'round {r + 1} would exceed target_epsilon (epsilon '
           f'{privacy.epsilon(r):.4g} after {r}, {privacy.epsilon(r + 1):.4g} '
-          f'after {r + 1}, at delta {s.delta:g}).')
+          f'after {r + 1}, at delta {privacy.delta:g}).')
 
 
 __all__ = ['ACCOUNTANTS', 'MECHANISMS', 'RunPrivacy', 'SAMPLING', 'build',

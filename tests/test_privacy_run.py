@@ -166,3 +166,14 @@ def test_distributed_discrete_gaussian_under_secure_aggregation(tmp_path):
   c.privacy.mechanism = 'gaussian'
   with pytest.raises(Exception, match='cannot read updates'):
     train_lib.train_and_evaluate(c, str(tmp_path / 'x'))
+
+
+def test_pld_accountant_in_a_run(tmp_path):
+  c = _config(accountant='pld')
+  c.num_rounds = 2
+  train_lib.train_and_evaluate(c, str(tmp_path))
+  s = _schedule(c)
+  assert s.accountant == 'pld'
+  np.testing.assert_allclose(
+      [r['epsilon'] for r in read_metrics(str(tmp_path))],
+      [accounting.epsilon(s, r) for r in (1, 2)], rtol=1e-9)

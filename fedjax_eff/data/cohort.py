@@ -115,7 +115,7 @@ class CohortSampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class PoissonSampler:
+class PoissonSampler(CohortSampler):
   """Each client joins round r independently with probability q = K / N
   (the sampling DP-FedAvg's amplification assumes; McMahan et al. 2018).
 
@@ -125,16 +125,7 @@ class PoissonSampler:
   absent clients (weight 0, no example). A draw beyond `slots` keeps a
   random `slots` of its clients and says so (`overflow`).
   """
-  num_clients: int
-  clients_per_round: int  # K: the expected cohort size qN
-  seed: int
-
-  def __post_init__(self):
-    CohortSampler.__post_init__(self)
-
-  @property
-  def sampling_probability(self) -> float:
-    return self.clients_per_round / self.num_clients
+  # (clients_per_round K: the expected cohort size qN)
 
   @property
   def slots(self) -> int:
@@ -157,7 +148,7 @@ class PoissonSampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class CyclicSampler:
+class CyclicSampler(CohortSampler):
   """The population, shuffled once (seeded), split into N // K blocks of K
   clients; round r trains block r mod (N // K). Each client takes part
   once every N // K rounds (min-separation N // K): the participation
@@ -165,20 +156,6 @@ class CyclicSampler:
   2023; Kairouz et al. 2021 train in such epochs). The N mod K clients
   left over by the split never train.
   """
-  num_clients: int
-  clients_per_round: int
-  seed: int
-
-  def __post_init__(self):
-    CohortSampler.__post_init__(self)
-
-  @property
-  def slots(self) -> int:
-    return self.clients_per_round
-
-  @property
-  def sampling_probability(self) -> float:
-    return self.clients_per_round / self.num_clients
 
   @property
   def blocks(self) -> int:

@@ -27,6 +27,7 @@ from fedjax_eff.data import cohort as cohort_lib
 from fedjax_eff.data import registry as data_registry
 from fedjax_eff.data import task_registry
 from fedjax_eff.experiment import checkpoints
+from fedjax_eff.experiment import device_time as device_time_lib
 from fedjax_eff.experiment import init_checkpoint
 from fedjax_eff.experiment import placement
 from fedjax_eff.experiment.validation import validate_config
@@ -101,6 +102,7 @@ class RoundInput(NamedTuple):
   sampled: int = 0      # clients drawn (< K with Poisson sampling: the
                         # rest of the slots are absent)
   overflow: int = 0     # Poisson: clients drawn beyond the slots, left out
+  sim: dict | None = None  # devices in time: the round's sim_* metrics
 
 
 class Experiment:
@@ -205,13 +207,37 @@ class Experiment:
     if self.client_store == 'host' and core.technique.stateful(
         self.round_fns.technique):
       self.host_store = self.round_fns.host_store(self.init_params)
+    self.costs: dict[Any, accounting.DeviceCost] = {}
+    self.variant_costs: dict[Any, accounting.DeviceCost] = {}
+    # Devices in time: profiles, availability, tiers that fit, the clock.
+    self.device_time = None
+    if device_time_lib.enabled(config):
+      self.device_time = self.make_device_time()
     # Each process packs only the clients its own devices train.
     self.split_cohort = self.mesh is not None and jax.process_count() > 1
+    if self.split_cohort and self.device_time is not None:
+      raise ValueError('config.devices.profiles runs in one process.')
     if self.split_cohort and config.get('sampling') == 'poisson':
       raise ValueError("config.sampling='poisson' runs in one process (each "
                        'process packs only its own slots).')
-    self.costs: dict[Any, accounting.DeviceCost] = {}
-    self.variant_costs: dict[Any, accounting.DeviceCost] = {}
+
+  def make_device_time(self) -> device_time_lib.DeviceTime:
+    """Each client's device profile; its tier by memory (or the drawn
+    one, excluded if its memory cannot hold it); the clock."""
+    profiles = device_time_lib.make_profiles(self.config,
+                                             self.data.train.num_clients)
+    peaks = [float(self.program_cost(0, t).peak_bytes or 0.0)
+             for t in range(self.num_tiers)]
+    self.tier_of, eligible = device_time_lib.memory_tiers(
+        profiles, peaks, self.tier_of, self.config.devices.tiers_by_memory)
+    if not eligible.any():
+      raise ValueError(
+          'No simulated device can hold a program of this run (peak '
+          f"{min(peaks) / 2**20:.1f} MiB at the smallest tier; "
+          'config.devices.profiles).')
+    return device_time_lib.DeviceTime(
+        self.config, profiles, lambda r, t: self.program_cost(r, t),
+        self.tier_of, eligible)
 
   def build_round(self, chunk_size: int, donate: bool = True
                   ) -> core.RoundFns:
@@ -257,13 +283,19 @@ class Experiment:
     """Round `round_num`'s cohort: row indices into the device-resident
     examples, or (host placement) the examples packed on the host. Under
     `jax.distributed`, only the clients of this process's slots."""
-    over = 0
-    if isinstance(self.sampler, cohort_lib.PoissonSampler):
+    over, sim = 0, None
+    slots = self.sampler.slots
+    if self.device_time is not None:  # who is online and finishes in time
+      planned = self.device_time.round(round_num)
+      ids, sampled, sim = planned.ids, planned.aggregated, planned.record
+      slots = self.device_time.slots
+    elif isinstance(self.sampler, cohort_lib.PoissonSampler):
       ids, over = self.sampler.draw(round_num)
+      sampled = len(ids)
     else:
       ids = self.sampler.sample(round_num)
-    sampled = len(ids)
-    ids = cohort_lib.padded_ids(ids, self.sampler.slots)
+      sampled = len(ids)
+    ids = cohort_lib.padded_ids(ids, slots)
     tiers = self.tier_of[ids]
     part_of, mine = None, ids
     if self.split_cohort:
@@ -276,9 +308,9 @@ class Experiment:
       cohort = cohort_lib.pack_index(self.resident, mine, **kw)
     else:
       cohort = cohort_lib.pack(self.data.train, mine, **kw)
-    if sampled < len(ids):  # Poisson: the slots beyond the draw are empty
-      cohort = cohort_lib.pad_absent(cohort, sampled)
-    return RoundInput(cohort, part_of, tiers, sampled, over)
+    if sampled < len(ids):  # the slots beyond the clients aggregated
+      cohort = cohort_lib.pad_absent(cohort, sampled)  # are empty
+    return RoundInput(cohort, part_of, tiers, sampled, over, sim)
 
   def device_cost(self, technique) -> accounting.DeviceCost:
     """What one device pays to run `technique` (a static program).

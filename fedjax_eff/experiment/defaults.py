@@ -45,6 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
   # from the training clients (0 = clients_per_round).
   c.mode = 'federated'
   c.local = ml_collections.ConfigDict(dict(num_clients=0))
+  # config.mode='fedbuff' (experiment/fedbuff.py): asynchronous buffered
+  # aggregation in simulated time (needs devices.profiles). num_rounds
+  # counts server steps; each steps on buffer_size arrived updates, each
+  # weighted by its staleness ('sqrt': 1/sqrt(1+tau); 'none').
+  c.fedbuff = ml_collections.ConfigDict(dict(
+      concurrency=20, buffer_size=10, staleness='sqrt'))
 
   c.data = data_registry.default_config()  # the data contract, one place
 
@@ -108,7 +114,28 @@ def base_config() -> ml_collections.ConfigDict:
   # Simulated device classes. Each client belongs to one tier, drawn once
   # from `tier_fractions` (seeded); techniques may run a different program
   # per tier (e.g. budgeted_last_n's budgets, one per tier). [] = one tier.
-  c.devices = ml_collections.ConfigDict(dict(tier_fractions=[]))
+  c.devices = ml_collections.ConfigDict(dict(
+      tier_fractions=[],
+      # Devices in time (experiment/device_time.py, fedjax_eff/devices):
+      # 'none' | 'parametric' (documented phone/IoT classes) | 'uniform'
+      # (one device for all) | 'fedscale' (trace_path: FedScale's
+      # client_device_capacity). Rounds then last what the devices take:
+      # sim_round_seconds and sim_hours in metrics.jsonl.
+      profiles='none',
+      trace_path='',
+      # When clients are online: 'always' | 'diurnal' | 'fedscale' |
+      # 'flash' (availability_path: the behaviour trace).
+      availability='always',
+      availability_path='',
+      jitter=0.0,              # log-normal sd of each client's time
+      over_selection=0.0,      # o: sample K(1+o), aggregate the first K
+      deadline_seconds=0.0,    # > 0: clients finishing later are dropped
+      failure_probability=0.0,  # a sampled client fails mid-round
+      # Each client's tier: the largest program its memory holds (tiers
+      # ordered from the smallest program up); else tier_fractions, and a
+      # client whose memory cannot hold its program is never sampled.
+      tiers_by_memory=False,
+  ))
 
   # Per (stage, tier): compile the single-client update and record what a
   # device pays (device_peak_bytes, device_flops_per_round) in the metrics.

@@ -76,6 +76,9 @@ class FederatedMode:
     if self.exp.privacy is not None:  # the accountant's state
       self.exp.privacy.check_restored(restored['privacy'],
                                       int(np.asarray(state.round)))
+    if self.exp.device_time is not None:  # the simulated clock
+      self.exp.device_time.restore(int(np.asarray(state.round)),
+                                   float(restored['sim_clock'][0]))
     if self.exp.host_store is not None:  # the store back to host memory
       self.exp.host_store = self.exp.host_store._replace(
           states=jax.tree.map(np.array, state.clients))
@@ -113,6 +116,8 @@ class FederatedMode:
               if not k.startswith('client_')}
     if this.overflow:
       record['sampling_overflow'] = float(this.overflow)
+    if this.sim is not None:  # devices in time
+      record.update(this.sim)
     if exp.privacy is not None:  # (epsilon after this round)
       privacy['epsilon'] = exp.privacy.epsilon(r + 1)
     record.update(privacy)
@@ -134,9 +139,12 @@ class FederatedMode:
     if self.exp.host_store is not None:
       state = state._replace(clients=self.exp.host_store.states)
     out = {'state': state}
+    done = int(np.asarray(state.round))
     if self.exp.privacy is not None:
-      out['privacy'] = self.exp.privacy.checkpoint(
-          int(np.asarray(state.round)))
+      out['privacy'] = self.exp.privacy.checkpoint(done)
+    if self.exp.device_time is not None:
+      out['sim_clock'] = np.asarray(
+          [self.exp.device_time.clock.get(done, 0.0)], np.float64)
     return out
 
   def finish(self, last: dict[str, Any], rounds: int,
@@ -188,8 +196,22 @@ def train_federated(config: ml_collections.ConfigDict, workdir: str, *,
       allow_config_change=allow_config_change, callbacks=callbacks)
 
 
+def train_fedbuff(config: ml_collections.ConfigDict, workdir: str, *,
+                  progress: bool | None = None,
+                  allow_config_change: tuple[str, ...] = (),
+                  callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
+  """Runs (or resumes) FedBuff (`experiment/fedbuff.py`) in `workdir`."""
+  from fedjax_eff.experiment import fedbuff  # pylint: disable=g-import-not-at-top
+  return run_lib.session(
+      config, workdir, lambda: run_lib.run_rounds(
+          config, workdir, fedbuff.FedBuffMode, progress=progress,
+          callbacks=callbacks),
+      allow_config_change=allow_config_change, callbacks=callbacks)
+
+
 # config.mode -> the function that runs a config of that mode.
-MODES = {'federated': train_federated, 'local': local.train_local}
+MODES = {'federated': train_federated, 'local': local.train_local,
+         'fedbuff': train_fedbuff}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -21,7 +21,7 @@ _CHOICES = {
     'client.policy_large': ('subsample', 'error'),
     'client.policy_small': ('pad', 'repeat'),
     'client.weighting': ('num_examples', 'uniform'),
-    'mode': ('federated', 'local'),
+    'mode': ('federated', 'local', 'fedbuff'),
     'data_placement': ('auto', 'device', 'host'),
 }
 _AT_LEAST_MINUS_ONE = ('chunk_size', 'mesh_clients')  # -1: auto / all
@@ -73,6 +73,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_numbers(config)
   if 'privacy' in config:
     privacy_setup.validate(config)
+  check_devices(config)
+
+
+def check_devices(config) -> None:
+  """config.devices: the simulated devices' knobs."""
+  d = config.devices
+  if d.get('profiles', 'none') == 'none':
+    return
+  for key in ('jitter', 'over_selection', 'deadline_seconds'):
+    if not d[key] >= 0:
+      raise ValueError(f'config.devices.{key} must be >= 0, got {d[key]!r}.')
+  if not 0 <= d.failure_probability < 1:
+    raise ValueError('config.devices.failure_probability must be in [0, 1), '
+                     f'got {d.failure_probability!r}.')
+  if config.get('sampling', 'fixed') != 'fixed':
+    raise ValueError('config.devices.profiles samples the clients that are '
+                     "online: config.sampling must be 'fixed', got "
+                     f'{config.sampling!r}.')
+  if config.mode == 'local':
+    raise ValueError("config.devices.profiles needs config.mode='federated' "
+                     "or 'fedbuff'.")
 
 
 # A learning rate above this is a typo, not a setting: with it one step

@@ -24,8 +24,9 @@ The processing rules:
   round b of a synchronous run would.
 - The clients that start from one version train together in one program.
   Training waits until the version is about to change or one of them
-  arrives, so the clients of several draws batch into one program (P
-  slots, the empty ones skipped).
+  arrives, so the clients of several draws batch into one program (their
+  number rounded up to a power of two, at most P slots; the empty ones
+  skip their steps).
 - An update's staleness τ is the number of server steps between its start
   and its arrival; it is weighted by s(τ) (`fedbuff.staleness`).
 
@@ -88,6 +89,10 @@ class FedBuffMode:
     self.pending = np.full(self.p, np.nan)  # replacement launch times
     self.clock, self.draws, self.seq = 0.0, 0, 0
     self.failed_since = 0
+    # Client p of draw d: fold_in(round key d, p), as round d keys it.
+    self.keys = jax.jit(jax.vmap(
+        lambda base, d, p: jax.random.fold_in(jax.random.fold_in(base, d), p),
+        in_axes=(None, 0, 0)))
 
   # ---------------------------------------------------------- checkpoint --
 
@@ -179,23 +184,25 @@ class FedBuffMode:
     exp, c = self.exp, self.config
     rows = rows[np.lexsort((self.meta['position'][rows],
                             self.meta['draw'][rows]))]
-    cohorts, keys = [], []
+    cohorts = []
     for d in np.unique(self.meta['draw'][rows]):
       mine = rows[self.meta['draw'][rows] == d]
       ids = self.meta['client'][mine]
       cohorts.append(cohort_lib.pack(
           exp.data.train, ids, **dict(exp.packing, round_num=int(d),
                                       ctx={'tier': exp.tier_of[ids]})))
-      key = exp.round_key(int(d))
-      keys += [jax.random.fold_in(key, int(p))
-               for p in self.meta['position'][mine]]
-    filler = self.p - len(rows)
+    # P slots at most; padded to a power of two (log2 P programs, at most
+    # 2x the slots of the clients launched).
+    slots = min(self.p, 1 << max(len(rows) - 1, 0).bit_length())
+    filler = slots - len(rows)
     cohort = _concat(cohorts, filler)
-    keys = jnp.stack(keys + [keys[0]] * filler)  # (filler: no example)
+    pad = lambda x: np.concatenate([x, np.zeros(filler, np.int64)])
+    keys = self.keys(exp.base_key, jnp.asarray(pad(self.meta['draw'][rows])),
+                     jnp.asarray(pad(self.meta['position'][rows])))
     out = self.fns.train(self.current['state'].params,
                          jnp.int32(self.version), cohort.batches,
                          cohort.mask, cohort.ctx, keys)
-    index = np.full(self.p, self.capacity, np.int32)
+    index = np.full(slots, self.capacity, np.int32)
     index[:len(rows)] = rows
     self.store = self.fns.write(self.store, jnp.asarray(index), out)
     self.meta['status'][rows] = TRAINED

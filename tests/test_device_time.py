@@ -162,3 +162,62 @@ def test_bad_device_settings_are_one_line(tmp_path, change, message):
   with pytest.raises(Exception, match=message) as e:
     train_lib.train_and_evaluate(c, str(tmp_path))
   assert '\n' not in str(e.value)
+
+
+def test_fedscale_traces_drive_a_run(tmp_path):
+  """FedScale's two pickles (its formats, rows written here): speeds from
+  the capacity trace, availability from the behaviour trace; only online
+  clients are sampled and a client offline before it would finish fails."""
+  import pickle
+  rng = np.random.default_rng(0)
+  capacity = {i: {'computation': float(rng.uniform(50, 400)),
+                  'communication': float(rng.uniform(500, 20000))}
+              for i in range(30)}
+  behave = {i: {'active': [0, 40 + 10 * (i % 5)],
+                'inactive': [20 + 5 * (i % 3), 120], 'finish_time': 200,
+                'duration': 0, 'model': 'x'} for i in range(30)}
+  for name, obj in (('cap.pkl', capacity), ('beh.pkl', behave)):
+    with open(tmp_path / name, 'wb') as f:
+      pickle.dump(obj, f)
+  c = _config(rounds=3, profiles='fedscale', availability='fedscale',
+              trace_path=str(tmp_path / 'cap.pkl'),
+              availability_path=str(tmp_path / 'beh.pkl'), over_selection=1.0)
+  summary = train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
+  rows = read_metrics(str(tmp_path / 'run'))
+  assert len(rows) == 3 and summary['rounds'] == 3
+  exp = build.Experiment(c)
+  dt, avail = exp.device_time, exp.device_time.profiles.availability
+  assert len(set(np.asarray(dt.profiles.flops_per_second).round(3))) > 5
+  t = 0.0
+  for r in range(3):
+    sim = dt.round(r)
+    n = int(sim.record['num_selected'])
+    assert np.all(avail.available(sim.ids[:n], t))
+    assert sim.record['num_available'] == np.sum(avail.available(None, t))
+    t += sim.record['sim_round_seconds']
+    assert rows[r]['sim_hours'] == pytest.approx(t / 3600)
+
+
+def test_tiers_by_memory_feed_last_n(tmp_path):
+  """Two last-n tiers (head; dense1 + head): each client trains the
+  largest its device's memory holds, by the compiled programs' peaks."""
+  c = _config(rounds=1, profiles='parametric', tiers_by_memory=True)
+  c.model.name = 'mlp'
+  c.model.kwargs.hidden = (32,)
+  c.devices.tier_fractions = [0.5, 0.5]
+  c.techniques = [ml_collections.ConfigDict(dict(name='last_n', n=[0, 1]))]
+  exp = build.Experiment(c)
+  peaks = [exp.program_cost(0, t).peak_bytes for t in range(2)]
+  assert peaks[0] < peaks[1]
+  memory = np.asarray(exp.device_time.profiles.memory_bytes)
+  np.testing.assert_array_equal(exp.tier_of, np.where(memory >= peaks[1],
+                                                      1, 0))
+  # Devices between the two programs' peaks, and one below both.
+  small = dataclasses.replace(
+      exp.device_time.profiles.subset([0, 1, 2]),
+      memory_bytes=np.array([peaks[0] - 1, (peaks[0] + peaks[1]) / 2,
+                             peaks[1]]))
+  tiers, ok = device_time_lib.memory_tiers(small, peaks, np.zeros(3, int),
+                                           True)
+  np.testing.assert_array_equal(tiers, [0, 0, 1])
+  np.testing.assert_array_equal(ok, [False, True, True])

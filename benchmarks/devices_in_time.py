@@ -37,10 +37,8 @@ hour.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -58,6 +56,8 @@ from fedjax_eff.experiment import build
 from fedjax_eff.experiment import train as train_lib
 from fedjax_eff.experiment.defaults import load_config_module
 from fedjax_eff.experiment.metrics import read_metrics
+
+import study  # pylint: disable=g-import-not-at-top  (benchmarks/study.py)
 
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
 ARMS = ('sync', 'over_selection', 'deadline', 'fedbuff')
@@ -203,31 +203,21 @@ def main():
   p.add_argument('--replot', action='store_true')
   args = p.parse_args()
   if args.replot:
-    with open(args.out + '.json') as f:
-      out = json.load(f)
-    plot(out, args.out + '.png')
-    print(json.dumps(out['headline']))
-    return
+    return study.replot(args.out, plot)
   if args.quick:
     args.seeds, args.sync_rounds, args.server_lrs = 1, 10, '1.0'
     args.eval_every = 5
     if args.out == p.get_default('out'):
       args.out += '_quick'
   t0 = time.time()
-  cache = os.path.join(args.workdir, 'jax_cache')
-  shutil.rmtree(cache, ignore_errors=True)
-  jax.config.update('jax_compilation_cache_dir', cache)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  study.compile_cache(args.workdir)
   base = base_config(args)
   deadline = client_time_percentile(base, 80)
   sync = arm_config(base, 'sync', deadline)
   hours = seconds_per_round(sync, args.sync_rounds) * args.sync_rounds / 3600
-  out = {'meta': dict(
+  out = {'meta': study.meta(
       sync_rounds=args.sync_rounds, budget_hours=hours, deadline=deadline,
-      seeds=args.seeds, server_lrs=args.server_lrs, jax=jax.__version__,
-      backend=jax.default_backend(), cpus=os.cpu_count(),
-      machine=platform.processor() or platform.machine(),
-      command=' '.join(sys.argv)), 'arms': {}}
+      seeds=args.seeds, server_lrs=args.server_lrs), 'arms': {}}
   print(f'jax {jax.__version__} on {jax.default_backend()}; budget '
         f'{hours * 60:.2f} simulated minutes ({args.sync_rounds} sync '
         f'rounds); deadline {deadline:.3f} s', flush=True)
@@ -238,37 +228,18 @@ def main():
     margin = 1.3 if arm == 'fedbuff' else 1.15  # (its estimate is rough)
     c.num_rounds = int(math.ceil(hours * 3600 / per * margin / e)) * e + e
     t_arm = time.time()
-    tuning = {}
-    for lr in (float(x) for x in args.server_lrs.split(',')):
-      c.server.learning_rate = lr
-      c.seed = 0
-      tuning[lr] = run(c, os.path.join(args.workdir, arm, f'lr{lr:g}'),
-                       hours)
-    best = max(tuning, key=lambda lr: tuning[lr]['accuracy_at_budget'])
-    c.server.learning_rate = best
-    row = dict(server_lr=best, rounds=c.num_rounds,
-               tuning={str(k): v['accuracy_at_budget']
-                       for k, v in tuning.items()},
-               seeds={'0': tuning[best]})
-    for seed in range(1, args.seeds):
-      c.seed = seed
-      row['seeds'][str(seed)] = run(
-          c, os.path.join(args.workdir, arm, f'seed{seed}'), hours)
+    row = study.tuned_arm(c, args.server_lrs, args.seeds,
+                          lambda c, wd: run(c, wd, hours),
+                          'accuracy_at_budget',
+                          os.path.join(args.workdir, arm))
+    row['rounds'] = c.num_rounds
     out['arms'][arm] = row
-    acc = [v['accuracy_at_budget'] for v in row['seeds'].values()]
-    print(f"{arm:15s} lr {best:g}, {c.num_rounds} rounds: accuracy at the "
-          f"budget {statistics.mean(acc):.4f} (sd "
-          f"{statistics.stdev(acc) if len(acc) > 1 else 0:.4f}); "
+    acc, sd = study.mean_sd(row, 'accuracy_at_budget')
+    print(f"{arm:15s} lr {row['server_lr']:g}, {c.num_rounds} rounds: "
+          f'accuracy at the budget {acc:.4f} (sd {sd:.4f}); '
           f"{row['seeds']['0']['final_sim_hours'] * 60:.2f} simulated min "
-          f"({time.time() - t_arm:.0f} s)", flush=True)
-  out['meta']['seconds'] = time.time() - t0
-  out['headline'] = summarize(out)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + '.json', 'w') as f:
-    json.dump(out, f, indent=1)
-  plot(out, args.out + '.png')
-  print(f"wrote {args.out}.json and .png in {out['meta']['seconds']:.0f} s")
-  print(json.dumps(out['headline']))
+          f'({time.time() - t_arm:.0f} s)', flush=True)
+  study.finish(out, args.out, plot, summarize, t0)
 
 
 if __name__ == '__main__':

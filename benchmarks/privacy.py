@@ -34,9 +34,7 @@ multiplier.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -51,6 +49,8 @@ import ml_collections
 from fedjax_eff.experiment import train as train_lib
 from fedjax_eff.experiment.defaults import load_config_module
 from fedjax_eff.privacy import accounting
+
+import study  # pylint: disable=g-import-not-at-top  (benchmarks/study.py)
 
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
 
@@ -172,31 +172,21 @@ def main():
   p.add_argument('--replot', action='store_true')
   args = p.parse_args()
   if args.replot:
-    with open(args.out + '.json') as f:
-      out = json.load(f)
-    plot(out, args.out + '.png')
-    print(json.dumps(out['headline']))
-    return
+    return study.replot(args.out, plot)
   if args.quick:
     args.seeds, args.rounds, args.server_lrs = 1, 5, '1.0'
     if args.out == p.get_default('out'):
       args.out += '_quick'
   t0 = time.time()
-  cache = os.path.join(args.workdir, 'jax_cache')
-  shutil.rmtree(cache, ignore_errors=True)
-  jax.config.update('jax_compilation_cache_dir', cache)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  study.compile_cache(args.workdir)
   base = base_config(args)
   noise = [float(z) for z in args.noise.split(',')]
   middle = sorted(noise)[len(noise) // 2]
   arms = ['nonprivate'] + [f'z={z:g}' for z in noise] + ['dp_ftrl']
-  out = {'meta': dict(
+  out = {'meta': study.meta(
       rounds=args.rounds, seeds=args.seeds, clients=base.data.num_clients,
       per_round=base.clients_per_round, delta=base.privacy.delta,
-      server_lrs=args.server_lrs, jax=jax.__version__,
-      backend=jax.default_backend(), cpus=os.cpu_count(),
-      machine=platform.processor() or platform.machine(),
-      command=' '.join(sys.argv)), 'arms': {}}
+      server_lrs=args.server_lrs), 'arms': {}}
   print(f'jax {jax.__version__} on {jax.default_backend()}, '
         f'{os.cpu_count()} cpus; {args.rounds} rounds, {args.seeds} seeds',
         flush=True)
@@ -207,38 +197,17 @@ def main():
       z_ftrl = ftrl_noise(base, target)
       print(f'dp_ftrl: update noise multiplier {z_ftrl:.4f} for epsilon '
             f'{target:.3f}', flush=True)
-    c = arm_config(base, arm, z_ftrl)
     t_arm = time.time()
-    tuning = {}
-    for lr in (float(x) for x in args.server_lrs.split(',')):
-      c.server.learning_rate = lr
-      c.seed = 0
-      tuning[lr] = run(c, os.path.join(args.workdir, arm, f'lr{lr:g}'))
-    best = max(tuning, key=lambda lr: tuning[lr]['test_accuracy'])
-    c.server.learning_rate = best
-    row = dict(server_lr=best, tuning={str(k): v['test_accuracy']
-                                       for k, v in tuning.items()},
-               seeds={'0': tuning[best]})
-    for seed in range(1, args.seeds):
-      c.seed = seed
-      row['seeds'][str(seed)] = run(c, os.path.join(args.workdir, arm,
-                                                    f'seed{seed}'))
+    row = study.tuned_arm(arm_config(base, arm, z_ftrl), args.server_lrs,
+                          args.seeds, run, 'test_accuracy',
+                          os.path.join(args.workdir, arm))
     out['arms'][arm] = row
-    acc = [v['test_accuracy'] for v in row['seeds'].values()]
+    acc, sd = study.mean_sd(row, 'test_accuracy')
     eps = row['seeds']['0']['epsilon']
-    print(f"{arm:11s} server lr {best:g}: accuracy "
-          f"{statistics.mean(acc):.4f} (sd "
-          f"{statistics.stdev(acc) if len(acc) > 1 else 0:.4f}); epsilon "
-          f"{'-' if eps is None else f'{eps:.3f}'}  "
-          f"({time.time() - t_arm:.0f} s)", flush=True)
-  out['meta']['seconds'] = time.time() - t0
-  out['headline'] = summarize(out)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + '.json', 'w') as f:
-    json.dump(out, f, indent=1)
-  plot(out, args.out + '.png')
-  print(f"wrote {args.out}.json and .png in {out['meta']['seconds']:.0f} s")
-  print(json.dumps(out['headline']))
+    print(f"{arm:11s} server lr {row['server_lr']:g}: accuracy {acc:.4f} "
+          f"(sd {sd:.4f}); epsilon {'-' if eps is None else f'{eps:.3f}'}  "
+          f'({time.time() - t_arm:.0f} s)', flush=True)
+  study.finish(out, args.out, plot, summarize, t0)
 
 
 if __name__ == '__main__':

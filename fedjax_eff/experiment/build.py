@@ -55,6 +55,17 @@ def versions() -> dict[str, str]:
   return out
 
 
+def server_learning_rate(config) -> float:
+  """`server.learning_rate`, scaled with the cohort size K by
+  `server.lr_scaling` (Charles et al. 2021): 1, sqrt(K / K0) or K / K0,
+  K0 = `server.lr_reference_clients`."""
+  s = config.server
+  ratio = config.clients_per_round / s.get('lr_reference_clients', 10)
+  scale = {'none': 1.0, 'sqrt': ratio ** 0.5, 'linear': ratio}[
+      s.get('lr_scaling', 'none')]
+  return s.learning_rate * scale
+
+
 def check_chunk_width(technique, num_rounds: int, num_tiers: int) -> None:
   """Refuses the per-backend chunk width for a technique that draws one
   choice per chunk (depth dropout's 'chunk' mode): its results would
@@ -137,7 +148,8 @@ class Experiment:
         c.optimizer, c.learning_rate, **dict(c.optimizer_kwargs))
     s = config.server
     self.server_optimizer = core.make_optimizer(
-        s.optimizer, s.learning_rate, **dict(s.optimizer_kwargs))
+        s.optimizer, server_learning_rate(config),
+        **dict(s.optimizer_kwargs))
     example = self.data.train.client(0)
     self.example_batch = {k: np.zeros((c.batch_size,) + v.shape[1:], v.dtype)
                           for k, v in example.items()}

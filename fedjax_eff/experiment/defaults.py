@@ -80,6 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
       optimizer='fedavg',     # fedavg fedavgm fedadam fedyogi fedadagrad | optax
       learning_rate=1.0,
       optimizer_kwargs=ml_collections.ConfigDict(),
+      # The server learning rate against the cohort size K (Charles et al.
+      # 2021, "On large-cohort training for federated learning"):
+      # learning_rate x 1 ('none'), x sqrt(K / lr_reference_clients)
+      # ('sqrt') or x K / lr_reference_clients ('linear').
+      lr_scaling='none',
+      lr_reference_clients=10,
   ))
 
   # What the model learns: 'classification' (labels), 'contrastive'

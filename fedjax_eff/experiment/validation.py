@@ -11,6 +11,7 @@ from fedjax_eff.experiment.workdir import flatten
 from fedjax_eff.privacy import setup as privacy_setup
 
 _POSITIVE_INTS = ('num_rounds', 'clients_per_round', 'client.local_steps',
+                  'server.lr_reference_clients',
                   'client.batch_size', 'eval_every', 'checkpoint_every',
                   'checkpoint_keep',
                   'eval_batch_size', 'data.num_clients')
@@ -21,6 +22,7 @@ _CHOICES = {
     'client.policy_large': ('subsample', 'error'),
     'client.policy_small': ('pad', 'repeat'),
     'client.weighting': ('num_examples', 'uniform'),
+    'server.lr_scaling': ('none', 'sqrt', 'linear'),
     'mode': ('federated', 'local', 'fedbuff'),
     'data_placement': ('auto', 'device', 'host'),
 }

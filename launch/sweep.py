@@ -44,6 +44,10 @@ _GRID = flags.DEFINE_multi_string(
     'type of the config\'s value); repeat for a cross product.')
 _SEEDS = flags.DEFINE_integer(
     'seeds', None, 'N: each grid point with config.seed = 0..N-1.')
+_REPLICAS = flags.DEFINE_boolean(
+    'replicas', True, 'Run cells that differ only in the seed, the client or '
+    'server learning rate or FedProx mu as replicas of one program (each '
+    'writes its own cell workdir; equal to its separate run).')
 
 
 def main(argv):
@@ -58,7 +62,7 @@ def main(argv):
   try:
     rows, failed = sweep.run_sweep(
         _CONFIG.value, grid, _WORKDIR.value,
-        log=lambda line: print(line, flush=True))
+        log=lambda line: print(line, flush=True), replicas=_REPLICAS.value)
   except errors.RunInterrupted as e:
     cli.fail(f'{e} (sweep: rerun the same command to resume)', e.exit_code)
   except errors.RunRefused as e:  # the sweep's own workdir

@@ -61,3 +61,54 @@ def test_vmapped_and_mapped_replicas_agree():
     out.append(jax.device_get(new.params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
                                                        atol=1e-7), *out)
+
+
+def _cells(**over):
+  """Three runs that differ in seed, client and server learning rate and
+  FedProx mu: replicas of one program."""
+  import copy  # pylint: disable=g-import-not-at-top
+  kw = {'num_rounds': 4, 'client.local_steps': 1, 'clients_per_round': 4,
+        'checkpoint_every': 2, 'tensorboard': False}
+  base = tiny_config(**dict(kw, **over))
+  out = []
+  for seed, lr, slr, mu in ((0, 0.1, 1.0, 0.0), (0, 0.03, 0.5, 0.1),
+                            (1, 0.2, 1.5, 0.0)):
+    c = copy.deepcopy(base)
+    c.seed, c.client.learning_rate = seed, lr
+    c.server.learning_rate, c.client.prox_mu = slr, mu
+    out.append(c)
+  return out
+
+
+def test_hyperparameter_replicas_equal_their_runs_and_resume(tmp_path):
+  """Each replica (its own seed, learning rates, mu in its state) ends
+  where its own run ends; stopped after 2 rounds and resumed, the same;
+  each writes a run's workdir."""
+  from fedjax_eff.experiment import replicas  # pylint: disable=g-import-not-at-top
+  from fedjax_eff.experiment import train as train_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_eff.experiment.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  cfgs = _cells()
+  assert replicas.can_replicate(cfgs)
+  dirs = [str(tmp_path / f'r{i}') for i in range(3)]
+  together = replicas.run_replicas(cfgs, dirs)
+  for c, d, s in zip(cfgs, dirs, together):
+    alone = train_lib.train_and_evaluate(c, str(tmp_path / f'alone{c.seed}'
+                                                f'_{c.client.learning_rate}'))
+    assert s['final_metrics']['test_accuracy'] == pytest.approx(
+        alone['final_metrics']['test_accuracy'], abs=1e-6)
+    mine = [r['train_loss'] for r in read_metrics(d)]
+    theirs = [r['train_loss'] for r in read_metrics(
+        str(tmp_path / f'alone{c.seed}_{c.client.learning_rate}'))]
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5)
+    assert s['replicas'] == 3 and s['replica_state_bytes'] > 0
+  half = _cells(num_rounds=2)
+  rdirs = [str(tmp_path / f'h{i}') for i in range(3)]
+  replicas.run_replicas(half, rdirs)
+  resumed = replicas.run_replicas(cfgs, rdirs)
+  assert [s['resumed_from_round'] for s in resumed] == [2, 2, 2]
+  assert ([s['params_sha256'] for s in resumed]
+          == [s['params_sha256'] for s in together])
+  # Another model size is another program: not replicas.
+  other = _cells()
+  other[1].model.name = 'logreg'
+  assert not replicas.can_replicate(other)

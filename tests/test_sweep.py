@@ -40,7 +40,10 @@ def test_sweep_cells_tables_plots_and_resume(tmp_path):
   for n in names:
     assert os.path.isfile(d / n / 'summary.json')
     assert os.path.isfile(d / n / 'metrics.jsonl')
-  assert '[cell 4/4]' in r.stdout and 'ETA' in r.stdout
+  # Cells that differ in the learning rate and seed: one program.
+  assert 'replicas: 4 cells in one program' in r.stdout
+  assert '[cell 4/4]' in r.stdout
+  assert r.stdout.count('ran as one of 4 replicas') == 4
   rows = list(csv.DictReader(open(d / 'summary.csv')))
   assert len(rows) == 4
   assert list(rows[0])[:4] == ['client.learning_rate', 'clients_per_round',
@@ -132,3 +135,12 @@ def test_unfinished_cell_resumes(tmp_path):
   assert 'resumed from round 1' in r.stdout
   (row,) = csv.DictReader(open(d / 'summary.csv'))
   assert row['round'] == '2' and row['status'] == 'ok'
+
+
+def test_cells_one_by_one_without_replicas(tmp_path):
+  d = tmp_path / 'study'
+  r = run_sweep(*TINY, '--grid', 'client.learning_rate=0.05,0.5',
+                '--noreplicas', f'--workdir={d}')
+  assert r.returncode == 0, r.stderr
+  assert 'replicas' not in r.stdout
+  assert r.stdout.count(': start') == 2 and 'ETA' in r.stdout

@@ -57,6 +57,11 @@ class ServerState(NamedTuple):
   technique: PyTree = ()  # the technique's server-side state
   clients: PyTree = ()    # client-state store: one client state per client
                           # of the population (leading axis N)
+  # Hyperparameters that are values, not program constants (replicas of
+  # one program with their own: `replica_hparams`): 'client_learning_rate'
+  # (the client optimizer built with `optax.inject_hyperparams`),
+  # 'prox_mu'. () = the program's constants.
+  hparams: PyTree = ()
 
 
 class ClientOutput(NamedTuple):
@@ -104,18 +109,16 @@ def over_clients(client_update: Callable[..., ClientOutput], c: int):
   client) is broadcast, everything else per client."""
   def run(params, batches, mask, ctx, keys, round_num, chunk):
     ctx = dict(ctx)
-    server_state = ctx.pop('server_state', None)
+    shared = {k: ctx.pop(k) for k in ('server_state', 'hparams') if k in ctx}
     num_steps = last_real_step(mask)  # the chunk's longest client, unbatched
 
     def update(params, batches, mask, ctx, key, round_num, chunk,
-               server_state, num_steps):
-      if server_state is not None:
-        ctx = dict(ctx, server_state=server_state)
-      return client_update(params, batches, mask, ctx, key, round_num, chunk,
-                           num_steps)
+               shared, num_steps):
+      return client_update(params, batches, mask, dict(ctx, **shared), key,
+                           round_num, chunk, num_steps)
     return placement_lib.map_clients(
         update, c, (None, 0, 0, 0, 0, None, None, None, None))(
-            params, batches, mask, ctx, keys, round_num, chunk, server_state,
+            params, batches, mask, ctx, keys, round_num, chunk, shared,
             num_steps)
   return run
 
@@ -167,7 +170,8 @@ def make_loss_fn(model: nn.Module, task: Task, prox_mu: float = 0.0):
   or target tokens for a language model. FedProx adds `μ/2 ||x -
   x_server||²` (Li et al. 2020) with `anchor` the server model.
   """
-  def loss_fn(params, batch, mask_b, rng, anchor, fwd):
+  def loss_fn(params, batch, mask_b, rng, anchor, fwd, mu=None):
+    # `mu`: a traced μ (a replica's hyperparameter) instead of `prox_mu`.
     dropout_rng, augment_rng = jax.random.split(rng)
     if task.augment is not None:
       batch = task.augment(batch, augment_rng)
@@ -175,10 +179,11 @@ def make_loss_fn(model: nn.Module, task: Task, prox_mu: float = 0.0):
                       rngs={'dropout': dropout_rng}, **fwd)
     sums = batch_sums(task, out, batch, mask_b)
     loss = sums.loss / jnp.maximum(sums.loss_units, 1.0)
-    if prox_mu:
+    mu = prox_mu if mu is None else mu
+    if mu is not None and (not isinstance(mu, (int, float)) or mu):
       sq = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(
           jax.tree.leaves(params), jax.tree.leaves(anchor)))
-      loss = loss + 0.5 * prox_mu * sq
+      loss = loss + 0.5 * mu * sq
     return loss, sums
   return loss_fn
 
@@ -260,6 +265,20 @@ class DeviceOutput(NamedTuple):
   sums: Sums
 
 
+def with_hparams(opt_state, hparams: dict):
+  """A client optimizer state (`optax.inject_hyperparams`) with this
+  replica's learning rate (`ServerState.hparams['client_learning_rate']`)."""
+  lr = hparams.get('client_learning_rate')
+  if lr is None:
+    return opt_state
+  if 'learning_rate' not in getattr(opt_state, 'hyperparams', {}):
+    raise ValueError('A per-replica client learning rate needs the client '
+                     'optimizer built with optax.inject_hyperparams.')
+  old = opt_state.hyperparams['learning_rate']
+  return opt_state._replace(hyperparams=dict(
+      opt_state.hyperparams, learning_rate=jnp.asarray(lr, old.dtype)))
+
+
 def build_device_update(model: nn.Module, task: Task,
                         technique: technique_lib.Technique,
                         client_optimizer: optax.GradientTransformation,
@@ -291,15 +310,16 @@ def build_device_update(model: nn.Module, task: Task,
   loss_fn = make_loss_fn(model, task, prox_mu)
 
   def device_update(view, batches, mask, plan, train_key, encode_key,
-                    num_steps=None):
+                    num_steps=None, hparams=None):
     start = view
     trainable = tech.trainable(start, plan)
     split = TrainableSplit.of(start, trainable)
     fwd = tech.forward(plan)
+    hparams = hparams or {}
 
     def train_loss(train, batch, mask_b, rng):
       return loss_fn(split.full(split.stop_frozen(train)), batch, mask_b, rng,
-                     start, fwd)
+                     start, fwd, hparams.get('prox_mu'))
     grad_fn = jax.grad(train_loss, has_aux=True)
 
     def local_step(carry, xs):
@@ -333,7 +353,7 @@ def build_device_update(model: nn.Module, task: Task,
     zero = jnp.zeros((), loss_dtype(start))
     train0 = split.train
     (final, _, stats), _ = jax.lax.scan(
-        step, (train0, client_optimizer.init(train0),
+        step, (train0, with_hparams(client_optimizer.init(train0), hparams),
                Sums(zero, zero, zero, zero)),
         (batches, mask, jnp.arange(steps)))
     moved = split.apply_mask([a - b for a, b in zip(train0, final)])
@@ -377,12 +397,14 @@ def build_client_update(model: nn.Module, task: Task,
   def client_update(server_params, batches, mask, ctx, key, round_num,
                     chunk=None, num_steps=None):
     plan_key, train_key, encode_key = split_client_key(key)
+    ctx = dict(ctx)
+    hparams = ctx.pop('hparams', None)
     if chunk is not None:
       ctx = dict(ctx, chunk=chunk)
     plan = tech.plan(plan_key, round_num, ctx)
     start = tech.view(server_params, plan)
     out = device_update(start, batches, mask, plan, train_key, encode_key,
-                        num_steps)
+                        num_steps, hparams)
     up_bits = codecs.message_bits(out.message)
     if tech.finish is not None:
       up_bits = up_bits + technique_lib.feedback_bits(out.feedback)
@@ -631,6 +653,8 @@ def build_round(model: nn.Module, task: Task,
                  for f, x in examples.items()}
     t = program(stage, tier)
     cp = t.chunk_plan(chunk_key(keys[0]), state.round) if t.chunk_plan else None
+    if jax.tree.leaves(state.hparams):  # a replica's own hyperparameters
+      ctx = dict(ctx, hparams=state.hparams)
     if stateful:  # (a host store's rows came with the cohort's ctx)
       if not jax.tree.leaves(state.clients):  # no client state: its
         rows = state.clients                  # (empty) structure

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from fedjax_eff import accounting
 from fedjax_eff import core
@@ -53,6 +54,16 @@ def versions() -> dict[str, str]:
   out['backend'] = jax.default_backend()
   out['devices'] = str(jax.devices())
   return out
+
+
+def injected_optimizer(name: str, learning_rate: float, **kwargs):
+  """`core.make_optimizer`, its learning rate a value of its state
+  (`optax.inject_hyperparams`): replicas of one program each keep their
+  own."""
+  return optax.inject_hyperparams(
+      lambda learning_rate: core.make_optimizer(name, learning_rate,
+                                                **kwargs))(
+                                                    learning_rate=learning_rate)
 
 
 def server_learning_rate(config) -> float:
@@ -119,9 +130,15 @@ class RoundInput(NamedTuple):
 class Experiment:
   """Everything a run is built from, derived from a config (no state)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict,
+               replica_hparams: bool = False):
+    """`replica_hparams`: the learning rates and FedProx μ are values of
+    the server state (`ServerState.hparams`, optimizers built with
+    `optax.inject_hyperparams`), so replicas that differ in them share one
+    program (`experiment/replicas.py`)."""
     validate_config(config)
     self.config = config
+    self.replica_hparams = replica_hparams
     self.data = data_registry.load(config.data)
     self.sampler = cohort_lib.make_sampler(
         config.get('sampling', 'fixed'), self.data.train.num_clients,
@@ -144,10 +161,11 @@ class Experiment:
     self.evaluate = self.evaluation.evaluate
     self.base_key = jax.random.key(config.seed)
     c = config.client
-    self.client_optimizer = core.make_optimizer(
+    make = injected_optimizer if replica_hparams else core.make_optimizer
+    self.client_optimizer = make(
         c.optimizer, c.learning_rate, **dict(c.optimizer_kwargs))
     s = config.server
-    self.server_optimizer = core.make_optimizer(
+    self.server_optimizer = make(
         s.optimizer, server_learning_rate(config),
         **dict(s.optimizer_kwargs))
     example = self.data.train.client(0)
@@ -289,7 +307,13 @@ class Experiment:
         examples=self.examples, log=print)
 
   def init_state(self) -> core.ServerState:
-    return self.round_fns.init(self.init_params)
+    state = self.round_fns.init(self.init_params)
+    if self.replica_hparams:
+      c = self.config.client
+      state = state._replace(hparams={
+          'client_learning_rate': np.asarray(c.learning_rate, np.float32),
+          'prox_mu': np.asarray(c.prox_mu, np.float32)})
+    return state
 
   def cohort(self, round_num: int) -> RoundInput:
     """Round `round_num`'s cohort: row indices into the device-resident

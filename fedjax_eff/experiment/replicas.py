@@ -1,4 +1,13 @@
-"""Seeds as a replica axis: R runs of one config in one program.
+"""Replicas: R runs of one program (seeds, learning rates, FedProx μ).
+
+`run_replicas(configs, workdirs)` trains runs that differ only in
+`REPLICA_KEYS` (the seed, the client and server learning rates, FedProx
+μ) as one program: the round over a leading replica axis of (server
+state, cohort, round key), each replica's hyperparameters values of its
+own state (`Experiment(replica_hparams=True)`). Each replica writes its
+own workdir (metrics.jsonl, checkpoints, summary.json) and equals its own
+run; the sweep (`experiment/sweep.py`) groups compatible cells into it.
+
 
 `train_replicas(config, seeds, num_rounds)` trains `len(seeds)` runs that
 differ only in `config.seed` with `RoundFns.replica_step`: the jitted
@@ -13,15 +22,23 @@ evaluates the returned parameters).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import os
+import time
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_eff.core.round import stack_replicas
 from fedjax_eff.core.round import unstack_replicas
-from fedjax_eff.experiment.build import Experiment
+from fedjax_eff.experiment import checkpoints
+from fedjax_eff.experiment import metrics as metrics_lib
+from fedjax_eff.experiment import workdir as workdir_lib
+from fedjax_eff.experiment.build import Experiment, params_sha256, versions
 
 
 def _same(a, b) -> bool:
@@ -58,3 +75,144 @@ def train_replicas(config, seeds: Sequence[int], num_rounds: int | None = None
       h.append({k: float(np.asarray(v)[i]) for k, v in m._asdict().items()
                 if not k.startswith('client_')})
   return unstack_replicas(jax.device_get(states), len(exps)), history
+
+
+# Config keys replicas of one program may differ in: values of the server
+# state (`Experiment(replica_hparams=True)`) or of the host (the seed).
+REPLICA_KEYS = ('seed', 'client.learning_rate', 'server.learning_rate',
+                'client.prox_mu')
+
+
+def shape_key(config) -> str:
+  """What must be equal for runs to be replicas of one program: the config
+  without `REPLICA_KEYS`."""
+  flat = dict(workdir_lib.flatten(config.to_dict()))
+  for k in REPLICA_KEYS:
+    flat.pop(k, None)
+  return json.dumps(flat, sort_keys=True, default=str)
+
+
+def can_replicate(configs) -> bool:
+  """Replicas need one program: one device (no mesh), one federated mode,
+  no device tiers, stages or privacy, and configs equal but for
+  `REPLICA_KEYS`."""
+  c = configs[0]
+  if (len({shape_key(x) for x in configs}) != 1 or c.mode != 'federated'
+      or c.mesh_clients not in (0, 1) or len(c.devices.tier_fractions)
+      or c.get('privacy', {}).get('mechanism', 'none') != 'none'
+      or c.devices.get('profiles', 'none') != 'none'
+      or c.get('sampling', 'fixed') != 'fixed'):
+    return False
+  return True
+
+
+def run_replicas(configs: Sequence[Any], workdirs: Sequence[str], *,
+                 log=print) -> list[dict[str, Any]]:
+  """R runs that differ only in `REPLICA_KEYS`, trained in one program
+  (`RoundFns.replica_step`), each in its own workdir as `train_and_evaluate`
+  would write it: metrics.jsonl, checkpoints, summary.json (plus
+  `replicas`, the replicas of its program, and `replica_state_bytes`, the
+  memory one replica's state takes). Each replica equals its own run
+  (tests/test_replicas.py). Resumes from the newest round every replica
+  has a checkpoint of. A replica's workdir resumes as a replica (its
+  optimizer state holds its hyperparameters). Returns the summaries."""
+  if not can_replicate(configs):
+    raise ValueError('These configs are not replicas of one program (they '
+                     f'differ beyond {REPLICA_KEYS}, or use a mesh, device '
+                     'tiers, device profiles, privacy or another sampling).')
+  t0 = time.time()
+  exps = [Experiment(c, replica_hparams=True) for c in configs]
+  first = exps[0]
+  if any(e.round_fns.technique.stage for e in exps):
+    raise ValueError('Replicas run one program: no technique stages.')
+  if any(not _same(e.examples, first.examples) for e in exps[1:]):
+    raise ValueError('The replicas\' device-resident data differ (a '
+                     'partition that depends on config.seed): pass '
+                     'config.data_placement=host.')
+  num_rounds = configs[0].num_rounds
+  ckpts, trees = [], []
+  with contextlib.ExitStack() as stack:
+    for c, wd, e in zip(configs, workdirs, exps):
+      workdir_lib.make_workdir(wd)
+      stack.enter_context(workdir_lib.RunLock(wd, 0))
+      ckpt = checkpoints.RunCheckpointer(os.path.join(wd, 'checkpoints'),
+                                         c.checkpoint_keep)
+      stack.callback(ckpt.close)
+      workdir_lib.check_config(wd, c, resuming=workdir_lib.has_checkpoints(
+          os.path.join(wd, 'checkpoints')))
+      ckpts.append(ckpt)
+      trees.append(_tree(e, e.init_state(), 0))
+    # The newest round every replica has (metrics and checkpoint) of.
+    common = min(min(metrics_lib.complete_rounds(wd),
+                     max([s for s in k.all_steps()] or [0]))
+                 for wd, k in zip(workdirs, ckpts))
+    restored = [k.restore_latest(tree, max_step=common)
+                for k, tree in zip(ckpts, trees)]
+    start = min(step or 0 for _, step in restored)
+    if any((step or 0) != start for _, step in restored):
+      restored = [k.restore_latest(tree, max_step=start)
+                  for k, tree in zip(ckpts, trees)]
+      if any((step or 0) != start for _, step in restored):
+        raise ValueError('The replicas\' checkpoints share no round; use '
+                         'fresh workdirs.')
+    states = [item['state'] for item, _ in restored]
+    if start:
+      log(f'replicas: resuming from round {start}')
+    writers = [stack.enter_context(contextlib.closing(
+        metrics_lib.MetricWriter(wd, resume_round=start,
+                                 tensorboard=False, config=c)))
+               for c, wd in zip(configs, workdirs)]
+    state = stack_replicas([jax.tree.map(jnp.asarray, s) for s in states])
+    last: list[dict[str, Any]] = [{} for _ in exps]
+    for r in range(start, num_rounds):
+      t_round = time.time()
+      cohorts = [e.cohort(r) for e in exps]
+      keys = stack_replicas([e.round_key(r) for e in exps])
+      state, m = first.round_fns.replica_step(
+          state, stack_replicas([c.cohort for c in cohorts]), keys,
+          round_num=r, examples=first.examples)
+      done = r + 1
+      per = unstack_replicas(jax.device_get(state), len(exps)) if (
+          done % configs[0].eval_every == 0 or done == num_rounds
+          or done % configs[0].checkpoint_every == 0) else None
+      seconds = (time.time() - t_round) / len(exps)
+      for i, (e, w) in enumerate(zip(exps, writers)):
+        mi = jax.tree.map(lambda x, i=i: np.asarray(x)[i], m)
+        record = {k: float(v) for k, v in mi._asdict().items()
+                  if not k.startswith('client_')}
+        record.update(e.device_metrics(r, cohorts[i].tiers, mi))
+        if done % configs[0].eval_every == 0 or done == num_rounds:
+          record.update(e.eval_metrics(per[i].params, done))
+        record['round_seconds'] = seconds  # this replica's share
+        w.write(done, record)
+        last[i] = {'round': done, **record}
+        if done % configs[0].checkpoint_every == 0 or done == num_rounds:
+          ckpts[i].save(done, _tree(e, per[i], done))
+  final = unstack_replicas(jax.device_get(state), len(exps))
+  one = sum(x.nbytes for x in jax.tree.leaves(final[0]))
+  summaries = []
+  for c, wd, e, s, l in zip(configs, workdirs, exps, final, last):
+    history = metrics_lib.read_metrics(wd)
+    if not l and history:
+      l = dict(history[-1])
+    summary = {
+        'final_metrics': metrics_lib.to_python(l),
+        'rounds': num_rounds, 'resumed_from_round': start,
+        'wall_time_seconds': time.time() - t0,
+        'params_sha256': params_sha256(s.params),
+        'technique': e.round_fns.technique.name,
+        'replicas': len(exps), 'replica_state_bytes': int(one),
+        'device_cost': e.cost_table(),
+        'config': json.loads(c.to_json_best_effort()),
+        'versions': versions()}
+    workdir_lib.write_atomic(os.path.join(wd, 'summary.json'),
+                             json.dumps(summary, indent=2))
+    summaries.append(summary)
+  return summaries
+
+
+def _tree(e: Experiment, state, done: int) -> dict[str, Any]:
+  """A replica's checkpoint: as a single run's (`run.run_rounds`)."""
+  return {'state': state,
+          'rng': np.asarray(jax.random.key_data(e.base_key)),
+          'sampler': np.asarray([e.config.seed, done], np.int64)}

@@ -386,15 +386,51 @@ def _duration(seconds: float) -> str:
 CELL_ERRORS = (errors.RunRefused, errors.RunFailed, ValueError)
 
 
+def run_as_replicas(config, todo, workdir: str, log) -> dict[str, int]:
+  """Runs the unfinished cells that differ only in `replicas.REPLICA_KEYS`
+  (seeds, learning rates, FedProx μ) as replicas of one program, a group
+  at a time (`replicas.run_replicas`); returns {cell name: replicas in
+  its program}. A group that cannot run so is left to the cell loop."""
+  from fedjax_eff.experiment import replicas  # pylint: disable=g-import-not-at-top
+  groups: dict[str, list] = {}
+  for cell in todo:
+    cfg = cell_config(config, cell)
+    cell_dir = os.path.join(workdir, cell_name(cell))
+    if finished(cell_dir, cfg) is None and not os.path.exists(
+        os.path.join(cell_dir, 'checkpoints')):
+      groups.setdefault(replicas.shape_key(cfg), []).append(
+          (cell_name(cell), cfg, cell_dir))
+  ran = {}
+  for group in groups.values():
+    cfgs = [g[1] for g in group]
+    if len(group) < 2 or not replicas.can_replicate(cfgs):
+      continue
+    names = [g[0] for g in group]
+    log(f'replicas: {len(group)} cells in one program: {", ".join(names)}')
+    t0 = time.time()
+    try:
+      replicas.run_replicas(cfgs, [g[2] for g in group], log=log)
+    except (*CELL_ERRORS,) as e:
+      log(f'replicas: {" ".join(str(e).split())}; the cells run one by one')
+      continue
+    log(f'replicas: done in {_duration(time.time() - t0)}')
+    ran.update({n: len(group) for n in names})
+  return ran
+
+
 def run_sweep(config, grid: Sequence[tuple[str, Sequence[Any]]],
               workdir: str, *, run: Callable[..., dict[str, Any]] | None = None,
-              log: Callable[[str], None] = print
+              log: Callable[[str], None] = print, replicas: bool = True
               ) -> tuple[list[dict[str, Any]], list[str]]:
   """Runs every cell of `grid` on `config` in `workdir/<cell name>` (one
   after the other; finished cells skipped) and writes the sweep's outputs.
-  `run(config, workdir)`: `train_and_evaluate` by default. Returns (rows,
-  names of the failed cells). A signal (`RunInterrupted`) ends the sweep
-  after its cell saved; the same command resumes."""
+  `run(config, workdir)`: `train_and_evaluate` by default. With `replicas`
+  (and the default `run`), unfinished cells that differ only in seeds,
+  learning rates or FedProx μ first run as replicas of one program
+  (`run_as_replicas`). Returns (rows, names of the failed cells). A signal
+  (`RunInterrupted`) ends the sweep after its cell saved; the same command
+  resumes."""
+  default_run = run is None
   if run is None:
     from fedjax_eff.experiment import train_and_evaluate  # pylint: disable=g-import-not-at-top
     run = train_and_evaluate
@@ -402,6 +438,8 @@ def run_sweep(config, grid: Sequence[tuple[str, Sequence[Any]]],
   keys = [k for k, _ in grid]
   todo = cells(grid)
   workdir_lib.make_workdir(workdir)
+  as_replicas = (run_as_replicas(config, todo, workdir, log)
+                 if replicas and default_run else {})
   rows, failed, ran_seconds, ran = [], [], 0.0, 0
   for i, cell in enumerate(todo, start=1):
     name = cell_name(cell)
@@ -410,7 +448,9 @@ def run_sweep(config, grid: Sequence[tuple[str, Sequence[Any]]],
     tag = f'[cell {i}/{len(todo)}] {name}'
     summary = finished(cell_dir, cfg)
     if summary is not None:
-      log(f'{tag}: finished before, skipped')
+      how = (f'ran as one of {as_replicas[name]} replicas'
+             if name in as_replicas else 'finished before, skipped')
+      log(f'{tag}: {how}')
       rows.append(row(cell, summary, 'ok'))
       continue
     log(f'{tag}: start')

@@ -68,7 +68,7 @@ def _cells(**over):
   FedProx mu: replicas of one program."""
   import copy  # pylint: disable=g-import-not-at-top
   kw = {'num_rounds': 4, 'client.local_steps': 1, 'clients_per_round': 4,
-        'checkpoint_every': 2, 'tensorboard': False}
+        'checkpoint_every': 2, 'tensorboard': False, 'accounting': False}
   base = tiny_config(**dict(kw, **over))
   out = []
   for seed, lr, slr, mu in ((0, 0.1, 1.0, 0.0), (0, 0.03, 0.5, 0.1),
@@ -112,3 +112,22 @@ def test_hyperparameter_replicas_equal_their_runs_and_resume(tmp_path):
   other = _cells()
   other[1].model.name = 'logreg'
   assert not replicas.can_replicate(other)
+
+
+def test_replicas_on_their_own_mesh_axis(tmp_path):
+  """config.mesh_replicas: four replicas sharded over four (fake) devices,
+  one each, give what one device gives."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  script = os.path.join(os.path.dirname(__file__), 'scripts',
+                        'replicas_on_a_mesh.py')
+  r = subprocess.run([sys.executable, script, str(tmp_path)],
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out['spec'] in ("P('replicas',)", "PartitionSpec('replicas',)")
+  assert out['devices'] == 4
+  np.testing.assert_allclose(out['loss4'], out['loss0'], rtol=1e-5)
+  np.testing.assert_allclose(out['acc4'], out['acc0'], atol=1e-6)

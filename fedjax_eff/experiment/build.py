@@ -276,6 +276,8 @@ class Experiment:
         self.server_optimizer, chunk_size=chunk_size,
         prox_mu=self.config.client.prox_mu, num_tiers=self.num_tiers,
         donate=donate, mesh=self.mesh,
+        # Replicas on a mesh axis: a vmap, which XLA partitions along it.
+        vmap_replicas=True if self.config.get('mesh_replicas') else None,
         population=self.data.train.num_clients,
         client_state_limit_bytes=int(
             self.config.get('client_state_limit_gib', 4.0) * 2 ** 30),

@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   # 0 = no mesh, -1 = every device (of every process under
   # jax.distributed; see launch/train.py for multi-host flags).
   c.mesh_clients = 0
+  # Replicas of one program (experiment/replicas.py: a sweep's seeds and
+  # learning rates) sharded over a Mesh of this many devices ('replicas'
+  # axis; 0 = none, -1 = every device): each device runs R / n replicas.
+  c.mesh_replicas = 0
   # 'federated' (the rounds above) or 'local': every client trains only on
   # its own data, nothing is averaged or communicated (experiment/local.py;
   # FedYolo's baseline). local.num_clients: clients simulated, drawn once

@@ -162,14 +162,16 @@ def run_replicas(configs: Sequence[Any], workdirs: Sequence[str], *,
         metrics_lib.MetricWriter(wd, resume_round=start,
                                  tensorboard=False, config=c)))
                for c, wd in zip(configs, workdirs)]
-    state = stack_replicas([jax.tree.map(jnp.asarray, s) for s in states])
+    place = replica_placement(configs[0], len(exps))
+    state = place(stack_replicas([jax.tree.map(jnp.asarray, s)
+                                  for s in states]))
     last: list[dict[str, Any]] = [{} for _ in exps]
     for r in range(start, num_rounds):
       t_round = time.time()
       cohorts = [e.cohort(r) for e in exps]
-      keys = stack_replicas([e.round_key(r) for e in exps])
+      keys = place(stack_replicas([e.round_key(r) for e in exps]))
       state, m = first.round_fns.replica_step(
-          state, stack_replicas([c.cohort for c in cohorts]), keys,
+          state, place(stack_replicas([c.cohort for c in cohorts])), keys,
           round_num=r, examples=first.examples)
       done = r + 1
       per = unstack_replicas(jax.device_get(state), len(exps)) if (
@@ -209,6 +211,26 @@ def run_replicas(configs: Sequence[Any], workdirs: Sequence[str], *,
                              json.dumps(summary, indent=2))
     summaries.append(summary)
   return summaries
+
+
+def replica_placement(config, num: int):
+  """`config.mesh_replicas` n > 0 (-1: every device): a function that
+  shards trees with a leading replica axis over a Mesh's 'replicas' axis
+  (n must divide the R replicas); the jitted, vmapped round is
+  partitioned along it by XLA, each device running R / n replicas. Else
+  the identity."""
+  n = config.get('mesh_replicas', 0)
+  if not n:
+    return lambda tree: tree
+  n = jax.device_count() if n == -1 else n
+  if not 1 <= n <= jax.device_count() or num % n:
+    raise ValueError(f'config.mesh_replicas={n} must divide the {num} '
+                     f'replicas and be at most the {jax.device_count()} '
+                     'devices.')
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n]), ('replicas',))
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('replicas'))
+  return lambda tree: jax.device_put(tree, sharding)
 
 
 def _tree(e: Experiment, state, done: int) -> dict[str, Any]:

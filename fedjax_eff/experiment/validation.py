@@ -26,7 +26,8 @@ _CHOICES = {
     'mode': ('federated', 'local', 'fedbuff'),
     'data_placement': ('auto', 'device', 'host'),
 }
-_AT_LEAST_MINUS_ONE = ('chunk_size', 'mesh_clients')  # -1: auto / all
+_AT_LEAST_MINUS_ONE = ('chunk_size', 'mesh_clients',  # -1: auto / all
+                       'mesh_replicas')
 
 
 def _get(config, dotted):

@@ -143,6 +143,7 @@ class Experiment:
     self.sampler = cohort_lib.make_sampler(
         config.get('sampling', 'fixed'), self.data.train.num_clients,
         config.clients_per_round, config.seed)
+    self.device_time = None  # (devices in time: set up once the round is)
     c = config.client
     # S: `client.local_steps`, or with `client.epochs` the steps of the
     # largest training client (each client runs its own, the rest padded).
@@ -240,7 +241,6 @@ class Experiment:
     self.costs: dict[Any, accounting.DeviceCost] = {}
     self.variant_costs: dict[Any, accounting.DeviceCost] = {}
     # Devices in time: profiles, availability, tiers that fit, the clock.
-    self.device_time = None
     if device_time_lib.enabled(config):
       self.device_time = self.make_device_time()
     # Each process packs only the clients its own devices train.

@@ -126,6 +126,7 @@ def test_banded_dp_ftrl_runs_with_cyclic_sampling(tmp_path):
     (dict(delta=2.0), 'delta'),
     (dict(mechanism='laplace'), 'mechanism'),
     (dict(mechanism='distributed', sampling='fixed'), 'secure_aggregation'),
+    (dict(profiles='parametric', sampling='fixed'), 'online'),
 ])
 def test_bad_settings_are_one_line(tmp_path, change, message):
   c = _config()
@@ -134,6 +135,8 @@ def test_bad_settings_are_one_line(tmp_path, change, message):
   for k, v in change.items():
     if k == 'sampling':
       c.sampling = v
+    elif k == 'profiles':
+      c.devices.profiles = v
     else:
       c.privacy[k] = v
   with pytest.raises(Exception, match=message) as e:

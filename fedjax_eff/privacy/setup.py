@@ -80,6 +80,11 @@ def validate(config) -> None:
     return
   if config.mode != 'federated':
     raise ValueError("config.privacy needs config.mode='federated'.")
+  if config.devices.get('profiles', 'none') != 'none':
+    raise ValueError(
+        'config.privacy accounts its sampling (config.sampling), but '
+        'config.devices.profiles samples whoever is online and finishes: '
+        'use one or the other.')
   secure = secagg_entry(config)
   if p.mechanism == 'distributed':
     if (secure is None or not secure.get('clip_norm', 0) > 0

@@ -24,7 +24,7 @@ interpolation of the evaluations against `sim_hours`. Each arm's server
 learning rate is tuned over `--server_lrs` on seed 0 (accuracy at H);
 seeds 1 and 2 run at the best one.
 
-  python benchmarks/devices_in_time.py          # ~15 min on 2 busy cores
+  python benchmarks/devices_in_time.py          # ~20 min on 2 busy cores
   python benchmarks/devices_in_time.py --quick  # 1 seed, a short budget
   python benchmarks/devices_in_time.py --replot
 
@@ -193,7 +193,7 @@ def plot(out: dict, path: str):
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--quick', action='store_true')
-  p.add_argument('--sync_rounds', type=int, default=150,
+  p.add_argument('--sync_rounds', type=int, default=60,
                  help='the budget: simulated time of this many sync rounds')
   p.add_argument('--seeds', type=int, default=3)
   p.add_argument('--eval_every', type=int, default=10)

@@ -101,6 +101,10 @@ def test_hyperparameter_replicas_equal_their_runs_and_resume(tmp_path):
         str(tmp_path / f'alone{c.seed}_{c.client.learning_rate}'))]
     np.testing.assert_allclose(mine, theirs, rtol=1e-5)
     assert s['replicas'] == 3 and s['replica_state_bytes'] > 0
+    # The program holds at least the three states it updates.
+    assert s['replica_program_peak_bytes'] >= 3 * s['replica_state_bytes']
+    assert s['peak_bytes_per_replica'] == pytest.approx(
+        s['replica_program_peak_bytes'] / 3)
   half = _cells(num_rounds=2)
   rdirs = [str(tmp_path / f'h{i}') for i in range(3)]
   replicas.run_replicas(half, rdirs)

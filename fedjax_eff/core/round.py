@@ -499,6 +499,8 @@ class RoundFns(NamedTuple):
   replica_step: Callable[..., tuple[ServerState, RoundMetrics]] | None = None
   # A host-side client-state store for client_store='host'.
   host_store: Callable[[PyTree], 'HostClientStore'] | None = None
+  # Peak bytes of replica_step's compiled program (same arguments).
+  replica_peak_bytes: Callable[..., int | None] | None = None
 
 
 class HostClientStore(NamedTuple):
@@ -833,7 +835,7 @@ def build_round(model: nn.Module, task: Task,
                          num_clients=None if part_of is None else k)
 
   def replica_step(states: ServerState, cohorts, rngs, round_num=None,
-                   examples=None):
+                   examples=None, memory: bool = False):
     """R independent runs of the same config in one program: `states`,
     `cohorts` (each replica its own draw of K clients) and `rngs` carry a
     leading axis of R replicas (`stack_replicas`); returns the R new
@@ -848,14 +850,27 @@ def build_round(model: nn.Module, task: Task,
     stage = stage_of(np.asarray(states.round).reshape(-1)[0]
                      if round_num is None else round_num)
     layout = place.layout(cohorts.mask.shape[1], None)
-    return replica_program(states, {} if examples is None else examples,
-                           cohorts, layout.order, layout.chunk_tier, rngs,
-                           stage=stage)
+    args = (states, {} if examples is None else examples, cohorts,
+            layout.order, layout.chunk_tier, rngs)
+    if memory:  # what the compiled program holds at its peak, in bytes
+      m = replica_program.lower(*args, stage=stage).compile(
+      ).memory_analysis()
+      return (int(m.argument_size_in_bytes + m.output_size_in_bytes
+                  + m.temp_size_in_bytes - m.alias_size_in_bytes)
+              if m is not None else None)
+    return replica_program(*args, stage=stage)
+
+  def replica_peak_bytes(states, cohorts, rngs, round_num=None,
+                         examples=None):
+    """Peak bytes of `replica_step`'s compiled program for these R
+    replicas (arguments + outputs + temporaries - donated), or None."""
+    return replica_step(states, cohorts, rngs, round_num, examples,
+                        memory=True)
 
   first_stage = tech.stage(0) if tech.stage else None
   return RoundFns(init, round_step, client_update_for(first_stage, 0),
                   client_update_for, tech, place.local_part, replica_step,
-                  host_store_for)
+                  host_store_for, replica_peak_bytes)
 
 
 def stack_replicas(trees: Sequence[PyTree]) -> PyTree:

@@ -111,8 +111,10 @@ def run_replicas(configs: Sequence[Any], workdirs: Sequence[str], *,
   """R runs that differ only in `REPLICA_KEYS`, trained in one program
   (`RoundFns.replica_step`), each in its own workdir as `train_and_evaluate`
   would write it: metrics.jsonl, checkpoints, summary.json (plus
-  `replicas`, the replicas of its program, and `replica_state_bytes`, the
-  memory one replica's state takes). Each replica equals its own run
+  `replicas`, the replicas of its program, `replica_state_bytes`, the
+  memory one replica's state takes, and `replica_program_peak_bytes` /
+  `peak_bytes_per_replica`, the compiled round's peak over all R and its
+  share per replica). Each replica equals its own run
   (tests/test_replicas.py). Resumes from the newest round every replica
   has a checkpoint of. A replica's workdir resumes as a replica (its
   optimizer state holds its hyperparameters). Returns the summaries."""
@@ -165,6 +167,13 @@ def run_replicas(configs: Sequence[Any], workdirs: Sequence[str], *,
     place = replica_placement(configs[0], len(exps))
     state = place(stack_replicas([jax.tree.map(jnp.asarray, s)
                                   for s in states]))
+    peak = None
+    if start < num_rounds:  # the compiled program's peak, all R replicas
+      peak = first.round_fns.replica_peak_bytes(
+          state, place(stack_replicas([e.cohort(start).cohort
+                                       for e in exps])),
+          place(stack_replicas([e.round_key(start) for e in exps])),
+          round_num=start, examples=first.examples)
     last: list[dict[str, Any]] = [{} for _ in exps]
     for r in range(start, num_rounds):
       t_round = time.time()
@@ -204,6 +213,10 @@ def run_replicas(configs: Sequence[Any], workdirs: Sequence[str], *,
         'params_sha256': params_sha256(s.params),
         'technique': e.round_fns.technique.name,
         'replicas': len(exps), 'replica_state_bytes': int(one),
+        # The round program's peak over its R replicas (its share on a
+        # 'replicas' mesh: / devices).
+        'replica_program_peak_bytes': peak,
+        'peak_bytes_per_replica': None if peak is None else peak / len(exps),
         'device_cost': e.cost_table(),
         'config': json.loads(c.to_json_best_effort()),
         'versions': versions()}

@@ -7,7 +7,7 @@ label skew, 30 images each on average, no held-out clients; the official
 10,000 test images are the test set. A small MLP (one hidden layer of 64,
 50,890 parameters) so that a cohort of 1,000 clients a round is
 affordable on two CPU cores; 3 local SGD steps of batch 10 (about one
-epoch of a typical client), client lr 0.05; server FedAvg whose learning
+epoch of a typical client), client lr 0.1; server FedAvg whose learning
 rate follows `server.lr_scaling` in the cohort size K:
 
   'none'    learning_rate                 (constant in K)

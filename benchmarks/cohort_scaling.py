@@ -65,7 +65,6 @@ from fedjax_eff.experiment import build
 from fedjax_eff.experiment import errors
 from fedjax_eff.experiment import sweep
 from fedjax_eff.experiment import train as train_lib
-from fedjax_eff.experiment.defaults import load_config_module
 from fedjax_eff.experiment.metrics import read_metrics
 
 import study  # pylint: disable=g-import-not-at-top  (benchmarks/study.py)
@@ -88,16 +87,8 @@ def git_state() -> dict:
 
 
 def base_config(args):
-  c = load_config_module(os.path.join(ROOT, 'configs', 'x.py'),
-                         'cohort_scaling').get_config()
-  c.num_rounds = args.rounds
-  c.eval_every = args.eval_every
-  c.checkpoint_every = args.rounds
-  c.accounting = False
-  c.tensorboard = False
-  c.progress = False
-  c.log_every_seconds = 0.0
-  return c
+  return study.quiet_config('cohort_scaling', rounds=args.rounds,
+                            eval_every=args.eval_every)
 
 
 def cell_config(base, k: int, rule: str, lr: float, seed: int):

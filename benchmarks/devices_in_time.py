@@ -54,24 +54,16 @@ import numpy as np
 from fedjax_eff.devices import timing
 from fedjax_eff.experiment import build
 from fedjax_eff.experiment import train as train_lib
-from fedjax_eff.experiment.defaults import load_config_module
 from fedjax_eff.experiment.metrics import read_metrics
 
 import study  # pylint: disable=g-import-not-at-top  (benchmarks/study.py)
 
-RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
 ARMS = ('sync', 'over_selection', 'deadline', 'fedbuff')
 
 
 def base_config(args):
-  c = load_config_module(os.path.join(ROOT, 'configs', 'x.py'),
-                         'fedbuff').get_config()
+  c = study.quiet_config('fedbuff', rounds=10 ** 6, eval_every=args.eval_every)
   c.accounting = True  # (device cost sets the clients' times)
-  c.tensorboard = False
-  c.progress = False
-  c.log_every_seconds = 0.0
-  c.eval_every = args.eval_every
-  c.checkpoint_every = 10 ** 6
   return c
 
 
@@ -192,15 +184,10 @@ def plot(out: dict, path: str):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--quick', action='store_true')
+  study.common_flags(p, 'devices_in_time', '/tmp/fedjax_eff_devices_in_time')
   p.add_argument('--sync_rounds', type=int, default=60,
                  help='the budget: simulated time of this many sync rounds')
-  p.add_argument('--seeds', type=int, default=3)
   p.add_argument('--eval_every', type=int, default=10)
-  p.add_argument('--server_lrs', default='0.5,1.0')
-  p.add_argument('--workdir', default='/tmp/fedjax_eff_devices_in_time')
-  p.add_argument('--out', default=os.path.join(RESULTS, 'devices_in_time'))
-  p.add_argument('--replot', action='store_true')
   args = p.parse_args()
   if args.replot:
     return study.replot(args.out, plot)

@@ -47,25 +47,15 @@ import jax  # pylint: disable=g-import-not-at-top
 import ml_collections
 
 from fedjax_eff.experiment import train as train_lib
-from fedjax_eff.experiment.defaults import load_config_module
 from fedjax_eff.privacy import accounting
 
 import study  # pylint: disable=g-import-not-at-top  (benchmarks/study.py)
 
-RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
 
 
 def base_config(args):
-  c = load_config_module(os.path.join(ROOT, 'configs', 'x.py'),
-                         'dp_fedavg').get_config()
-  c.num_rounds = args.rounds
-  c.eval_every = args.rounds
-  c.checkpoint_every = args.rounds
-  c.accounting = False
-  c.tensorboard = False
-  c.progress = False
-  c.log_every_seconds = 0.0
-  return c
+  return study.quiet_config('dp_fedavg', rounds=args.rounds,
+                            eval_every=args.rounds)
 
 
 def arm_config(base, arm: str, z_ftrl: float | None = None):
@@ -161,15 +151,10 @@ def plot(out: dict, path: str):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--quick', action='store_true', help='1 seed, 5 rounds')
+  study.common_flags(p, 'privacy', '/tmp/fedjax_eff_privacy')
   p.add_argument('--rounds', type=int, default=200)
-  p.add_argument('--seeds', type=int, default=3)
   p.add_argument('--noise', default='0.5,1.0,2.0',
                  help='total noise multipliers of the DP-FedAvg arms')
-  p.add_argument('--server_lrs', default='0.5,1.0')
-  p.add_argument('--workdir', default='/tmp/fedjax_eff_privacy')
-  p.add_argument('--out', default=os.path.join(RESULTS, 'privacy'))
-  p.add_argument('--replot', action='store_true')
   args = p.parse_args()
   if args.replot:
     return study.replot(args.out, plot)

@@ -24,6 +24,38 @@ from typing import Any, Callable
 
 import jax
 
+from fedjax_eff.experiment.defaults import load_config_module
+
+
+def quiet_config(name: str, *, rounds: int, eval_every: int):
+  """`configs/<name>.py` for a study's runs: `rounds` rounds, evaluated
+  every `eval_every`, one checkpoint at the end, no device accounting,
+  TensorBoard, progress bar or progress lines."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  c = load_config_module(os.path.join(root, 'configs', 'x.py'),
+                         name).get_config()
+  c.num_rounds, c.eval_every, c.checkpoint_every = rounds, eval_every, rounds
+  c.accounting = c.tensorboard = c.progress = False
+  c.log_every_seconds = 0.0
+  return c
+
+
+def common_flags(p, name: str, workdir: str, *, seeds: int = 3,
+                 server_lrs: str = '0.5,1.0') -> None:
+  """The flags every arm study takes: --quick, --seeds, --server_lrs,
+  --workdir, --out (benchmarks/results/<name>), --replot."""
+  results = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                         'results', name)
+  p.add_argument('--quick', action='store_true',
+                 help='1 seed, a few rounds; writes <out>_quick')
+  p.add_argument('--seeds', type=int, default=seeds)
+  p.add_argument('--server_lrs', default=server_lrs,
+                 help='server learning rates tuned on seed 0')
+  p.add_argument('--workdir', default=workdir)
+  p.add_argument('--out', default=results)
+  p.add_argument('--replot', action='store_true',
+                 help='redraw the PNG from the JSON')
+
 
 def compile_cache(workdir: str) -> None:
   """Seeds and arms share programs: compile each once (XLA's cache on

@@ -120,7 +120,8 @@ def test_hyperparameter_replicas_equal_their_runs_and_resume(tmp_path):
 
 def test_replicas_on_their_own_mesh_axis(tmp_path):
   """config.mesh_replicas: four replicas sharded over four (fake) devices,
-  one each, give what one device gives."""
+  one each, and over a 2 x 4 ('replicas', 'clients') mesh, give what one
+  device gives."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -133,5 +134,6 @@ def test_replicas_on_their_own_mesh_axis(tmp_path):
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out['spec'] in ("P('replicas',)", "PartitionSpec('replicas',)")
   assert out['devices'] == 4
-  np.testing.assert_allclose(out['loss4'], out['loss0'], rtol=1e-5)
-  np.testing.assert_allclose(out['acc4'], out['acc0'], atol=1e-6)
+  for mesh in ('4', '2x4'):
+    np.testing.assert_allclose(out['loss' + mesh], out['loss0'], rtol=1e-5)
+    np.testing.assert_allclose(out['acc' + mesh], out['acc0'], atol=1e-6)

@@ -2,7 +2,7 @@
 
 from fedjax_eff.core.round import (ClientOutput, RoundFns, RoundMetrics,
                                    ServerState, build_client_update,
-                                   CLIENTS_AXIS, build_round,
+                                   CLIENTS_AXIS, REPLICAS_AXIS, build_round,
                                    default_chunk_size)
 from fedjax_eff.core import autotune
 from fedjax_eff.core.reference import build_reference_round

@@ -39,6 +39,8 @@ import numpy as np
 
 PyTree = Any
 CLIENTS_AXIS = 'clients'
+# Replicas of one program (`round.replica_step`), beside the clients.
+REPLICAS_AXIS = 'replicas'
 # A cohort of row indices into device-resident examples has this one
 # "feature" (`data.pack_index`); the round gathers the rows per chunk.
 ROWS = '_index'
@@ -387,12 +389,16 @@ class Placement(NamedTuple):
     place = (jax.sharding.reshard if explicit
              else jax.lax.with_sharding_constraint)
     xs = jax.tree.map(lambda x: place(x, by_client), xs)
+    # A 'replicas' axis beside the clients' (replicas of one program,
+    # vmapped over it: `round.replica_step`) is manual too, so that the
+    # vmap's batch dimension maps onto it.
+    names = {CLIENTS_AXIS} | ({REPLICAS_AXIS} & set(mesh.axis_names))
     return jax.shard_map(
         block, mesh=mesh, in_specs=(p(), p(), p(CLIENTS_AXIS)),
-        out_specs=(p(), p(), p()), axis_names={CLIENTS_AXIS},
+        out_specs=(p(), p(), p()), axis_names=names,
         check_vma=False)(shared, store, xs)
 
 
-__all__ = ['CLIENTS_AXIS', 'ROWS', 'ChunkLayout', 'Clients', 'CohortLayout',
+__all__ = ['CLIENTS_AXIS', 'REPLICAS_AXIS', 'ROWS', 'ChunkLayout', 'Clients', 'CohortLayout',
            'Contribution', 'Placement', 'chunk_key', 'chunk_layout',
            'chunk_width', 'client_keys', 'default_chunk_size', 'map_clients', 'replicate']

@@ -41,7 +41,8 @@ import optax
 from fedjax_eff.core import codecs
 from fedjax_eff.core import placement as placement_lib
 from fedjax_eff.core import technique as technique_lib
-from fedjax_eff.core.placement import (CLIENTS_AXIS, ROWS, ChunkLayout,
+from fedjax_eff.core.placement import (CLIENTS_AXIS, REPLICAS_AXIS, ROWS,
+                                       ChunkLayout,
                                        chunk_key,
                                        chunk_layout, client_keys,
                                        default_chunk_size, replicate)
@@ -783,7 +784,12 @@ def build_round(model: nn.Module, task: Task,
     one = lambda s, c, r: one_round(s, examples, c, order, chunk_tier, r,
                                     stage=stage)
     if vmap_replicas:
-      return jax.vmap(one)(states, cohorts, rngs)
+      # On a mesh with a 'replicas' axis beside 'clients', the replica
+      # axis is that mesh axis (each device block of clients runs its
+      # replicas' share).
+      axis = (REPLICAS_AXIS if mesh is not None
+              and REPLICAS_AXIS in mesh.axis_names else None)
+      return jax.vmap(one, spmd_axis_name=axis)(states, cohorts, rngs)
     return jax.lax.map(lambda args: one(*args), (states, cohorts, rngs))
 
   if jit:
@@ -843,9 +849,11 @@ def build_round(model: nn.Module, task: Task,
     float summation order). All replicas run round `round_num` (one stage)
     and share `examples`. One device, one program per client: no mesh,
     no device tiers."""
-    if mesh is not None or tiered:
-      raise ValueError('replica_step runs on one device with one program '
-                       'per client: no mesh, no device tiers.')
+    if tiered or (mesh is not None
+                  and REPLICAS_AXIS not in mesh.axis_names):
+      raise ValueError('replica_step runs one program per client (no device '
+                       "tiers), on one device or a mesh with a 'replicas' "
+                       'axis.')
     check_rows(cohorts, examples)
     stage = stage_of(np.asarray(states.round).reshape(-1)[0]
                      if round_num is None else round_num)

@@ -201,7 +201,10 @@ class Experiment:
     # program, dispatched like a tier).
     self.tier_of, self.num_tiers = self.data.client_tiers(
         list(config.devices.tier_fractions), config.seed)
-    self.mesh = placement.make_mesh(config.mesh_clients)
+    # (replicas of one program beside a clients mesh: a 2-D mesh)
+    self.mesh = placement.make_mesh(
+        config.mesh_clients,
+        config.get('mesh_replicas', 0) if replica_hparams else 0)
     self.resident, self.examples = None, None
     if config.mode == 'federated' and placement.on_device(
         config.data_placement, placement.nbytes(self.data.train)):

@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Replicas of one program (experiment/replicas.py: a sweep's seeds and
   # learning rates) sharded over a Mesh of this many devices ('replicas'
   # axis; 0 = none, -1 = every device): each device runs R / n replicas.
+  # With mesh_clients n as well, an r x n mesh ('replicas', 'clients'):
+  # each block of n devices runs R / r replicas, its cohort split n ways.
   c.mesh_replicas = 0
   # 'federated' (the rounds above) or 'local': every client trains only on
   # its own data, nothing is averaged or communicated (experiment/local.py;

@@ -31,16 +31,25 @@ DEVICE_SHARE = 0.25  # of one device's memory, for 'auto' placement
 CPU_SHARE = 0.1
 
 
-def make_mesh(mesh_clients: int) -> jax.sharding.Mesh | None:
+def make_mesh(mesh_clients: int, mesh_replicas: int = 0
+              ) -> jax.sharding.Mesh | None:
+  """The 'clients' mesh of `mesh_clients` devices (-1: all); with
+  `mesh_replicas` r > 0 too (replicas of one program), an r x n mesh
+  ('replicas', 'clients')."""
   if mesh_clients == 0:
     return None
-  n = jax.device_count() if mesh_clients == -1 else mesh_clients
-  if not 1 <= n <= jax.device_count():
-    raise ValueError(f'config.mesh_clients={mesh_clients} asks for {n} '
-                     f'devices; there are {jax.device_count()} '
-                     f'({jax.process_count()} process(es)).')
-  return jax.sharding.Mesh(np.asarray(jax.devices()[:n]),
-                           (core.CLIENTS_AXIS,))
+  r = mesh_replicas if mesh_replicas > 0 else 1
+  n = jax.device_count() // r if mesh_clients == -1 else mesh_clients
+  if not 1 <= n * r <= jax.device_count():
+    raise ValueError(f'config.mesh_clients={mesh_clients} (x '
+                     f'mesh_replicas={r}) asks for {n * r} devices; there '
+                     f'are {jax.device_count()} ({jax.process_count()} '
+                     'process(es)).')
+  devices = np.asarray(jax.devices()[:n * r])
+  if mesh_replicas > 0:
+    return jax.sharding.Mesh(devices.reshape(r, n),
+                             (core.REPLICAS_AXIS, core.CLIENTS_AXIS))
+  return jax.sharding.Mesh(devices, (core.CLIENTS_AXIS,))
 
 
 def device_memory_bytes() -> int:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_eff.core.placement import REPLICAS_AXIS
 from fedjax_eff.core.round import stack_replicas
 from fedjax_eff.core.round import unstack_replicas
 from fedjax_eff.experiment import checkpoints
@@ -93,12 +94,15 @@ def shape_key(config) -> str:
 
 
 def can_replicate(configs) -> bool:
-  """Replicas need one program: one device (no mesh), one federated mode,
-  no device tiers, stages or privacy, and configs equal but for
-  `REPLICA_KEYS`."""
+  """Replicas need one program: one federated mode, no device tiers,
+  stages, device profiles or privacy, a clients mesh only with a
+  replicas axis beside it (`mesh_replicas` > 0), and configs equal but
+  for `REPLICA_KEYS`."""
   c = configs[0]
+  clients_mesh = c.mesh_clients not in (0, 1)
   if (len({shape_key(x) for x in configs}) != 1 or c.mode != 'federated'
-      or c.mesh_clients not in (0, 1) or len(c.devices.tier_fractions)
+      or (clients_mesh and not c.get('mesh_replicas', 0) > 0)
+      or len(c.devices.tier_fractions)
       or c.get('privacy', {}).get('mechanism', 'none') != 'none'
       or c.devices.get('profiles', 'none') != 'none'
       or c.get('sampling', 'fixed') != 'fixed'):
@@ -164,7 +168,7 @@ def run_replicas(configs: Sequence[Any], workdirs: Sequence[str], *,
         metrics_lib.MetricWriter(wd, resume_round=start,
                                  tensorboard=False, config=c)))
                for c, wd in zip(configs, workdirs)]
-    place = replica_placement(configs[0], len(exps))
+    place = replica_placement(configs[0], len(exps), first.mesh)
     state = place(stack_replicas([jax.tree.map(jnp.asarray, s)
                                   for s in states]))
     peak = None
@@ -226,23 +230,29 @@ def run_replicas(configs: Sequence[Any], workdirs: Sequence[str], *,
   return summaries
 
 
-def replica_placement(config, num: int):
+def replica_placement(config, num: int, mesh=None):
   """`config.mesh_replicas` n > 0 (-1: every device): a function that
   shards trees with a leading replica axis over a Mesh's 'replicas' axis
   (n must divide the R replicas); the jitted, vmapped round is
-  partitioned along it by XLA, each device running R / n replicas. Else
-  the identity."""
+  partitioned along it, each device (or, beside `config.mesh_clients`,
+  each block of client devices of the Experiment's 2-D `mesh`) running R
+  / n replicas. Else the identity."""
   n = config.get('mesh_replicas', 0)
   if not n:
     return lambda tree: tree
-  n = jax.device_count() if n == -1 else n
+  if mesh is not None and REPLICAS_AXIS in mesh.axis_names:
+    n = mesh.shape[REPLICAS_AXIS]
+  else:
+    n = jax.device_count() if n == -1 else n
+    mesh = None
   if not 1 <= n <= jax.device_count() or num % n:
     raise ValueError(f'config.mesh_replicas={n} must divide the {num} '
                      f'replicas and be at most the {jax.device_count()} '
                      'devices.')
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n]), ('replicas',))
+  if mesh is None:
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n]), (REPLICAS_AXIS,))
   sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec('replicas'))
+      mesh, jax.sharding.PartitionSpec(REPLICAS_AXIS))
   return lambda tree: jax.device_put(tree, sharding)
 
 

@@ -5,18 +5,20 @@ devices is fixed when JAX starts):
 
   python tests/scripts/replicas_on_a_mesh.py OUT_DIR
 
-Four replicas (seeds, learning rates, FedProx mu) run twice with
-`run_replicas`: with config.mesh_replicas = 0 and = 4 (one replica per
-device). Prints one JSON line: each replica's per-round training losses
-and final test accuracy both ways, and the sharding of the round's output
-params on the mesh.
+Four replicas (seeds, learning rates, FedProx mu) run three times with
+`run_replicas`: on one device; with config.mesh_replicas = 4 (one replica
+per device); and on a 2 x 4 ('replicas', 'clients') mesh (mesh_replicas 2,
+mesh_clients 4: each block of 4 devices runs 2 replicas, their cohorts
+split 4 ways). Prints one JSON line: each replica's per-round training
+losses and final test accuracy each way, and the sharding of the round's
+output params on the 4-device replica mesh.
 """
 
 import json
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)),
                 os.path.dirname(HERE)]
@@ -34,16 +36,20 @@ def main(out):
   cfgs = _cells() + _cells()[:1]
   cfgs[3].seed = 2
   result = {}
-  for mesh in (0, 4):
+  for name, (mesh, clients) in (('0', (0, 0)), ('4', (4, 0)),
+                                 ('2x4', (2, 4))):
     for c in cfgs:
-      c.num_rounds, c.mesh_replicas = 1, mesh
-    dirs = [f'{out}/mesh{mesh}_{i}' for i in range(4)]
+      c.num_rounds, c.mesh_replicas, c.mesh_clients = 1, mesh, clients
+      c.data_placement = 'host'
+    dirs = [f'{out}/mesh{name}_{i}' for i in range(4)]
     sums = replicas.run_replicas(cfgs, dirs, log=lambda _: None)
-    result[f'loss{mesh}'] = [[r['train_loss'] for r in read_metrics(d)]
+    result[f'loss{name}'] = [[r['train_loss'] for r in read_metrics(d)]
                              for d in dirs]
-    result[f'acc{mesh}'] = [s['final_metrics']['test_accuracy']
+    result[f'acc{name}'] = [s['final_metrics']['test_accuracy']
                             for s in sums]
   # The round's outputs stay sharded over the replicas axis.
+  for c in cfgs:
+    c.mesh_replicas, c.mesh_clients = 4, 0
   exps = [Experiment(c, replica_hparams=True) for c in cfgs]
   place = replicas.replica_placement(cfgs[0], 4)
   state = place(stack_replicas([e.init_state() for e in exps]))

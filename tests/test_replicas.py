@@ -137,3 +137,25 @@ def test_replicas_on_their_own_mesh_axis(tmp_path):
   for mesh in ('4', '2x4'):
     np.testing.assert_allclose(out['loss' + mesh], out['loss0'], rtol=1e-5)
     np.testing.assert_allclose(out['acc' + mesh], out['acc0'], atol=1e-6)
+
+
+def test_server_optimizer_constants_are_replica_values(tmp_path):
+  """FedAdam replicas with their own b1 and eps (values of the injected
+  server optimizer state) end where their own runs end."""
+  from fedjax_eff.experiment import replicas  # pylint: disable=g-import-not-at-top
+  from fedjax_eff.experiment import train as train_lib  # pylint: disable=g-import-not-at-top
+  cfgs = _cells(num_rounds=2)[:2]
+  for c, (b1, eps) in zip(cfgs, ((0.9, 1e-3), (0.5, 1e-2))):
+    c.server.optimizer, c.server.learning_rate = 'fedadam', 0.03
+    c.server.optimizer_kwargs.b1, c.server.optimizer_kwargs.eps = b1, eps
+  assert replicas.can_replicate(cfgs)
+  together = replicas.run_replicas(cfgs, [str(tmp_path / f'r{i}')
+                                          for i in range(2)])
+  for i, (c, s) in enumerate(zip(cfgs, together)):
+    alone = train_lib.train_and_evaluate(c, str(tmp_path / f'a{i}'))
+    assert s['final_metrics']['test_accuracy'] == pytest.approx(
+        alone['final_metrics']['test_accuracy'], abs=1e-6)
+  # Momentum decides the optimizer state's structure: not a replica value.
+  other = _cells()[:2]
+  other[1].server.optimizer_kwargs.momentum = 0.9
+  assert not replicas.can_replicate(other)

@@ -11,6 +11,7 @@ mode (`train.py` federated, `local.py`, `pretrain.py`) starts from one.
 
 from __future__ import annotations
 
+import inspect
 import platform
 from typing import Any, NamedTuple
 
@@ -56,14 +57,33 @@ def versions() -> dict[str, str]:
   return out
 
 
+# Optimizer knobs that decide the state's structure (momentum 0 has no
+# trace) or its initial value: program constants, never injected.
+STRUCTURAL_KWARGS = ('momentum', 'initial_accumulator', 'nesterov')
+
+
+def injected_kwargs(kwargs: dict) -> dict:
+  """The numeric optimizer knobs `injected_optimizer` makes values."""
+  return {k: v for k, v in kwargs.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)
+          and k not in STRUCTURAL_KWARGS}
+
+
 def injected_optimizer(name: str, learning_rate: float, **kwargs):
-  """`core.make_optimizer`, its learning rate a value of its state
-  (`optax.inject_hyperparams`): replicas of one program each keep their
-  own."""
-  return optax.inject_hyperparams(
-      lambda learning_rate: core.make_optimizer(name, learning_rate,
-                                                **kwargs))(
-                                                    learning_rate=learning_rate)
+  """`core.make_optimizer`, its learning rate and numeric constants (a
+  FedAdam's b1, b2, eps) values of its state (`optax.inject_hyperparams`):
+  replicas of one program each keep their own."""
+  numeric = injected_kwargs(kwargs)
+  static = {k: v for k, v in kwargs.items() if k not in numeric}
+
+  def factory(learning_rate, **hp):
+    return core.make_optimizer(name, learning_rate, **static, **hp)
+  # (optax binds hyperparameters by the factory's signature: name them)
+  factory.__signature__ = inspect.Signature([
+      inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+      for k in ('learning_rate', *numeric)])
+  return optax.inject_hyperparams(factory)(learning_rate=learning_rate,
+                                           **numeric)
 
 
 def server_learning_rate(config) -> float:

@@ -2,7 +2,8 @@
 
 `run_replicas(configs, workdirs)` trains runs that differ only in
 `REPLICA_KEYS` (the seed, the client and server learning rates, FedProx
-μ) as one program: the round over a leading replica axis of (server
+μ) and the server optimizer's numeric constants (b1, b2, eps) as one
+program: the round over a leading replica axis of (server
 state, cohort, round key), each replica's hyperparameters values of its
 own state (`Experiment(replica_hparams=True)`). Each replica writes its
 own workdir (metrics.jsonl, checkpoints, summary.json) and equals its own
@@ -39,7 +40,8 @@ from fedjax_eff.core.round import unstack_replicas
 from fedjax_eff.experiment import checkpoints
 from fedjax_eff.experiment import metrics as metrics_lib
 from fedjax_eff.experiment import workdir as workdir_lib
-from fedjax_eff.experiment.build import Experiment, params_sha256, versions
+from fedjax_eff.experiment.build import Experiment, injected_kwargs
+from fedjax_eff.experiment.build import params_sha256, versions
 
 
 def _same(a, b) -> bool:
@@ -84,12 +86,21 @@ REPLICA_KEYS = ('seed', 'client.learning_rate', 'server.learning_rate',
                 'client.prox_mu')
 
 
+def replica_key(key: str, value) -> bool:
+  """May replicas of one program differ in config `key`? `REPLICA_KEYS`,
+  and the server optimizer's numeric constants (b1, b2, eps: values of
+  its injected state, `build.injected_kwargs`)."""
+  prefix = 'server.optimizer_kwargs.'
+  if key.startswith(prefix):
+    return bool(injected_kwargs({key[len(prefix):]: value}))
+  return key in REPLICA_KEYS
+
+
 def shape_key(config) -> str:
   """What must be equal for runs to be replicas of one program: the config
-  without `REPLICA_KEYS`."""
-  flat = dict(workdir_lib.flatten(config.to_dict()))
-  for k in REPLICA_KEYS:
-    flat.pop(k, None)
+  without the keys replicas may differ in (`replica_key`)."""
+  flat = {k: v for k, v in workdir_lib.flatten(config.to_dict()).items()
+          if not replica_key(k, v)}
   return json.dumps(flat, sort_keys=True, default=str)
 
 

@@ -33,7 +33,7 @@ run: install
 	$(BIN)/python launch/train.py --config=configs/default.py --workdir=$(WORKDIR)
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/round_throughput.py

@@ -5,13 +5,13 @@ devices is fixed when JAX starts):
 
   python tests/scripts/replicas_on_a_mesh.py OUT_DIR
 
-Four replicas (seeds, learning rates, FedProx mu) run three times with
-`run_replicas`: on one device; with config.mesh_replicas = 4 (one replica
-per device); and on a 2 x 4 ('replicas', 'clients') mesh (mesh_replicas 2,
-mesh_clients 4: each block of 4 devices runs 2 replicas, their cohorts
-split 4 ways). Prints one JSON line: each replica's per-round training
-losses and final test accuracy each way, and the sharding of the round's
-output params on the 4-device replica mesh.
+Four replicas (seeds, learning rates, FedProx mu) run twice with
+`run_replicas`: on one device, and on a 2 x 4 ('replicas', 'clients') mesh
+(mesh_replicas 2, mesh_clients 4: each block of 4 devices runs 2
+replicas, their cohorts split 4 ways). Then one round on a 4-device
+'replicas' mesh (mesh_replicas 4, one replica per device). Prints one JSON
+line: each replica's per-round training losses and final test accuracy
+both ways, and the sharding of that round's output params.
 """
 
 import json
@@ -36,8 +36,7 @@ def main(out):
   cfgs = _cells() + _cells()[:1]
   cfgs[3].seed = 2
   result = {}
-  for name, (mesh, clients) in (('0', (0, 0)), ('4', (4, 0)),
-                                 ('2x4', (2, 4))):
+  for name, (mesh, clients) in (('0', (0, 0)), ('2x4', (2, 4))):
     for c in cfgs:
       c.num_rounds, c.mesh_replicas, c.mesh_clients = 1, mesh, clients
       c.data_placement = 'host'

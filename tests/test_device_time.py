@@ -221,3 +221,17 @@ def test_tiers_by_memory_feed_last_n(tmp_path):
                                            True)
   np.testing.assert_array_equal(tiers, [0, 0, 1])
   np.testing.assert_array_equal(ok, [False, True, True])
+
+
+def test_fedbuff_with_nobody_ever_online_fails_in_one_line(tmp_path):
+  """A trace where no client comes online for weeks: one line, no hang."""
+  import pickle
+  behave = {i: {'active': [9e7], 'inactive': [9e7 + 10], 'finish_time': 1e8,
+                'duration': 10, 'model': 'x'} for i in range(40)}
+  with open(tmp_path / 'beh.pkl', 'wb') as f:
+    pickle.dump(behave, f)
+  c = _fedbuff(_config(rounds=2, availability='fedscale',
+                       availability_path=str(tmp_path / 'beh.pkl')), 4, 2)
+  with pytest.raises(Exception, match='no client came online') as e:
+    train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert '\n' not in str(e.value)

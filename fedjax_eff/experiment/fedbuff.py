@@ -49,9 +49,12 @@ from fedjax_eff import core
 from fedjax_eff.core import buffered as buffered_lib
 from fedjax_eff.data import cohort as cohort_lib
 from fedjax_eff.devices import timing
+from fedjax_eff.experiment import errors
 from fedjax_eff.experiment.build import Experiment, params_sha256
 
 FREE, LAUNCHED, TRAINED, BUFFERED = 0, 1, 2, 3
+# Nobody in flight and nobody online for this long: the run cannot go on.
+IDLE_LIMIT_SECONDS = 7 * 86400.0
 _META = ('status', 'client', 'draw', 'position', 'start', 'finish',
          'failed', 'version', 'weight', 'seq', 'up_bits', 'down_bits')
 
@@ -169,6 +172,12 @@ class FedBuffMode:
                        seq=self.seq).items():
         self.meta[k][row] = v
       self.seq += 1
+    if not len(ids) and not len(self.rows(LAUNCHED, TRAINED)) and (
+        t - self.clock > IDLE_LIMIT_SECONDS):
+      raise errors.RunFailed(
+          f'FedBuff: no client came online in {IDLE_LIMIT_SECONDS / 86400:g} '
+          f'simulated days (from {self.clock / 3600:.1f} h); check '
+          'config.devices.availability.')
     # (fewer online than asked: the rest of the places wait a round trip)
     for _ in range(n - len(ids)):
       self.pending[np.flatnonzero(np.isnan(self.pending))[0]] = (
@@ -234,6 +243,9 @@ class FedBuffMode:
       nxt = self.next_event()
       self.launch_pending(np.inf if nxt is None else nxt[0])
       nxt = self.next_event()
+      while nxt is None and not np.all(np.isnan(self.pending)):
+        self.launch_pending(np.inf)  # nobody online yet: wait and retry
+        nxt = self.next_event()
       if nxt is None:
         raise RuntimeError('FedBuff: no client in flight.')
       t, row = nxt

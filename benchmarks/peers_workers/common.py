@@ -4,12 +4,17 @@ Imported by the parent (fedjax_eff venv) and by each peer's worker script
 running in its own venv (FedJAX, pfl-research, Flower), so it imports only
 the standard library and NumPy.
 
-* `client_data(i, ...)`: client i's synthetic CIFAR-10-shaped examples
-  (uniform 32x32x3 float32 pixels in [0, 1), 10 random labels), a pure
-  function of (seed, i), so every framework trains on the same arrays while
-  building only the clients it samples;
-* `NUM_PARAMS`: the parameter count of pfl-research's `simple_cnn` on
-  32x32x3 / 10 classes, which every framework's model must match;
+* two workloads (`WORKLOADS`, chosen by `--workload`): `cifar10`, the
+  compute-bound pfl-research CIFAR-10 shape (pfl-research's `simple_cnn`),
+  and `femnist`, an overhead-bound LEAF/FEMNIST shape (3,400 small clients,
+  McMahan et al.'s 2NN MLP 784-200-200-62);
+* `client_data(i, ...)`: client i's synthetic examples (CIFAR-10-shaped:
+  uniform 32x32x3 float32 pixels in [0, 1), 10 random labels; or
+  FEMNIST-shaped: 28x28x1, 62 labels), a pure function of (seed, i), so
+  every framework trains on the same arrays while building only the clients
+  it samples;
+* `NUM_PARAMS` / `num_params(workload)`: the parameter count of the
+  workload's model, which every framework's model must match;
 * `Channel`: the worker's side of the line protocol (`round R` ->
   `{"seconds": t}`, `info` -> dict, EOF -> stop), in two flavours: `serve`
   for frameworks whose round the worker calls (FedJAX), and `begin` /
@@ -33,6 +38,21 @@ import numpy as np
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
 
+# name -> shape of the data, the model and the default workload flags.
+WORKLOADS = {
+    # pfl-research's CIFAR-10 benchmark: compute-bound (1 GFLOP client steps).
+    'cifar10': dict(image_shape=(32, 32, 3), num_classes=10, model='cnn',
+                    num_clients=1000, clients_per_round=50,
+                    examples_per_client=50, batch_size=10, epochs=1,
+                    client_lr=0.1, server_lr=1.0),
+    # LEAF FEMNIST's shape: 3,400 writers, 62 classes, 28x28x1; here few
+    # examples per client (2 local steps) and a 2NN MLP: overhead-bound.
+    'femnist': dict(image_shape=(28, 28, 1), num_classes=62, model='mlp',
+                    mlp_hidden=(200, 200), num_clients=3400,
+                    clients_per_round=100, examples_per_client=20,
+                    batch_size=10, epochs=1, client_lr=0.1, server_lr=1.0),
+}
+
 
 def cnn_num_params(image_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES) -> int:
   """pfl-research `simple_cnn`: conv3x3(32) relu conv3x3(64) relu maxpool2
@@ -43,7 +63,28 @@ def cnn_num_params(image_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES) -> int:
           (flat * 128 + 128) + (128 * num_classes + num_classes))
 
 
+def mlp_num_params(image_shape, num_classes, hidden=(200, 200)) -> int:
+  """McMahan et al.'s 2NN: flatten, dense(200) relu dense(200) relu dense."""
+  sizes = [int(np.prod(image_shape)), *hidden, num_classes]
+  return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
 NUM_PARAMS = cnn_num_params()
+
+
+def image_shape(workload: str = 'cifar10') -> tuple[int, ...]:
+  return WORKLOADS[workload]['image_shape']
+
+
+def num_classes(workload: str = 'cifar10') -> int:
+  return WORKLOADS[workload]['num_classes']
+
+
+def num_params(workload: str = 'cifar10') -> int:
+  w = WORKLOADS[workload]
+  if w['model'] == 'cnn':
+    return cnn_num_params(w['image_shape'], w['num_classes'])
+  return mlp_num_params(w['image_shape'], w['num_classes'], w['mlp_hidden'])
 
 
 def client_id(i: int) -> str:
@@ -51,24 +92,47 @@ def client_id(i: int) -> str:
   return f'{i:06d}'
 
 
-def client_data(i: int, examples: int, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """Client i: `x` [n, 32, 32, 3] float32 uniform [0, 1), `y` [n] int32."""
-  rng = np.random.default_rng([seed, 0xC1FA, i])
-  x = rng.random((examples,) + IMAGE_SHAPE, dtype=np.float32)
-  y = rng.integers(0, NUM_CLASSES, examples).astype(np.int32)
+def client_data(i: int, examples: int, seed: int = 0,
+                workload: str = 'cifar10') -> tuple[np.ndarray, np.ndarray]:
+  """Client i: `x` [n, *image_shape] float32 uniform [0, 1), `y` [n] int32.
+
+  cifar10: [n, 32, 32, 3], 10 labels; femnist: [n, 28, 28, 1], 62 labels.
+  """
+  if workload == 'cifar10':  # unchanged stream: the CIFAR runs' arrays
+    rng = np.random.default_rng([seed, 0xC1FA, i])
+  else:
+    rng = np.random.default_rng([seed, 0xFE31, i])
+  x = rng.random((examples,) + image_shape(workload), dtype=np.float32)
+  y = rng.integers(0, num_classes(workload), examples).astype(np.int32)
   return x, y
 
 
+_WORKLOAD_FLAGS = (('num_clients', int), ('clients_per_round', int),
+                   ('examples_per_client', int), ('batch_size', int),
+                   ('epochs', int), ('client_lr', float),
+                   ('server_lr', float))
+
+
 def add_workload_flags(p: argparse.ArgumentParser) -> None:
-  """The pfl CIFAR-10 workload, the same flags in the parent and workers."""
-  p.add_argument('--num_clients', type=int, default=1000)
-  p.add_argument('--clients_per_round', type=int, default=50)
-  p.add_argument('--examples_per_client', type=int, default=50)
-  p.add_argument('--batch_size', type=int, default=10)
-  p.add_argument('--epochs', type=int, default=1)
-  p.add_argument('--client_lr', type=float, default=0.1)
-  p.add_argument('--server_lr', type=float, default=1.0)
+  """The workload's flags, the same in the parent and workers; unset ones
+  take the workload's defaults (`resolve_workload`)."""
+  p.add_argument('--workload', choices=tuple(WORKLOADS), default='cifar10',
+                 help='cifar10: pfl-research CIFAR-10 shape (compute-'
+                 'bound); femnist: LEAF/FEMNIST shape, 2NN MLP, many small '
+                 'clients (overhead-bound).')
+  for name, kind in _WORKLOAD_FLAGS:
+    p.add_argument(f'--{name}', type=kind, default=None,
+                   help="default: the workload's ("
+                   + ', '.join(f'{w}: {d[name]}' for w, d in WORKLOADS.items())
+                   + ').')
+
+
+def resolve_workload(args) -> None:
+  """Fills the workload flags left unset with the workload's defaults."""
+  defaults = WORKLOADS[args.workload]
+  for name, _ in _WORKLOAD_FLAGS:
+    if getattr(args, name) is None:
+      setattr(args, name, defaults[name])
 
 
 def worker_parser(description: str) -> argparse.ArgumentParser:
@@ -81,9 +145,18 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
   return p
 
 
+def parse_worker_args(description: str):
+  args = worker_parser(description).parse_args()
+  resolve_workload(args)
+  return args
+
+
 def worker_argv(args) -> list[str]:
   """The parent's workload flags, for a worker's command line."""
-  return ['--num_clients', str(args.num_clients),
+  # cifar10 keeps its original command line (the worker's default).
+  head = ([] if args.workload == 'cifar10'
+          else ['--workload', args.workload])
+  return head + ['--num_clients', str(args.num_clients),
           '--clients_per_round', str(args.clients_per_round),
           '--examples_per_client', str(args.examples_per_client),
           '--batch_size', str(args.batch_size), '--epochs', str(args.epochs),

@@ -11,7 +11,9 @@ epoch at batch 10 with `torch.optim.SGD` on its `common.client_data`
 examples; client resources are Flower's default (1 CPU per virtual client,
 so Ray runs as many clients at once as there are cores). The strategy's
 `aggregate_fit` reports each round to the parent and waits for the next
-request (`common.Channel`).
+request (`common.Channel`). With `--workload femnist`: 3,400 virtual
+clients of 20 FEMNIST-shaped examples training `torch_cnn.mlp_2nn`,
+`fraction_fit` set for the parent's cohort size.
 """
 
 from __future__ import annotations
@@ -31,19 +33,18 @@ def make_client_fn(args):
   import torch
   import torch_cnn
 
-  class CifarClient(flwr.client.NumPyClient):
+  class TrainClient(flwr.client.NumPyClient):
 
     def __init__(self, index):
       self.index = index
 
     def fit(self, parameters, config):
-      net = torch_cnn.cached_simple_cnn(common.IMAGE_SHAPE,
-                                        common.NUM_CLASSES)
+      net = torch_cnn.cached_model(args.workload)
       with torch.no_grad():
         for p, v in zip(net.parameters(), parameters):
           p.copy_(torch.from_numpy(v))
       x, y = common.client_data(self.index, args.examples_per_client,
-                                args.seed)
+                                args.seed, args.workload)
       x, y = torch.from_numpy(x), torch.from_numpy(y)
       opt = torch.optim.SGD(net.parameters(), lr=args.client_lr)
       g = torch.Generator().manual_seed(args.seed * 100003 + self.index)
@@ -58,13 +59,13 @@ def make_client_fn(args):
               len(x), {})
 
   def client_fn(context):
-    return CifarClient(int(context.node_config['partition-id'])).to_client()
+    return TrainClient(int(context.node_config['partition-id'])).to_client()
 
   return client_fn
 
 
 def main():
-  args = common.worker_parser(__doc__.splitlines()[0]).parse_args()
+  args = common.parse_worker_args(__doc__.splitlines()[0])
   channel = common.Channel()
   try:
     import importlib.metadata as md
@@ -78,8 +79,7 @@ def main():
     logging.getLogger('flwr').setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
     init = [p.detach().numpy().copy() for p in
-            torch_cnn.simple_cnn(common.IMAGE_SHAPE,
-                                 common.NUM_CLASSES).parameters()]
+            torch_cnn.model_for(args.workload).parameters()]
     latest = {'params': init}
 
     class ReportingFedAvg(FedAvg):

@@ -1,4 +1,10 @@
-"""pfl-research's `simple_cnn` for PyTorch, for the pfl and Flower workers.
+"""The PyTorch models of the pfl and Flower workers.
+
+`simple_cnn` (the cifar10 workload) is pfl-research's CNN; `mlp_2nn` (the
+femnist workload) is McMahan et al.'s 2NN, flatten, dense(200), ReLU,
+dense(200), ReLU, dense(num_classes); `model_for(workload)` picks one.
+
+pfl-research's `simple_cnn`:
 
 Layer for layer `benchmarks/model/pytorch/cnn.py:simple_cnn` of
 apple/pfl-research (that file ships with pfl-research's benchmarks, not with
@@ -70,14 +76,52 @@ def simple_cnn(input_shape=(32, 32, 3), num_outputs: int = 10) -> nn.Module:
   return model
 
 
+def mlp_2nn(input_shape=(28, 28, 1), num_outputs: int = 62,
+            hidden=(200, 200)) -> nn.Module:
+  """McMahan et al.'s 2NN (784-200-200-62 on FEMNIST); Glorot-uniform
+  weights as `simple_cnn`, the same `loss` / `metrics` interface."""
+  width = 1
+  for d in input_shape:
+    width *= d
+  layers = [nn.Flatten()]
+  for h in hidden:
+    layers += [nn.Linear(width, h), nn.ReLU()]
+    width = h
+  layers.append(nn.Linear(width, num_outputs))
+  model = nn.Sequential(*layers)
+  for m in model.modules():
+    if isinstance(m, nn.Linear):
+      nn.init.xavier_uniform_(m.weight)
+  model.loss = types.MethodType(_loss, model)
+  model.metrics = types.MethodType(_metrics, model)
+  return model
+
+
+def model_for(workload: str = 'cifar10') -> nn.Module:
+  """The workload's model (`common.WORKLOADS[workload]['model']`)."""
+  import common  # pylint: disable=import-outside-toplevel
+  w = common.WORKLOADS[workload]
+  if w['model'] == 'cnn':
+    return simple_cnn(w['image_shape'], w['num_classes'])
+  return mlp_2nn(w['image_shape'], w['num_classes'], w['mlp_hidden'])
+
+
 _CACHE: dict = {}
+
+
+def cached_model(workload: str = 'cifar10') -> nn.Module:
+  """One module per process (e.g. per Ray actor), reused by the ephemeral
+  Flower clients it hosts; they overwrite its weights before training."""
+  if workload not in _CACHE:
+    _CACHE[workload] = model_for(workload)
+  return _CACHE[workload]
 
 
 def cached_simple_cnn(input_shape=(32, 32, 3), num_outputs: int = 10
                       ) -> nn.Module:
   """One module per process (e.g. per Ray actor), reused by the ephemeral
   Flower clients it hosts; they overwrite its weights before training."""
-  key = (tuple(input_shape), num_outputs)
+  key = ('cnn', tuple(input_shape), num_outputs)
   if key not in _CACHE:
     _CACHE[key] = simple_cnn(input_shape, num_outputs)
   return _CACHE[key]

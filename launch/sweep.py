@@ -46,8 +46,10 @@ _SEEDS = flags.DEFINE_integer(
     'seeds', None, 'N: each grid point with config.seed = 0..N-1.')
 _REPLICAS = flags.DEFINE_boolean(
     'replicas', True, 'Run cells that differ only in the seed, the client or '
-    'server learning rate or FedProx mu as replicas of one program (each '
-    'writes its own cell workdir; equal to its separate run).')
+    'server learning rate, FedProx mu, server optimizer constants or '
+    'technique knobs that keep shapes (depth-dropout rate, quantization '
+    'bits of one code dtype) as replicas of one program (each writes its '
+    'own cell workdir; equal to its separate run).')
 
 
 def main(argv):

@@ -158,3 +158,75 @@ def test_server_optimizer_constants_are_replica_values(tmp_path):
   other = _cells()[:2]
   other[1].server.optimizer_kwargs.momentum = 0.9
   assert not replicas.can_replicate(other)
+
+
+def _alone_and_together(tmp_path, cfgs, name):
+  """Runs `cfgs` as replicas of one program and each alone; returns
+  [(replica's metrics lines, its run's metrics lines, summaries)]."""
+  from fedjax_eff.experiment import replicas  # pylint: disable=g-import-not-at-top
+  from fedjax_eff.experiment import train as train_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_eff.experiment.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  assert replicas.can_replicate(cfgs)
+  dirs = [str(tmp_path / f'{name}_r{i}') for i in range(len(cfgs))]
+  together = replicas.run_replicas(cfgs, dirs)
+  out = []
+  for i, (c, d, s) in enumerate(zip(cfgs, dirs, together)):
+    a = str(tmp_path / f'{name}_a{i}')
+    alone = train_lib.train_and_evaluate(c, a)
+    out.append((read_metrics(d), read_metrics(a), s, alone))
+  return out
+
+
+def test_technique_knobs_are_replica_values(tmp_path):
+  """Quantization bits of one code dtype, SCAFFOLD under the replica's own
+  client learning rate, and depth-dropout rates (a layer-wise schedule's
+  stages too): each replica trains, uploads and ends as its own run; a
+  knob value that changes the program is not a replica value."""
+  import copy  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from fedjax_eff.experiment import replicas  # pylint: disable=g-import-not-at-top
+
+  def with_techniques(base, *entries):
+    c = copy.deepcopy(base)
+    c.techniques = [ml_collections.ConfigDict(e) for e in entries]
+    return c
+
+  base = _cells(num_rounds=2)[0]
+  # 4- and 8-bit uploads (uint8 codes) beside SCAFFOLD with two client
+  # learning rates: SCAFFOLD's correction divides by the replica's own.
+  q = [with_techniques(base, dict(name='scaffold'),
+                       dict(name='quantize', bits=k)) for k in (4, 8)]
+  q[1].client.learning_rate = 0.03
+  runs = _alone_and_together(tmp_path, q, 'q')
+  for mine, theirs, s, alone in runs:
+    np.testing.assert_allclose([r['train_loss'] for r in mine],
+                               [r['train_loss'] for r in theirs], rtol=1e-5)
+    # The bits counted on the replica's own message: its run's (exact).
+    np.testing.assert_allclose([r['upload_bits'] for r in mine],
+                               [r['upload_bits'] for r in theirs], rtol=1e-6)
+    assert s['final_metrics']['test_accuracy'] == pytest.approx(
+        alone['final_metrics']['test_accuracy'], abs=1e-6)
+  assert runs[0][0][-1]['upload_bits'] < runs[1][0][-1]['upload_bits']
+  # 12 bits travel as uint16: another program.
+  assert not replicas.can_replicate([q[0], with_techniques(
+      base, dict(name='scaffold'), dict(name='quantize', bits=12))])
+
+  # Depth-dropout rates 0.25 and 0.6 ('client' mode) over two stages.
+  d = []
+  for p in (0.25, 0.6):  # a 2-block ViT, stages: layer 0, layer 1
+    c = with_techniques(base, dict(name='layerwise', rounds_per_layer=1,
+                                   depth_dropout=p))
+    c.model.name = 'vit'
+    c.model.kwargs = ml_collections.ConfigDict(dict(
+        preset='tiny', num_layers=2, d_model=8, num_heads=2, mlp_dim=16,
+        patch_size=4))
+    d.append(c)
+  for mine, theirs, _, alone in _alone_and_together(tmp_path, d, 'd'):
+    np.testing.assert_allclose([r['train_loss'] for r in mine],
+                               [r['train_loss'] for r in theirs], rtol=1e-5)
+    assert mine[-1]['test_accuracy'] == pytest.approx(
+        alone['final_metrics']['test_accuracy'], abs=1e-6)
+  # p = 0 builds no depth dropout: another program.
+  none = copy.deepcopy(d[0])
+  none.techniques[0].depth_dropout = 0.0
+  assert not replicas.can_replicate([d[0], none])

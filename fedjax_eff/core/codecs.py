@@ -60,10 +60,17 @@ class Wire:
   count: Any = None  # None: every value; else a traced scalar
   bits: int = struct.field(pytree_node=False, default=32)
   sent: bool = struct.field(pytree_node=False, default=True)
+  # A traced bits-per-value overriding `bits` (a replica's own quantization
+  # bits, `core.technique.hparam`); `bits` is then the code dtype's width.
+  traced_bits: Any = None
 
   def num_bits(self):
     if not self.sent:
       return 0.0
+    if self.traced_bits is not None:
+      n = self.values.size if self.count is None else self.count
+      return jnp.asarray(n, jnp.float32) * jnp.asarray(self.traced_bits,
+                                                       jnp.float32)
     if self.count is None:
       return float(self.values.size * self.bits)
     return jnp.asarray(self.count, jnp.float32) * self.bits
@@ -75,6 +82,7 @@ class Quantized:
   codes: Any  # Wire of unsigned codes (or a Sparse of them)
   lo: Wire    # [num_blocks] fp32
   hi: Wire
+  levels: Any = None  # traced 2^k - 1 (a replica's own k), else from bits
   bits: int = struct.field(pytree_node=False, default=8)
   block_size: int = struct.field(pytree_node=False, default=0)
   source_bits: int = struct.field(pytree_node=False, default=32)
@@ -200,13 +208,29 @@ def _code_dtype(bits):
                                       jnp.uint32)
 
 
-def quantize_leaf(x, rng, bits: int, block_size: int = 0):
+def code_width(bits: int) -> int:
+  """Bits of the integer dtype k-bit codes are held in (8, 16 or 32)."""
+  return jnp.dtype(_code_dtype(bits)).itemsize * 8
+
+
+def levels_of(bits) -> Any:
+  """2^k - 1 grid steps: a Python int for a static k, an exact float32
+  for a traced one (`jnp.left_shift` on int32: no exp2 rounding)."""
+  if isinstance(bits, (int, np.integer)):
+    return 2 ** int(bits) - 1
+  k = jnp.asarray(bits, jnp.int32)
+  return (jnp.left_shift(jnp.int32(1), k) - 1).astype(jnp.float32)
+
+
+def quantize_leaf(x, rng, bits: int, block_size: int = 0, levels=None):
   """(q, lo, hi): k-bit stochastic quantization of one array.
 
   q = floor(t + u), t = (x - lo) / (hi - lo) * (2^k - 1), u ~ U[0, 1):
-  E[dequantize(q)] = x and |error| <= (hi - lo) / (2^k - 1).
+  E[dequantize(q)] = x and |error| <= (hi - lo) / (2^k - 1). `levels`
+  (traced 2^k - 1, k <= `bits`) overrides the grid; `bits` then only
+  sets the code dtype.
   """
-  levels = 2 ** bits - 1
+  levels = levels_of(bits) if levels is None else levels
   blocks = _blocks(x.astype(jnp.float32), block_size)
   lo = jnp.min(blocks, axis=1)
   hi = jnp.max(blocks, axis=1)
@@ -219,8 +243,8 @@ def quantize_leaf(x, rng, bits: int, block_size: int = 0):
 
 
 def dequantize_leaf(q, lo, hi, bits: int, block_size: int = 0,
-                    dtype=jnp.float32):
-  levels = 2 ** bits - 1
+                    dtype=jnp.float32, levels=None):
+  levels = levels_of(bits) if levels is None else levels
   blocks = _blocks(q.astype(jnp.float32), block_size if lo.size > 1 else 0)
   scale = jnp.where(hi > lo, (hi - lo) / levels, 0.0)
   x = lo[:, None] + blocks * scale[:, None]
@@ -241,14 +265,18 @@ def quantize_codec(bits: int = 8, block_size: int = 0) -> Codec:
   """k-bit unbiased stochastic quantization of every float `Wire`.
 
   Each node draws its rounding noise from its own key (`split(rng, n)`
-  over the message's n `Wire` nodes, in flattening order).
+  over the message's n `Wire` nodes, in flattening order). `encode(tree,
+  rng, traced_bits)`: a traced k' (a replica's own, `code_width(k') ==
+  code_width(bits)`) sets the grid and the bit count; `bits` the codes'
+  dtype.
   """
   if not 1 <= bits <= 16:
     raise ValueError(f'quantize bits={bits} must be in 1..16.')
   if block_size < 0:
     raise ValueError(f'quantize block_size={block_size} must be >= 0.')
 
-  def encode(tree, rng):
+  def encode(tree, rng, traced_bits=None):
+    levels = None if traced_bits is None else levels_of(traced_bits)
     nodes, treedef = jax.tree.flatten(
         tree, is_leaf=lambda x: isinstance(x, (Wire, Quantized)))
     keys = jax.random.split(rng, max(len(nodes), 1))
@@ -258,12 +286,12 @@ def quantize_codec(bits: int = 8, block_size: int = 0) -> Codec:
               and jnp.issubdtype(w.values.dtype, jnp.floating)):
         out.append(w)
         continue
-      q, lo, hi = quantize_leaf(w.values, k, bits, block_size)
+      q, lo, hi = quantize_leaf(w.values, k, bits, block_size, levels)
       meta = None if w.count is None else jnp.where(
           w.count > 0, lo.size, 0)
-      out.append(Quantized(Wire(q, w.count, bits), Wire(lo, meta, 32),
-                           Wire(hi, meta, 32), bits, block_size, w.bits,
-                           w.values.dtype))
+      out.append(Quantized(Wire(q, w.count, bits, traced_bits=traced_bits),
+                           Wire(lo, meta, 32), Wire(hi, meta, 32), levels,
+                           bits, block_size, w.bits, w.values.dtype))
     return treedef.unflatten(out)
 
   def decode(msg):
@@ -271,7 +299,7 @@ def quantize_codec(bits: int = 8, block_size: int = 0) -> Codec:
       if not isinstance(n, Quantized):
         return n
       return Wire(dequantize_leaf(n.codes.values, n.lo.values, n.hi.values,
-                                  n.bits, n.block_size, n.dtype),
+                                  n.bits, n.block_size, n.dtype, n.levels),
                   n.codes.count, n.source_bits)
     return jax.tree.map(
         leaf, msg, is_leaf=lambda x: isinstance(x, (Wire, Quantized)))

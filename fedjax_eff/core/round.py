@@ -399,7 +399,7 @@ def build_client_update(model: nn.Module, task: Task,
                     chunk=None, num_steps=None):
     plan_key, train_key, encode_key = split_client_key(key)
     ctx = dict(ctx)
-    hparams = ctx.pop('hparams', None)
+    hparams = ctx.get('hparams')  # (the plan reads technique knobs in it)
     if chunk is not None:
       ctx = dict(ctx, chunk=chunk)
     plan = tech.plan(plan_key, round_num, ctx)
@@ -846,11 +846,12 @@ def build_round(model: nn.Module, task: Task,
     `cohorts` (each replica its own draw of K clients) and `rngs` carry a
     leading axis of R replicas (`stack_replicas`); returns the R new
     states and metrics, each replica as `round_step` would give it (up to
-    float summation order). All replicas run round `round_num` (one stage)
-    and share `examples`. One device, one program per client: no mesh,
-    no device tiers."""
-    if tiered or (mesh is not None
-                  and REPLICAS_AXIS not in mesh.axis_names):
+    float summation order). All replicas run round `round_num` (one stage:
+    a staged technique's program of that round) and share `examples`. One
+    program per client: no device tiers; one device or a mesh with a
+    'replicas' axis."""
+    if (tiered and num_tiers > 1) or (
+        mesh is not None and REPLICAS_AXIS not in mesh.axis_names):
       raise ValueError('replica_step runs one program per client (no device '
                        "tiers), on one device or a mesh with a 'replicas' "
                        'axis.')

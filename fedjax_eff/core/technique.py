@@ -143,6 +143,16 @@ class TechniqueState(NamedTuple):
   feedback: PyTree = ()
 
 
+def hparam(ctx: dict, name: str, default):
+  """A replica's own value of a technique knob (`ServerState.hparams[name]`,
+  broadcast as `ctx['hparams']` by the round; `experiment/replicas.py`),
+  else the technique's static `default`. A plan reads its knobs through
+  this, so replicas that differ only in a knob that keeps shapes (a
+  depth-dropout rate, quantization bits of one code dtype) share one
+  program and each still runs its own value."""
+  return ctx.get('hparams', {}).get(name, default)
+
+
 def _and(a, b):
   if is_frozen(a) or is_frozen(b):
     return False

@@ -152,8 +152,9 @@ class Experiment:
 
   def __init__(self, config: ml_collections.ConfigDict,
                replica_hparams: bool = False):
-    """`replica_hparams`: the learning rates and FedProx μ are values of
-    the server state (`ServerState.hparams`, optimizers built with
+    """`replica_hparams`: the learning rates, FedProx μ and the technique
+    knobs that keep shapes (`techniques.replica_knobs`) are values of the
+    server state (`ServerState.hparams`, optimizers built with
     `optax.inject_hyperparams`), so replicas that differ in them share one
     program (`experiment/replicas.py`)."""
     validate_config(config)
@@ -337,7 +338,9 @@ class Experiment:
       c = self.config.client
       state = state._replace(hparams={
           'client_learning_rate': np.asarray(c.learning_rate, np.float32),
-          'prox_mu': np.asarray(c.prox_mu, np.float32)})
+          'prox_mu': np.asarray(c.prox_mu, np.float32),
+          # technique knobs that keep shapes (a depth-dropout rate, bits)
+          **techniques_lib.replica_hparams(self.config.techniques)})
     return state
 
   def cohort(self, round_num: int) -> RoundInput:

@@ -1,8 +1,11 @@
-"""Replicas: R runs of one program (seeds, learning rates, FedProx μ).
+"""Replicas: R runs of one program (seeds, learning rates, FedProx μ,
+technique knobs that keep shapes).
 
 `run_replicas(configs, workdirs)` trains runs that differ only in
 `REPLICA_KEYS` (the seed, the client and server learning rates, FedProx
-μ) and the server optimizer's numeric constants (b1, b2, eps) as one
+μ), the server optimizer's numeric constants (b1, b2, eps) and the
+techniques' replica knobs (`techniques.replica_knobs`: a depth-dropout
+rate, quantization bits of one code dtype) as one
 program: the round over a leading replica axis of (server
 state, cohort, round key), each replica's hyperparameters values of its
 own state (`Experiment(replica_hparams=True)`). Each replica writes its
@@ -37,6 +40,7 @@ import numpy as np
 from fedjax_eff.core.placement import REPLICAS_AXIS
 from fedjax_eff.core.round import stack_replicas
 from fedjax_eff.core.round import unstack_replicas
+from fedjax_eff import techniques as techniques_lib
 from fedjax_eff.experiment import checkpoints
 from fedjax_eff.experiment import metrics as metrics_lib
 from fedjax_eff.experiment import workdir as workdir_lib
@@ -96,11 +100,26 @@ def replica_key(key: str, value) -> bool:
   return key in REPLICA_KEYS
 
 
+def _technique_classes(entries) -> list[dict[str, Any]]:
+  """`config.techniques` with each replica knob's value replaced by its
+  structural class (`techniques.replica_knobs`): bits 4 and 8 are one
+  program (uint8 codes), depth-dropout rates 0.1 and 0.3 too."""
+  out = []
+  for entry in entries or ():
+    entry = dict(entry)
+    for knob, (_, _, cls) in techniques_lib.replica_knobs(entry).items():
+      entry[knob] = cls
+    out.append(entry)
+  return out
+
+
 def shape_key(config) -> str:
   """What must be equal for runs to be replicas of one program: the config
-  without the keys replicas may differ in (`replica_key`)."""
+  without the keys replicas may differ in (`replica_key`), the techniques'
+  replica knobs as their structural classes."""
   flat = {k: v for k, v in workdir_lib.flatten(config.to_dict()).items()
           if not replica_key(k, v)}
+  flat['techniques'] = _technique_classes(config.techniques)
   return json.dumps(flat, sort_keys=True, default=str)
 
 
@@ -108,7 +127,7 @@ def can_replicate(configs) -> bool:
   """Replicas need one program: one federated mode, no device tiers,
   stages, device profiles or privacy, a clients mesh only with a
   replicas axis beside it (`mesh_replicas` > 0), and configs equal but
-  for `REPLICA_KEYS`."""
+  for replica values (`shape_key`)."""
   c = configs[0]
   clients_mesh = c.mesh_clients not in (0, 1)
   if (len({shape_key(x) for x in configs}) != 1 or c.mode != 'federated'
@@ -135,13 +154,13 @@ def run_replicas(configs: Sequence[Any], workdirs: Sequence[str], *,
   optimizer state holds its hyperparameters). Returns the summaries."""
   if not can_replicate(configs):
     raise ValueError('These configs are not replicas of one program (they '
-                     f'differ beyond {REPLICA_KEYS}, or use a mesh, device '
+                     f'differ beyond {REPLICA_KEYS}, server optimizer '
+                     'constants and technique knobs that keep shapes, or '
+                     'use a mesh, device '
                      'tiers, device profiles, privacy or another sampling).')
   t0 = time.time()
   exps = [Experiment(c, replica_hparams=True) for c in configs]
   first = exps[0]
-  if any(e.round_fns.technique.stage for e in exps):
-    raise ValueError('Replicas run one program: no technique stages.')
   if any(not _same(e.examples, first.examples) for e in exps[1:]):
     raise ValueError('The replicas\' device-resident data differ (a '
                      'partition that depends on config.seed): pass '

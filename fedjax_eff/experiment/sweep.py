@@ -387,8 +387,9 @@ CELL_ERRORS = (errors.RunRefused, errors.RunFailed, ValueError)
 
 
 def run_as_replicas(config, todo, workdir: str, log) -> dict[str, int]:
-  """Runs the unfinished cells that differ only in `replicas.REPLICA_KEYS`
-  (seeds, learning rates, FedProx μ) as replicas of one program, a group
+  """Runs the unfinished cells that differ only in replica values (seeds,
+  learning rates, FedProx μ, server optimizer constants, technique knobs
+  that keep shapes: `replicas.shape_key`) as replicas of one program, a group
   at a time (`replicas.run_replicas`); returns {cell name: replicas in
   its program}. A group that cannot run so is left to the cell loop."""
   from fedjax_eff.experiment import replicas  # pylint: disable=g-import-not-at-top
@@ -425,8 +426,8 @@ def run_sweep(config, grid: Sequence[tuple[str, Sequence[Any]]],
   """Runs every cell of `grid` on `config` in `workdir/<cell name>` (one
   after the other; finished cells skipped) and writes the sweep's outputs.
   `run(config, workdir)`: `train_and_evaluate` by default. With `replicas`
-  (and the default `run`), unfinished cells that differ only in seeds,
-  learning rates or FedProx μ first run as replicas of one program
+  (and the default `run`), unfinished cells that differ only in replica
+  values (`replicas.shape_key`) first run as replicas of one program
   (`run_as_replicas`). Returns (rows, names of the failed cells). A signal
   (`RunInterrupted`) ends the sweep after its cell saved; the same command
   resumes."""

@@ -31,6 +31,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, NamedTuple
 
+import numpy as np
+
+from fedjax_eff.core import codecs
 from fedjax_eff.core.technique import Technique, chain, identity
 from fedjax_eff.privacy import secagg
 from fedjax_eff.techniques import compression
@@ -39,6 +42,7 @@ from fedjax_eff.techniques import federated_dropout as federated_dropout_lib
 from fedjax_eff.techniques import layerwise as layerwise_lib
 from fedjax_eff.techniques.task_modules import modules, task_routing
 from fedjax_eff.techniques.partial import partial_training
+from fedjax_eff.techniques import quantization as quantization_lib
 from fedjax_eff.techniques.quantization import quantize
 from fedjax_eff.techniques.scaffold import scaffold
 from fedjax_eff.techniques.structure import LayerStructure, structure_of
@@ -110,7 +114,7 @@ def _scaffold(ctx, client_learning_rate=None):
   if lr is None:
     raise ValueError('scaffold needs client_learning_rate (the client '
                      "optimizer's; the experiment provides it).")
-  return scaffold(lr)
+  return scaffold(lr, follow_client_optimizer=not client_learning_rate)
 
 
 REGISTRY: dict[str, Callable[..., Technique]] = {
@@ -138,6 +142,46 @@ REGISTRY: dict[str, Callable[..., Technique]] = {
         ctx.model, ctx.init_params,
         kinds if isinstance(kinds, str) else tuple(kinds), **kw),
 }
+
+
+def replica_knobs(entry) -> dict[str, tuple[str, Any, Any]]:
+  """The knobs of one `config.techniques` entry that replicas of one
+  program may differ in (`experiment/replicas.py`): {knob: (its name in
+  `ServerState.hparams`, its value there, its structural class)}. Replicas
+  share a program when their classes agree; the technique's plan reads the
+  value (`core.technique.hparam`).
+
+    layerwise  depth_dropout p > 0 in 'client' mode (p = 0 builds no
+               depth dropout; 'chunk' draws before the plan, 'step'
+               passes static rates to the model)
+    quantize   bits, within one code dtype (1-8: uint8, 9-16: uint16)
+  """
+  entry = dict(entry)
+  name = entry.get('name')
+  if name == 'layerwise':
+    p = entry.get('depth_dropout', 0.0)
+    if p > 0 and entry.get('depth_dropout_mode', 'client') == 'client':
+      return {'depth_dropout': (layerwise_lib.DEPTH_DROPOUT_HPARAM,
+                                np.asarray(p, np.float32), 'p>0')}
+  if name == 'quantize':
+    k = entry.get('bits', 8)
+    if isinstance(k, int) and 1 <= k <= 16:
+      return {'bits': (quantization_lib.BITS_HPARAM, np.asarray(k, np.int32),
+                       f'codes:uint{codecs.code_width(k)}')}
+  return {}
+
+
+def replica_hparams(entries: Iterable[Any] | None) -> dict[str, Any]:
+  """{hparams name: value} of every replica knob of `entries`; a knob
+  that two entries share is refused (one name each in the state)."""
+  out = {}
+  for entry in entries or ():
+    for knob, (key, value, _) in replica_knobs(entry).items():
+      if key in out:
+        raise ValueError(f'Two techniques set the replica value {key!r} '
+                         f'({knob}): replicas would not know whose.')
+      out[key] = value
+  return out
 
 
 def build(entries: Iterable[Any] | None,
@@ -173,4 +217,5 @@ def build(entries: Iterable[Any] | None,
 
 
 __all__ = ['REGISTRY', 'LayerStructure', 'TechniqueContext', 'build',
-           'structure_of', 'task_routing']
+           'replica_hparams', 'replica_knobs', 'structure_of',
+           'task_routing']

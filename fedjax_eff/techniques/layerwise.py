@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_eff.core.technique import Technique, tree_bits
+from fedjax_eff.core.technique import Technique, hparam, tree_bits
 from fedjax_eff.models.structure import ForwardPlan, accepts, forward_keys
 from fedjax_eff.techniques import structure as structure_lib
 
@@ -185,9 +185,15 @@ def layerwise(model, schedule: LayerSchedule, head: str = 'carry',
                    specialize=specialize)
 
 
-def depth_gates(rng, num_layers: int, active: int | None, p: float):
-  """`[L]` gates: layers below `active` kept with probability 1 - p."""
-  if active is None or p <= 0:
+# The depth-dropout rate as a replica value (`core.technique.hparam`):
+# replicas of one program that differ only in p > 0 ('client' mode).
+DEPTH_DROPOUT_HPARAM = 'layerwise.depth_dropout'
+
+
+def depth_gates(rng, num_layers: int, active: int | None, p):
+  """`[L]` gates: layers below `active` kept with probability 1 - p (`p` a
+  Python float or, for a replica's own rate, a traced scalar)."""
+  if active is None or (isinstance(p, (int, float)) and p <= 0):
     return jnp.ones((num_layers,), bool)
   keep = jax.random.bernoulli(rng, 1.0 - p, (num_layers,))
   return jnp.where(jnp.arange(num_layers) < active, keep, True)
@@ -229,7 +235,8 @@ def depth_dropout(model, schedule: LayerSchedule, p: float,
     if mode == 'client':
       return Technique(
           name='depth_dropout',
-          plan=lambda rng, r, ctx: depth_gates(rng, n, a, p),
+          plan=lambda rng, r, ctx: depth_gates(
+              rng, n, a, hparam(ctx, DEPTH_DROPOUT_HPARAM, p)),
           forward=lambda gates: ForwardPlan(layer_gates=gates),
           device=device, variant=skipped, device_variant=skipping)
     if mode == 'chunk':

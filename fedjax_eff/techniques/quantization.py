@@ -30,7 +30,12 @@ import numpy as np
 
 from fedjax_eff.core import codecs
 from fedjax_eff.core.codecs import dequantize_leaf, quantize_leaf
-from fedjax_eff.core.technique import Technique
+from fedjax_eff.core.technique import Technique, hparam
+
+
+# The upload's bits as a replica value (`core.technique.hparam`): replicas
+# of one program whose bits share a code dtype (1-8: uint8, 9-16: uint16).
+BITS_HPARAM = 'quantize.bits'
 
 
 def leaf_message_bits(size: int, bits: int, block_size: int = 0) -> int:
@@ -57,16 +62,20 @@ def quantize(bits: int = 8, block_size: int = 0,
     raise ValueError(f'quantize block_size={block_size} must be >= 0.')
 
   codec = codecs.quantize_codec(bits, block_size)
-  encode = lambda msg, plan, rng: codec.encode(msg, rng)
+  # plan: (the download's rounding key, a replica's own upload bits)
+  encode = lambda msg, plan, rng: codec.encode(msg, rng, plan[1])
   decode = lambda msg, plan: codec.decode(msg)
 
-  if not download_bits:
-    return Technique(name=f'quantize{bits}', encode=encode, decode=decode)
-
   def plan(rng, round_num, ctx):
-    return rng  # the download's rounding noise
+    del round_num
+    return rng if download_bits else None, hparam(ctx, BITS_HPARAM, None)
 
-  def view(params, rng):
+  if not download_bits:
+    return Technique(name=f'quantize{bits}', plan=plan, encode=encode,
+                     decode=decode)
+
+  def view(params, plan):
+    rng = plan[0]
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(rng, max(len(leaves), 1))
     return treedef.unflatten([
@@ -74,17 +83,17 @@ def quantize(bits: int = 8, block_size: int = 0,
                         download_bits, block_size, x.dtype)
         for x, k in zip(leaves, keys)])
 
-  def merge(server_params, delta, mask, rng):
+  def merge(server_params, delta, mask, plan):
     # The client started from the quantized view; report its move from the
     # server's model so the server lands on the client's model.
-    start = view(server_params, rng)
+    start = view(server_params, plan)
     delta = jax.tree.map(lambda d, s, v, m: d + (s - v) * jnp.asarray(
         m, d.dtype), delta, server_params, start, mask)
     cov = jax.tree.map(lambda d, m: jnp.broadcast_to(
         jnp.asarray(m, d.dtype), d.shape), delta, mask)
     return delta, cov
 
-  def download(params, rng):
+  def download(params, plan):
     return float(sum(leaf_message_bits(x.size, download_bits, block_size)
                      for x in jax.tree.leaves(params)))
 

@@ -32,15 +32,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_eff.core.technique import Technique, TechniqueState, tree_bits
+from fedjax_eff.core.technique import Technique, TechniqueState, hparam
+from fedjax_eff.core.technique import tree_bits
 
 
-def scaffold(client_learning_rate: float) -> Technique:
-  """SCAFFOLD with the client's SGD learning rate η_l."""
+def scaffold(client_learning_rate: float,
+             follow_client_optimizer: bool = False) -> Technique:
+  """SCAFFOLD with the client's SGD learning rate η_l.
+
+  `follow_client_optimizer`: η_l is the client optimizer's own, so a
+  replica with its own client learning rate (`ServerState.hparams
+  ['client_learning_rate']`, `experiment/replicas.py`) uses that one.
+  """
   if not client_learning_rate > 0:
     raise ValueError(f'scaffold client_learning_rate={client_learning_rate}'
                      ' must be > 0.')
-  lr = client_learning_rate
+  static_lr = client_learning_rate
 
   def init(params):
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -48,15 +55,17 @@ def scaffold(client_learning_rate: float) -> Technique:
 
   def plan(rng, round_num, ctx):
     del rng, round_num
-    return ctx['server_state'], ctx['client_state']  # (c, c_i)
+    lr = (hparam(ctx, 'client_learning_rate', static_lr)
+          if follow_client_optimizer else static_lr)
+    return ctx['server_state'], ctx['client_state'], lr  # (c, c_i, η_l)
 
   def correct(grads, plan):
-    c, c_i = plan
+    c, c_i, _ = plan
     return jax.tree.map(lambda g, a, b: g - b + a, grads, c, c_i)
 
   def finish(delta, sent, plan, steps):
     del sent
-    c, c_i = plan
+    c, c_i, lr = plan
     trained = steps > 0
     new = jax.tree.map(
         lambda ci, cc, d: jnp.where(

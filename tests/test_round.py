@@ -101,7 +101,9 @@ def test_padded_step_keeps_optimizer_state():
                     c.mask[0], {k: v[0] for k, v in c.ctx.items()},
                     jax.random.key(0), jnp.int32(0))
   o1, o3 = client_update(*args(c1)), client_update(*args(c3))
-  assert helpers.max_abs_diff(o1.delta, o3.delta) == 0.0
+  # (one step runs as it is, three in a loop: compiled apart, an ulp
+  # apart; a momentum advanced by the padded steps moves it by ~1e-2)
+  assert helpers.max_abs_diff(o1.delta, o3.delta) < 1e-6
 
 
 def test_empty_client_slots_contribute_nothing():

@@ -174,7 +174,8 @@ def client_cost(model, task, technique: technique_lib.Technique,
                                  prox_mu)
   memory = compiled_lib.measure(jax.jit(program, donate_argnums=(3,)), *args,
                                 unroll_scans=False)
-  f1, _, _ = compiled_lib.unrolled_flops(program, *args_for(1)[1])
+  # One step (run as it is, no loop; an inner scan unrolled) times S.
+  f1 = compiled_lib.measure(program, *args_for(1)[1]).flops
   flops = None if f1 is None else f1 * local_steps
   sent = None
   if memory.output_bytes is not None:

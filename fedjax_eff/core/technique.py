@@ -266,6 +266,23 @@ def _merge(t, server_params, delta, mask, plan):
   return delta, cov
 
 
+def coverage_is_mask(t: Technique) -> bool:
+  """Is `t`'s coverage its trainable mask, as an array (no technique of it
+  merges)? Then a statically frozen or trained leaf's coverage is the
+  constant 0 or 1 for every client, and the round sums a scalar weight for
+  it instead of a model-size array per client (`core.round`)."""
+  return bool(getattr(t.merge, 'coverage_is_mask', t.merge is None))
+
+
+def _mask_merge(t: Technique):
+  """`t`'s merge, resolved; marked when it is the default (its coverage
+  is the mask: `coverage_is_mask`)."""
+  def merge(sp, d, m, plan):
+    return _merge(t, sp, d, m, plan)
+  merge.coverage_is_mask = coverage_is_mask(t)
+  return merge
+
+
 def download_bits(t, params, plan):
   """What travels down: `t.download` (or the whole model in fp32), plus
   what the technique sends beside it (`side_download`)."""
@@ -300,7 +317,7 @@ def resolve(t: Technique) -> Technique:
       forward=lambda plan: _forward(t, plan),
       encode=lambda msg, plan, rng: _encode(t, msg, plan, rng),
       decode=lambda msg, plan: _decode(t, msg, plan),
-      merge=lambda sp, d, m, plan: _merge(t, sp, d, m, plan),
+      merge=_mask_merge(t),
       download=t.download,  # None stays None: see download_bits
       stage=t.stage,
       specialize=specialize,
@@ -399,6 +416,7 @@ def chain(*techniques: Technique) -> Technique:
     for i in reversed(range(len(ts))):
       delta, cov = ts[i].merge(vs[i], delta, cov, plans[i])
     return delta, cov
+  merge.coverage_is_mask = all(coverage_is_mask(t) for t in ts)
 
   # What travels down is decided by the last technique with an opinion.
   down = max((i for i, t in enumerate(ts) if t.download is not None),

@@ -33,7 +33,11 @@ models see the same inputs as `round_throughput.py`), `--num_clients`
 per round, S = 1 local step of batch 20 (one epoch), client SGD 0.1, server
 FedAvg (SGD 1.0), weights = examples, dropout on. A timed round is end to
 end: sample the cohort, `pack_index` (host), `round_step`, block on the new
-server parameters; the host part is also reported apart (`pack s`). Round 0
+server parameters; the host part is also reported apart (`pack s`).
+`--prefetch` packs round r+1 on a host thread while round r runs, as the
+training loop does (`experiment/loop.py`): the host part is then the wait
+for the packed cohort, and whatever packing is left when the round ends is
+timed with it (the floor never shares the cores with it). Round 0
 (compilation) is timed apart (`compile s` = round 0 minus the median round),
 then `--rounds` rounds (fewer, but at least one, where they would run past
 `--budget_seconds` per measurement); the median is reported. Nothing here
@@ -57,6 +61,7 @@ versions. `--out PATH` also writes it.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import resource
@@ -99,6 +104,10 @@ def parse_args(argv=None):
   p.add_argument('--client_lr', type=float, default=0.1)
   p.add_argument('--server_lr', type=float, default=1.0)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--prefetch', action='store_true',
+                 help='pack round r+1 on a host thread while round r runs, '
+                 'as the training loop does (experiment/loop.py); the host '
+                 'time reported is then the wait for the packed cohort.')
   p.add_argument('--timeout', type=float, default=3600,
                  help='seconds per subprocess before it counts as failed.')
   p.add_argument('--out', default=None, help='also write the JSON here.')
@@ -205,18 +214,30 @@ def run_worker(cfg: dict) -> dict:
     jax.block_until_ready(examples)  # so the setup figures include it
   losses = []
 
-  def run_round(r):
-    t0 = time.perf_counter()
+  def pack(r):
     ids = sampler.sample(r)
     if examples is not None:
-      cohort = data_lib.pack_index(resident, ids, round_num=r, **pack_kw)
-    else:
-      cohort = data_lib.pack(data, ids, round_num=r, **pack_kw)
-    host = time.perf_counter() - t0
+      return data_lib.pack_index(resident, ids, round_num=r, **pack_kw)
+    return data_lib.pack(data, ids, round_num=r, **pack_kw)
+
+  # --prefetch: round r+1's cohort is packed on a host thread while round
+  # r runs, as the training loop does (`experiment/loop.py`).
+  pool = (concurrent.futures.ThreadPoolExecutor(max_workers=1)
+          if cfg.get('prefetch') else None)
+  ahead = {}
+
+  def run_round(r):
+    t0 = time.perf_counter()
+    cohort = ahead.pop(r).result() if r in ahead else pack(r)
+    host = time.perf_counter() - t0  # (prefetched: the wait for it)
+    if pool is not None:
+      ahead[r + 1] = pool.submit(pack, r + 1)
     state[0], metrics = fns.round_step(state[0], cohort,
                                        jax.random.fold_in(rng, r),
                                        examples=examples)
     jax.block_until_ready((state[0].params, metrics))
+    if pool is not None:  # (done within the round: the floor runs alone)
+      ahead[r + 1].result()
     losses.append(float(metrics.train_loss))
     out['num_dropped'] = float(metrics.num_dropped)
     return host
@@ -308,7 +329,7 @@ def base_cfg(args, num_clients: int) -> dict:
               batch_size=args.batch_size, chunk_size=args.chunk_size,
               client_lr=args.client_lr, server_lr=args.server_lr,
               seed=args.seed, rounds=args.rounds,
-              budget_seconds=args.budget_seconds)
+              budget_seconds=args.budget_seconds, prefetch=args.prefetch)
 
 
 def spawn(cfg: dict, timeout: float, log=print) -> dict:
@@ -447,7 +468,7 @@ def main(argv=None):
                   chunk_size=args.chunk_size, rounds=args.rounds,
                   budget_seconds=args.budget_seconds,
                   client_lr=args.client_lr, server_lr=args.server_lr,
-                  pixels='float32', seed=args.seed),
+                  pixels='float32', seed=args.seed, prefetch=args.prefetch),
       max_clients_per_round=max(common) if common else None,
       max_clients_per_round_per_model={m: max(v) if v else None
                                        for m, v in ran.items()},

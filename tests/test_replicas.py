@@ -177,20 +177,20 @@ def _alone_and_together(tmp_path, cfgs, name):
   return out
 
 
-def test_technique_knobs_are_replica_values(tmp_path):
-  """Quantization bits of one code dtype, SCAFFOLD under the replica's own
-  client learning rate, and depth-dropout rates (a layer-wise schedule's
-  stages too): each replica trains, uploads and ends as its own run; a
-  knob value that changes the program is not a replica value."""
+def _with_techniques(base, *entries):
   import copy  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
+  c = copy.deepcopy(base)
+  c.techniques = [ml_collections.ConfigDict(e) for e in entries]
+  return c
+
+
+def test_quantization_bits_and_scaffold_are_replica_values(tmp_path):
+  """Quantization bits of one code dtype, and SCAFFOLD under the replica's
+  own client learning rate: each replica trains, uploads and ends as its
+  own run; bits of another code dtype are another program."""
   from fedjax_eff.experiment import replicas  # pylint: disable=g-import-not-at-top
-
-  def with_techniques(base, *entries):
-    c = copy.deepcopy(base)
-    c.techniques = [ml_collections.ConfigDict(e) for e in entries]
-    return c
-
+  with_techniques = _with_techniques
   base = _cells(num_rounds=2)[0]
   # 4- and 8-bit uploads (uint8 codes) beside SCAFFOLD with two client
   # learning rates: SCAFFOLD's correction divides by the replica's own.
@@ -211,7 +211,17 @@ def test_technique_knobs_are_replica_values(tmp_path):
   assert not replicas.can_replicate([q[0], with_techniques(
       base, dict(name='scaffold'), dict(name='quantize', bits=12))])
 
-  # Depth-dropout rates 0.25 and 0.6 ('client' mode) over two stages.
+
+
+def test_depth_dropout_rates_are_replica_values(tmp_path):
+  """Depth-dropout rates 0.25 and 0.6 ('client' mode) over a layer-wise
+  schedule's two stages: each replica ends as its own run; p = 0 (no
+  depth dropout) is another program."""
+  import copy  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from fedjax_eff.experiment import replicas  # pylint: disable=g-import-not-at-top
+  with_techniques = _with_techniques
+  base = _cells(num_rounds=2)[0]
   d = []
   for p in (0.25, 0.6):  # a 2-block ViT, stages: layer 0, layer 1
     c = with_techniques(base, dict(name='layerwise', rounds_per_layer=1,

@@ -746,8 +746,9 @@ def build_round(model: nn.Module, task: Task,
     update unguarded (`contribution`), and a round with any non-finite
     client keeps the old state; returns (state, metrics, that flag), and
     the round runs again guarded. One pass over each update instead of
-    two: the MLP round 0.82 -> 0.9 of the centralized floor on CPU
-    (benchmarks/scaling.py)."""
+    two (with the step loop's change, the MLP round went from 0.61 to 0.84
+    of the centralized floor on CPU, 0.88 with the training loop's
+    prefetch: benchmarks/RESULTS.md, "Item 4 again")."""
     clients = place.to_slots(cohort, order, chunk_tier, rng, num_clients)
     programs = [functools.partial(contribution, stage, t, guard)
                 for t in range(num_tiers if tiered else 1)]

@@ -35,3 +35,14 @@ def fast_compiles():
   yield
   jax.config.update('jax_disable_most_optimizations', old)
   jax.clear_caches()
+
+
+@pytest.fixture
+def optimized_compiles():
+  """XLA's optimizations on for one test of a `fast_compiles` module (for
+  tests whose run time, not compile time, dominates)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  old = jax.config.values['jax_disable_most_optimizations']
+  jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', old)

@@ -64,6 +64,8 @@ def test_each_client_runs_its_own_epochs():
     for ep in epochs:
       assert sorted(ep) == sorted(epochs[0])
     assert set(epochs[0]) <= set(1000 * slot + np.arange(n) + 1)
+    # What its device runs, and is charged for (`device_metrics`).
+    assert cohort.steps_run[slot] == E * per_epoch
   # The device-resident twin selects the very same rows.
   resident = cohort_lib.ResidentData.of(data)
   indexed = cohort_lib.pack_index(resident, ids, **kw)
@@ -84,15 +86,24 @@ def test_round_with_epochs_equals_the_reference_loop():
 
 
 def test_epochs_from_the_config(tmp_path):
+  # Clients hold 32 to 93 examples: 4 to 8 steps per epoch under M = 60.
   c = tiny_config(num_rounds=2, **{'client.epochs': 2,
-                                   'client.max_examples': 10})
+                                   'client.max_examples': 60})
   exp = build.Experiment(c)
   sizes = exp.data.train.client_sizes
-  assert exp.local_steps == 2 * -(-min(int(sizes.max()), 10) // 8)
+  assert exp.local_steps == 2 * -(-min(int(sizes.max()), 60) // 8)
   summary = train_and_evaluate(c, str(tmp_path / 'run'))
   assert summary['rounds'] == 2
   line = json.loads(open(tmp_path / 'run' / 'metrics.jsonl').readline())
   assert np.isfinite(line['train_loss'])
+  # Each device is charged its own steps: one step's FLOPs x its E
+  # ceil(m / B) steps, not the cohort's S (those of its largest client).
+  cohort = exp.cohort(0).cohort
+  assert line['device_local_steps'] == pytest.approx(cohort.steps_run.mean())
+  assert 0 < line['device_local_steps'] < exp.local_steps
+  per_round_at_s = summary['device_cost'][0]['device_flops_per_round']
+  assert line['device_flops_per_round'] == pytest.approx(
+      per_round_at_s * cohort.steps_run.mean() / exp.local_steps, rel=1e-6)
   with pytest.raises(ValueError, match='config.client.epochs must be >= 0'):
     build.Experiment(tiny_config(**{'client.epochs': -1}))
   with pytest.raises(TypeError, match='epochs'):  # ConfigDict keeps it int

@@ -126,10 +126,12 @@ def test_pretraining_reserve_is_disjoint_and_stable():
     registry.load(cfg)
 
 
-def test_markov_reaches_its_entropy_floor(tmp_path):
+def test_markov_reaches_its_entropy_floor(tmp_path, optimized_compiles):
   """A one-block Transformer, trained federated, ends within 10% of the
   corpus's perplexity floor on the training clients' test split (and not
-  below it: a floor is a floor)."""
+  below it: a floor is a floor). Optimized compiles: its 25 rounds run
+  longer than they compile (35 s instead of 60)."""
+  del optimized_compiles
   c = base_config()
   d = c.data
   d.source, d.num_clients, d.heldout_clients = 'markov', 20, 4

@@ -68,14 +68,6 @@ def test_pack_index_selects_the_packed_examples():
   assert indexed.index.dtype == np.int32
 
 
-@pytest.fixture
-def optimized_compiles():
-  """XLA's optimizations on for one test of this `fast_compiles` module."""
-  jax.config.update('jax_disable_most_optimizations', False)
-  yield
-  jax.config.update('jax_disable_most_optimizations', True)
-
-
 @pytest.mark.parametrize('chunk', [1, 3])
 def test_resident_round_equals_packed_round(chunk, optimized_compiles):
   """Gathering each chunk's rows inside the program gives the same round,

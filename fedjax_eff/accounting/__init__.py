@@ -12,7 +12,11 @@ The numbers (`DeviceCost.as_dict()`):
   device_peak_bytes       compiled peak memory of one client update:
                           arguments + outputs + XLA's temp arena - aliased
                           (donated) bytes (`compiled.CompiledCost`).
-  device_flops_per_round  XLA's FLOPs of the whole update, every local step.
+  device_flops_per_round  XLA's FLOPs of the whole update, every local step
+                          (S of them; per round, `Experiment.device_metrics`
+                          charges each device its own steps,
+                          `Cohort.steps_run`: with `client.epochs` or small
+                          clients they vary).
   upload_bits             what the client sends up (`bits.leaf_bits`, or the
   download_bits           technique's count) and receives.
   analytic_*_bytes        one local step broken down by kind from shapes

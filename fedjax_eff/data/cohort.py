@@ -35,7 +35,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from fedjax_eff.core.placement import ROWS
+from fedjax_eff.core.placement import ROWS, client_steps
 from fedjax_eff.data.federated import FederatedData
 
 POLICIES_LARGE = ('subsample', 'error')
@@ -76,6 +76,14 @@ class Cohort(NamedTuple):
   def index(self) -> np.ndarray:
     """`[K, S, B]` row indices (an indexed cohort only)."""
     return self.batches[ROWS]
+
+  @property
+  def steps_run(self) -> np.ndarray:
+    """`[K]` int: the local steps each client's device runs, 1 + its last
+    step with an example (0 for an empty slot); the host-side twin of
+    `core.round.last_real_step` per client (`placement.client_steps`).
+    With `epochs` (or clients smaller than S x B) it varies by client."""
+    return client_steps(self.mask)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -432,13 +432,24 @@ class Experiment:
                                 key=lambda kv: repr(kv[0]))]
     return rows
 
-  def device_metrics(self, round_num: int, tiers, m) -> dict[str, float]:
+  def device_metrics(self, round_num: int, tiers, m,
+                     steps=None) -> dict[str, float]:
     """Per-client device cost of the round: means over the cohort and per
     tier (bits as measured in the round; peak, training state and FLOPs
     from the compiled single-client program each client ran: its tier's,
     or its own variant's when the round reports variants, e.g. the gates
-    depth dropout drew); `tiers`: each client's tier."""
+    depth dropout drew); `tiers`: each client's tier.
+
+    `steps` (`[K]`, `Cohort.steps_run`): the local steps each device ran.
+    A device's FLOPs are then its own, one step's FLOPs x its steps
+    (clients with fewer examples, or `client.epochs` over fewer, run
+    fewer steps than the cohort's S), and `device_local_steps` is their
+    mean. Peak memory stays that of the S-step program (an upper bound for
+    a shorter client: its batches are fewer)."""
     tiers = np.asarray(tiers)
+    scale = np.ones(len(tiers))
+    if steps is not None and len(steps) == len(tiers):
+      scale = np.asarray(steps, np.float64) / self.local_steps
     up = np.asarray(m.client_upload_bits)
     down = np.asarray(m.client_download_bits)
     variants = getattr(m, 'client_variant', ())
@@ -452,6 +463,7 @@ class Experiment:
       for k, v in zip(names, (cost.peak_bytes, cost.training_state_bytes,
                               cost.flops_per_round)):
         cost_of[k][sel] = v or 0
+      cost_of['device_flops_per_round'][sel] *= scale[sel]
     for t in range(self.num_tiers):
       sel = tiers == t
       if self.config.accounting:
@@ -468,6 +480,8 @@ class Experiment:
             out[f'tier{t}/{k}'] = float(cost_of[k][sel].mean())
     if self.config.accounting:
       out.update({k: float(v.mean()) for k, v in cost_of.items()})
+    if steps is not None and len(steps) == len(tiers):
+      out['device_local_steps'] = float(np.mean(steps))
     return out
 
   def round_key(self, round_num: int) -> jax.Array:

@@ -260,7 +260,8 @@ class LocalTrainer:
     zeros = np.zeros(self.num_clients, np.float32)
     return self.exp.device_metrics(
         round_num, cohort.ctx['tier'], types.SimpleNamespace(
-            client_upload_bits=zeros, client_download_bits=zeros))
+            client_upload_bits=zeros, client_download_bits=zeros),
+        cohort.steps_run)
 
   def forward_kwargs(self, round_num: int, tier: int) -> dict:
     """Static model kwargs of the program a tier-`tier` client ran last."""

@@ -225,7 +225,8 @@ def run_replicas(configs: Sequence[Any], workdirs: Sequence[str], *,
         mi = jax.tree.map(lambda x, i=i: np.asarray(x)[i], m)
         record = {k: float(v) for k, v in mi._asdict().items()
                   if not k.startswith('client_')}
-        record.update(e.device_metrics(r, cohorts[i].tiers, mi))
+        record.update(e.device_metrics(r, cohorts[i].tiers, mi,
+                                       cohorts[i].cohort.steps_run))
         if done % configs[0].eval_every == 0 or done == num_rounds:
           record.update(e.eval_metrics(per[i].params, done))
         record['round_seconds'] = seconds  # this replica's share

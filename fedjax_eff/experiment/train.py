@@ -110,8 +110,12 @@ class FederatedMode:
     if store is not None:
       store.write(ids, m)
     tiers = this.tiers
+    # Each device's own steps (a process's part of a split cohort: not
+    # known here; its FLOPs are then counted at S steps).
+    steps = cohort.steps_run if this.part_of is None else None
     if this.sampled < len(tiers):  # Poisson: the clients drawn, not the
       m, tiers = real_clients(m, this.sampled), tiers[:this.sampled]
+      steps = None if steps is None else steps[:this.sampled]
     record = {k: float(v) for k, v in m._asdict().items()
               if not k.startswith('client_')}
     if this.overflow:
@@ -122,7 +126,7 @@ class FederatedMode:
       privacy['epsilon'] = exp.privacy.epsilon(r + 1)
     record.update(privacy)
     t_acc = time.time()
-    record.update(exp.device_metrics(r, tiers, m))
+    record.update(exp.device_metrics(r, tiers, m, steps))
     return record, time.time() - t_acc
 
   def evaluate(self, done: int) -> dict[str, float]:

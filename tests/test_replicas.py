@@ -8,6 +8,11 @@ from fedjax_eff.experiment.replicas import train_replicas
 from fedjax_eff.experiment.train import Experiment
 from test_experiment import tiny_config
 
+# Unoptimized compiles (each replica program and each run alike): compile
+# time dominates these few-round runs, and what they compare is compiled
+# the same way.
+pytestmark = pytest.mark.usefixtures('fast_compiles')
+
 
 def single_run(config, rounds):
   exp = Experiment(config)

@@ -54,7 +54,7 @@ the largest program) with a probe within 2 points of end to end.
 --cost_depths also measures (trains nothing) end to end and layer-wise at
 other ViT depths: how the ratio grows with the number of blocks.
 
-  python benchmarks/ssl_layerwise.py                # ~45 min on one core
+  python benchmarks/ssl_layerwise.py                # ~35 min on one core
   python benchmarks/ssl_layerwise.py --quick        # a smoke run, ~1 min
   python benchmarks/ssl_layerwise.py --replot
 
@@ -464,7 +464,7 @@ def main(argv=None):
   p.add_argument('--quick', action='store_true',
                  help='smoke run: 1 seed, 4 rounds, a tiny ViT and cohort, '
                  'small probes; writes under --workdir unless --out is set')
-  p.add_argument('--rounds', type=int, default=160,
+  p.add_argument('--rounds', type=int, default=200,
                  help='rounds per run (a multiple of --layers: layer-wise '
                  'trains each block for rounds / layers)')
   p.add_argument('--seeds', default='0,1,2')

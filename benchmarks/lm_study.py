@@ -10,26 +10,54 @@ models, vocabulary and round budget so it runs on a laptop:
                 vocab), scaled down; fp32 uploads (the baseline)
   tf_*          a causal Transformer of the same size (tied embeddings)
   *_fedavg/_fedadam/_fedyogi   server optimizer (Reddi et al.'s settings)
-  tf_partial    train the top half of the blocks (embedding frozen)
+  tf_partial    train the top half of the blocks and the head (for the
+                tied Transformer the head's output layer is the token
+                embedding: it trains as the output layer, frozen below)
   tf_q8, tf_q4  8- / 4-bit stochastic-rounding uploads
   tf_partial_q4 both
   tf_pre_partial_q4  central pretraining on 20% of the modules (disjoint
                 from the federated ones), then partial + 4-bit fine-tuning
                 (also with 8 bits, and with FedAvg instead of FedAdam)
   cf_*          a causal Conformer LM of the same size (2 blocks)
+  tf_partial_per_round / _per_client   half the blocks drawn afresh each
+                round (the same for all clients) / per client (Ro et al.
+                §3), the head always trained
+  lstm_small_fedadam   the 0.6M LSTM whatever --size (Ro et al.'s "a
+                larger compressed model beats a small one": ~11% lower
+                perplexity for the same upload)
+
+`--size` picks the models: '0.6m' (same-size ~0.6M models, the default),
+'4m' (~3.7M Transformer, LSTM and Conformer: the Stack Overflow LSTM's
+size, beside the 0.6M LSTM), 'paper' (configs/lm/stdlib.py's paper-scale
+cells: 21.6M Transformer, 20.8M Conformer, 20M LSTM, 10k vocabulary, 50
+clients per round, one epoch each, 1,500 rounds: for an accelerator).
+Seeds (`--seeds`) give a mean and sample sd per arm; `--server_lrs`
+(multiples of each server optimizer's published rate) lets every arm pick
+its own server learning rate by the training clients' loss in the last
+round at the first seed (not by held-out perplexity: the stdlib corpus's
+test set is its held-out modules, there is no third split to tune on).
+Every finished run is kept in `<out>_cells.json` and skipped when rerun.
 
 For each: held-out-module perplexity at the end, upload bytes per client
 per round (exact, from metrics.jsonl), and the upload ratio against the
-fp32 LSTM with the same server optimizer (FedAdam). The claim under test:
+fp32 LSTM with the same server optimizer (FedAdam). The claims under test:
 a Transformer variant matches the LSTM's perplexity with >= 10x less
-upload.
+upload; the best Transformer vs the 0.6M LSTM.
 
   python benchmarks/lm_study.py                  # ~35 min on 2 CPU cores
   python benchmarks/lm_study.py --rounds 5 --variants lstm_fedadam,tf_q4
+  python benchmarks/lm_study.py --size 4m --seeds 0,1,2 \\
+      --server_lrs 0.3,1,3 --variants lstm_fedadam,lstm_small_fedadam,\\
+tf_fedavg,tf_fedadam,tf_partial,tf_partial_per_round,tf_q8,tf_q4
+  python benchmarks/lm_study.py --size paper --seeds 0,1,2 \\
+      --server_lrs 0.3,1,3 --out benchmarks/results/lm_study_paper.json
+                                                 # an accelerator's grid
   python benchmarks/lm_study.py --replot         # the PNG from the JSON
 
 Writes benchmarks/results/lm_study.{json,md,png}. Last line: one JSON
-object with `perplexity` and `upload_bytes_per_client_round` per variant.
+object with `perplexity` (mean over seeds), `perplexity_sd`,
+`upload_bytes_per_client_round` and `upload_ratio` per variant, and the
+claims measured.
 """
 
 from __future__ import annotations
@@ -52,28 +80,47 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LM = load_config_module(os.path.join(ROOT, 'configs', 'lm', 'x.py'),
                         'stdlib')
 VOCAB = 2_000
-# Same-size models (~0.6M parameters with a 2k vocabulary).
-SIZES = {
-    'lstm_lm': dict(vocab_size=VOCAB, embed_dim=64, lstm_dim=256,
-                    proj_dim=64, num_lstm_layers=1),
-    'transformer': dict(causal=True, tied_embeddings=True, max_len=20,
-                        vocab_size=VOCAB, num_layers=4, d_model=96,
-                        num_heads=4, mlp_dim=384),
-    # Two conformer blocks (two half-FFNs and a causal conv module each)
-    # weigh about as much as four Transformer blocks.
-    'conformer_lm': dict(max_len=20, vocab_size=VOCAB, num_layers=2,
-                         d_model=96, num_heads=4, mlp_dim=384,
-                         conv_kernel=7),
+# Model sizes per `--size` (all with a 2k vocabulary). '0.6m': same-size
+# ~0.6M models; '4m': the Stack Overflow LSTM's size (~3.7M) for the
+# Transformer, the LSTM and the Conformer, beside the 0.6M LSTM
+# (`lstm_small_*`), as Ro et al. compare them.
+SMALL_LSTM = dict(vocab_size=VOCAB, embed_dim=64, lstm_dim=256, proj_dim=64,
+                  num_lstm_layers=1)
+SIZE_TABLES = {
+    '0.6m': {
+        'lstm_lm': SMALL_LSTM,
+        'transformer': dict(causal=True, tied_embeddings=True, max_len=20,
+                            vocab_size=VOCAB, num_layers=4, d_model=96,
+                            num_heads=4, mlp_dim=384),
+        # Two conformer blocks (two half-FFNs and a causal conv module
+        # each) weigh about as much as four Transformer blocks.
+        'conformer_lm': dict(max_len=20, vocab_size=VOCAB, num_layers=2,
+                             d_model=96, num_heads=4, mlp_dim=384,
+                             conv_kernel=7),
+    },
+    '4m': {
+        'lstm_lm': dict(vocab_size=VOCAB, embed_dim=128, lstm_dim=800,
+                        proj_dim=128, num_lstm_layers=1),
+        'transformer': dict(causal=True, tied_embeddings=True, max_len=20,
+                            vocab_size=VOCAB, num_layers=4, d_model=256,
+                            num_heads=4, mlp_dim=1024),
+        'conformer_lm': dict(max_len=20, vocab_size=VOCAB, num_layers=2,
+                             d_model=256, num_heads=4, mlp_dim=1024,
+                             conv_kernel=7),
+    },
 }
-# name -> configs/lm/stdlib.py spec
+# name -> configs/lm/stdlib.py spec (+ technique overrides).
 VARIANTS = {
     'lstm_fedavg': 'lstm,fedavg',
     'lstm_fedadam': 'lstm,fedadam',
     'lstm_fedyogi': 'lstm,fedyogi',
+    'lstm_small_fedadam': 'lstm,fedadam',   # the 0.6M LSTM at any --size
     'tf_fedavg': 'transformer,fedavg',
     'tf_fedadam': 'transformer,fedadam',
     'tf_fedyogi': 'transformer,fedyogi',
     'tf_partial': 'transformer,fedadam,partial',
+    'tf_partial_per_round': 'transformer,fedadam,partial',
+    'tf_partial_per_client': 'transformer,fedadam,partial',
     'tf_q8': 'transformer,fedadam,q8',
     'tf_q4': 'transformer,fedadam,q4',
     'tf_partial_q4': 'transformer,fedadam,partial,q4',
@@ -83,48 +130,110 @@ VARIANTS = {
     'cf_fedadam': 'conformer,fedadam',
     'cf_partial_q4': 'conformer,fedadam,partial,q4',
 }
+# Drawn subsets (Ro et al. §3): half the blocks, drawn afresh each round
+# (the same for every client) or per client; the head trains always.
+DRAWN = {'tf_partial_per_round': 'per_round',
+         'tf_partial_per_client': 'per_client'}
 BASELINE = 'lstm_fedadam'
+# The paper-scale grid (Ro et al.: ~20M models, 10k vocabulary, 50 clients
+# per round, one epoch per client): `--size paper`, for an accelerator.
+PAPER_MODELS = {'lstm': 'lstm_large', 'transformer': 'transformer_21m',
+                'conformer': 'conformer'}
 
 
-def config(spec: str, rounds: int, clients: int, steps: int):
+def config(name: str, rounds: int, clients: int, steps: int,
+           size: str = '0.6m', seed: int = 0, server_lr_scale: float = 1.0):
+  spec = VARIANTS[name]
+  if size == 'paper':
+    model = spec.split(',')[0]
+    spec = ','.join([PAPER_MODELS[model]] + spec.split(',')[1:] + ['paper'])
   c = LM.get_config(spec)
-  c.model.kwargs = dict(SIZES[c.model.name])
-  c.data.vocab_size = VOCAB
-  c.data.max_sequences = 256
-  c.num_rounds, c.clients_per_round = rounds, clients
-  c.client.local_steps = steps
-  c.eval_every = c.checkpoint_every = rounds
+  if size != 'paper':
+    table = SIZE_TABLES[size]
+    c.model.kwargs = dict(SMALL_LSTM if name.startswith('lstm_small')
+                          else table[c.model.name])
+    c.data.vocab_size = VOCAB
+    c.data.max_sequences = 256
+    c.num_rounds, c.clients_per_round = rounds, clients
+    c.client.local_steps = steps
+    c.eval_every = c.checkpoint_every = rounds
+    c.pretrain.steps, c.pretrain.batch_size = 400, 64
+    c.pretrain.log_every = c.pretrain.checkpoint_every = 100
+  if name in DRAWN:
+    t = c.techniques[0]
+    t.mode, t.num_layers, t.top_fraction = DRAWN[name], 2, 0.0
+  c.seed = seed
+  c.server.learning_rate = c.server.learning_rate * server_lr_scale
   c.accounting = False
   c.progress = c.tensorboard = False
-  c.pretrain.steps, c.pretrain.batch_size = 400, 64
-  c.pretrain.log_every = c.pretrain.checkpoint_every = 100
   return c
 
 
+def mean_sd(xs):
+  xs = [x for x in xs if x is not None]
+  if not xs:
+    return None, None
+  return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
 def plot(rows: dict, path: str) -> None:
-  """Held-out perplexity against upload MB per client per round."""
+  """Held-out perplexity against upload MB per client per round (mean and
+  sample sd over seeds as error bars)."""
   plots.labelled_scatter(
-      {n: (r['upload_bytes_per_client_round'] / 1e6, r['perplexity'])
+      {n: (r['upload_bytes_per_client_round'] / 1e6, r['perplexity'],
+           r.get('perplexity_sd') or 0.0)
        for n, r in rows.items()}, path,
       xlabel='upload per client per round (MB)',
-      ylabel='held-out perplexity',
+      ylabel='held-out perplexity (mean ± s.d. over seeds)',
       title='Federated LMs on the Python stdlib: perplexity vs upload',
       square=lambda n: n.startswith('lstm'))
 
 
 def table(rows: dict) -> str:
-  lines = ['| variant | spec | params | upload MB/client/round | upload '
-           'ratio vs ' + BASELINE + ' | held-out perplexity | held-out '
-           'accuracy | s |', '|' + '---|' * 8]
+  lines = ['| variant | spec | params | server lr | upload MB/client/round | '
+           'upload ratio vs ' + BASELINE + ' | held-out perplexity (mean ± '
+           'sd, seeds) | held-out accuracy | s |', '|' + '---|' * 9]
   for name, r in rows.items():
     ratio = r.get('upload_ratio')
     lines.append(
         f"| {name} | {r['spec']} | {r['num_params']:,} | "
+        f"{r.get('server_lr', float('nan')):.3g} | "
         f"{r['upload_bytes_per_client_round'] / 1e6:.3f} | "
         f"{'-' if ratio is None else f'{ratio:.1f}x'} | "
-        f"{r['perplexity']:.2f} | {r['accuracy']:.3f} | "
+        f"{r['perplexity']:.2f} ± {r.get('perplexity_sd') or 0:.2f} "
+        f"({len(r.get('seeds', [0]))}) | {r['accuracy']:.3f} | "
         f"{r['seconds']:.0f} |")
   return '\n'.join(lines)
+
+
+def run_cell(name, args, workdir, seed, scale):
+  """One federated run (pretraining first where the spec says so)."""
+  t = time.time()
+  c = config(name, args.rounds, args.clients, args.steps, args.size, seed,
+             scale)
+  wd = os.path.join(workdir, f'{name}_s{seed}_lr{scale:g}')
+  if 'pretrain' in VARIANTS[name]:
+    pre = pretrain_lib.pretrain(c, os.path.join(workdir, name, 'pretrain'))
+    print(f"  pretrained {pre['steps']} steps: held-out perplexity "
+          f"{np.exp(pre['test_loss']):.2f}", flush=True)
+    c.init_checkpoint = os.path.join(workdir, name, 'pretrain')
+  s = train_lib.train_and_evaluate(c, wd)
+  m = s['final_metrics']
+  out = dict(num_params=int(s['num_params']),
+             server_lr=float(c.server.learning_rate),
+             upload_bytes_per_client_round=float(m['upload_bits']) / 8,
+             download_bytes_per_client_round=float(m['download_bits']) / 8,
+             perplexity=float(m['test_perplexity']),
+             heldout_perplexity=float(m.get('heldout_perplexity',
+                                            m['test_perplexity'])),
+             accuracy=float(m['test_accuracy']),
+             train_loss=float(m['train_loss']), seconds=time.time() - t)
+  print(f"{name:24s} seed {seed} server lr x{scale:g}: up "
+        f"{out['upload_bytes_per_client_round'] / 1e6:7.3f} MB  ppl "
+        f"{out['perplexity']:8.2f} (held-out clients "
+        f"{out['heldout_perplexity']:.2f})  ({out['seconds']:.0f} s)",
+        flush=True)
+  return out
 
 
 def main():
@@ -132,13 +241,22 @@ def main():
   parser.add_argument('--rounds', type=int, default=80)
   parser.add_argument('--clients', type=int, default=10)
   parser.add_argument('--steps', type=int, default=8)
-  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--size', default='0.6m',
+                      choices=list(SIZE_TABLES) + ['paper'])
+  parser.add_argument('--seeds', default='0',
+                      help='comma-separated seeds; each variant runs each')
+  parser.add_argument('--server_lrs', default='1',
+                      help="multiples of each arm's published server lr; "
+                      'with more than one, every arm picks its own by its '
+                      "training clients' last-round loss at the first seed")
+  parser.add_argument('--variants', default=','.join(
+      v for v in VARIANTS if v not in DRAWN and v != 'lstm_small_fedadam'))
   parser.add_argument('--workdir', default='/tmp/fedjax_eff_lm_study')
   parser.add_argument('--out', default=os.path.join(
       ROOT, 'benchmarks', 'results', 'lm_study.json'))
   parser.add_argument('--merge', action='store_true',
                       help='keep the other variants already in --out (same '
-                      'rounds/clients/steps) and add or replace these')
+                      'rounds/clients/steps/size) and add or replace these')
   parser.add_argument('--replot', action='store_true',
                       help='train nothing: redraw --out\'s PNG from its JSON')
   args = parser.parse_args()
@@ -150,40 +268,56 @@ def main():
   bad = [v for v in names if v not in VARIANTS]
   if bad:
     parser.error(f'unknown variants {bad}; choose from {list(VARIANTS)}')
+  seeds = [int(x) for x in args.seeds.split(',')]
+  scales = [float(x) for x in args.server_lrs.split(',')]
+  settings = dict(rounds=args.rounds, clients_per_round=args.clients,
+                  local_steps=args.steps, size=args.size)
   print(f'jax {jax.__version__} on {jax.default_backend()} '
         f'({platform.processor() or platform.machine()}), '
-        f'{os.cpu_count()} cpus; {args.rounds} rounds x {args.clients} '
-        f'clients x {args.steps} steps', flush=True)
+        f'{os.cpu_count()} cpus; {settings}; seeds {seeds}; server lr x '
+        f'{scales}', flush=True)
   rows = {}
   if args.merge and os.path.exists(args.out):
     with open(args.out) as f:
       old = json.load(f)
-    if (old['rounds'], old['clients_per_round'], old['local_steps']) != (
-        args.rounds, args.clients, args.steps):
+    if any(old.get(k, '0.6m' if k == 'size' else None) != v
+           for k, v in settings.items()):
       parser.error(f'--merge: {args.out} was run with other settings.')
     rows = old['variants']
+  stem = os.path.splitext(args.out)[0]
+  cells_path = stem + '_cells.json'  # every finished run: a crash loses none
+  cells = {}
+  if os.path.exists(cells_path):
+    with open(cells_path) as f:
+      saved = json.load(f)
+    if saved.get('settings') == settings:
+      cells = saved['cells']
+
+  def cell(name, seed, scale):
+    key = f'{name}|{seed}|{scale:g}'
+    if key not in cells:
+      cells[key] = run_cell(name, args, args.workdir, seed, scale)
+      with open(cells_path, 'w') as f:
+        json.dump({'settings': settings, 'cells': cells}, f, indent=1)
+    return cells[key]
+
   for name in names:
-    t = time.time()
-    c = config(VARIANTS[name], args.rounds, args.clients, args.steps)
-    wd = os.path.join(args.workdir, name)
-    if 'pretrain' in VARIANTS[name]:
-      pre = pretrain_lib.pretrain(c, os.path.join(wd, 'pretrain'))
-      print(f"  pretrained {pre['steps']} steps: held-out perplexity "
-            f"{np.exp(pre['test_loss']):.2f}", flush=True)
-      c.init_checkpoint = os.path.join(wd, 'pretrain')
-    s = train_lib.train_and_evaluate(c, os.path.join(wd, 'federated'))
-    m = s['final_metrics']
+    # Each arm its own server lr: the lowest training loss in the last
+    # round at the first seed (the test set, held-out modules, is not
+    # looked at).
+    tuned = {sc: cell(name, seeds[0], sc) for sc in scales}
+    best = min(scales, key=lambda sc: tuned[sc]['train_loss'])
+    runs = [cell(name, sd, best) for sd in seeds]
+    ppl, ppl_sd = mean_sd([r['perplexity'] for r in runs])
+    acc, _ = mean_sd([r['accuracy'] for r in runs])
     rows[name] = dict(
-        spec=VARIANTS[name], num_params=int(s['num_params']),
-        upload_bytes_per_client_round=float(m['upload_bits']) / 8,
-        download_bytes_per_client_round=float(m['download_bits']) / 8,
-        perplexity=float(m['test_perplexity']),
-        accuracy=float(m['test_accuracy']),
-        train_loss=float(m['train_loss']), seconds=time.time() - t)
-    r = rows[name]
-    print(f"{name:18s} up {r['upload_bytes_per_client_round'] / 1e6:7.3f} MB"
-          f"  ppl {r['perplexity']:7.2f}  acc {r['accuracy']:.3f}  "
-          f"({r['seconds']:.0f} s)", flush=True)
+        runs[0], spec=VARIANTS[name] + (f' ({DRAWN[name]})'
+                                        if name in DRAWN else ''),
+        perplexity=ppl, perplexity_sd=ppl_sd, accuracy=acc,
+        perplexity_per_seed=[r['perplexity'] for r in runs], seeds=seeds,
+        server_lr_scale=best, server_lr_grid_train_loss={
+            f'{sc:g}': tuned[sc]['train_loss'] for sc in scales},
+        seconds=sum(r['seconds'] for r in runs))
   base = rows.get(BASELINE)
   for r in rows.values():
     r['upload_ratio'] = (base['upload_bytes_per_client_round'] /
@@ -192,29 +326,43 @@ def main():
                                    if base else None)
   md = table(rows)
   print('\n' + md)
+  claims = {}
   if base:
     wins = [n for n, r in rows.items() if n.startswith('tf_')
             and r['upload_ratio'] >= 10 and r['perplexity'] <= base['perplexity']]
+    claims['tf_10x_less_upload_at_lstm_perplexity'] = wins
     print(f"\nTransformer variants with <= {BASELINE}'s perplexity "
           f"({base['perplexity']:.2f}) and >= 10x less upload: "
           f"{wins or 'none'}")
+  small = rows.get('lstm_small_fedadam')
+  if small:  # Ro et al.: the larger model, compressed, 11% below the small
+    best_tf = min((r['perplexity'], n) for n, r in rows.items()
+                  if n.startswith('tf_'))  if any(
+                      n.startswith('tf_') for n in rows) else None
+    if best_tf:
+      claims['best_tf_vs_small_lstm'] = dict(
+          variant=best_tf[1], ratio=best_tf[0] / small['perplexity'])
+      print(f"best Transformer ({best_tf[1]}) perplexity / 0.6M LSTM's: "
+            f"{best_tf[0] / small['perplexity']:.3f} (Ro et al.: ~0.89)")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  stem = os.path.splitext(args.out)[0]
   plot(rows, stem + '.png')
   with open(stem + '.md', 'w') as f:
     f.write(md + '\n')
   with open(args.out, 'w') as f:
-    json.dump({'rounds': args.rounds, 'clients_per_round': args.clients,
-               'local_steps': args.steps, 'vocab_size': VOCAB,
-               'variants': rows, 'jax': jax.__version__,
-               'backend': jax.default_backend()}, f, indent=2)
+    json.dump(dict(settings, vocab_size=VOCAB if args.size != 'paper'
+                   else 10_004, variants=rows, claims=claims,
+                   jax=jax.__version__, backend=jax.default_backend()),
+              f, indent=2)
   print(json.dumps({
       'perplexity': {k: round(r['perplexity'], 3) for k, r in rows.items()},
+      'perplexity_sd': {k: round(r['perplexity_sd'], 3)
+                        for k, r in rows.items()},
       'upload_bytes_per_client_round': {
           k: r['upload_bytes_per_client_round'] for k, r in rows.items()},
       'upload_ratio': {k: None if r['upload_ratio'] is None
                        else round(r['upload_ratio'], 2)
                        for k, r in rows.items()},
+      'claims': claims,
   }))
 
 

@@ -140,6 +140,9 @@ def test_registry_models_forward_keys():
             'lstm_lm': {'stop_below', 'features', 'widths'}}
   stack = {'depth', 'layer_gates', 'stop_below', 'features',
            'layer_drop_rate', 'task', 'widths'}
+  # LMs whose output layer may be the token embedding: `train_output`.
+  expect.update({n: stack | {'train_output'}
+                 for n in ('transformer', 'conformer_lm')})
   for name, cls in models.MODELS.items():
     assert set(cls.FORWARD_KEYS) == expect.get(name, stack), name
 

@@ -61,6 +61,16 @@ def test_layerwise_ssl_resumes_mid_schedule_and_reports_device_cost(
   assert summary['technique'] == 'layerwise+depth_dropout'
   stages = {c['stage'] for c in summary['device_cost']}
   assert len(stages) == 2, stages
+  # Stage 1 with depth dropout: a device that skipped frozen block 0 runs
+  # (and is charged) a cheaper program than one that did not. (Each
+  # variant its own measurement: their gates are NumPy arrays, once left
+  # out of the cost cache's key.)
+  stage1 = summary['device_cost'][-1]['stage']  # (rows in stage order)
+  variants = {c['variant']: c for c in summary['device_cost']
+              if c['variant'] is not None and c['stage'] == stage1}
+  assert set(variants) == {0, 1}, summary['device_cost']
+  assert (variants[1]['device_flops_per_round']
+          < variants[0]['device_flops_per_round'])
 
 
 def test_budgeted_last_n_tiers_in_one_round(tmp_path):

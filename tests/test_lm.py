@@ -106,6 +106,49 @@ def test_lm_round_matches_reference(technique):
         x.size for x in jax.tree.leaves(params))
 
 
+def test_partial_training_of_a_tied_lm_trains_its_output_layer():
+  """Ro et al.'s partial training with the head trainable: in a tied LM the
+  output layer is the token embedding E (logits = LN(h) E^T). It trains,
+  through its output role only (its gradient is that of CE(h E^T) with the
+  features h held fixed; nothing flows below the lowest trained block),
+  and it is uploaded; blocks below stay frozen."""
+  model = get_model('transformer', 0, causal=True, tied_embeddings=True,
+                    vocab_size=12, max_len=8, num_layers=2, d_model=16,
+                    num_heads=2, mlp_dim=32)
+  x = jax.random.randint(jax.random.key(1), (3, 8), 1, 12)
+  y = jnp.roll(x, -1, axis=1)
+  params = model.init(jax.random.key(0), x)['params']
+  tech = partial.partial_training(model, layers=[1])
+  mask = tech.trainable(params, None)
+  assert mask['embed']['tok']['embedding'] is True
+  assert mask['embed']['pos'] is False and not any(
+      jax.tree.leaves(mask['block_0']))
+  fwd = tech.forward(None)
+  assert dict(fwd) == {'stop_below': 1, 'train_output': True}
+
+  def ce(logits):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  grads = jax.grad(lambda p: ce(model.apply({'params': p}, x, **fwd)))(params)
+  h = model.apply({'params': params}, x, features=True)
+  g_out = jax.grad(lambda e: ce(h @ e.T))(params['embed']['tok']['embedding'])
+  np.testing.assert_allclose(grads['embed']['tok']['embedding'], g_out,
+                             rtol=1e-5, atol=1e-7)
+  assert float(jnp.abs(g_out).max()) > 0
+  assert all(float(jnp.abs(g).max()) == 0
+             for g in jax.tree.leaves(grads['block_0']))
+  # Without it (the old behaviour) the output layer would be frozen.
+  frozen = jax.grad(lambda p: ce(model.apply(
+      {'params': p}, x, stop_below=1)))(params)
+  assert float(jnp.abs(frozen['embed']['tok']['embedding']).max()) == 0
+  # What the device sends: block 1, the head's norm and E.
+  found = core.technique.trace_plan(core.chain(tech), params,
+                                    {'client_index': np.int32(0)})
+  sent = sum(v.size for k, v in params.items() if k in ('block_1', 'head')
+             for v in jax.tree.leaves(v))
+  sent += params['embed']['tok']['embedding'].size
+  assert found['upload_bits'] == 32 * sent
+
+
 def test_pretraining_reserve_is_disjoint_and_stable():
   cfg = registry.default_config()
   cfg.source, cfg.num_clients, cfg.heldout_clients = 'markov', 40, 4
@@ -231,8 +274,12 @@ def test_pretrain_then_federated_finetune_on_stdlib(tmp_path):
   m = s['final_metrics']
   assert m['test_perplexity'] == pytest.approx(np.exp(m['test_loss']))
   assert 'heldout_perplexity' in m and m['test_accuracy'] > 0
-  full_bits = 32 * s['num_params']
-  assert 0 < m['upload_bits'] < full_bits / 8 / 2  # 4 bits, half the blocks
+  # 4-bit codes (+ a scale and offset per block of 256) of half the blocks,
+  # the head's norm and the tied output layer (the token embedding).
+  p = exp.init_params
+  n = sum(x.size for x in jax.tree.leaves((p['block_1'], p['head']))) + (
+      p['embed']['tok']['embedding'].size)
+  assert 4 * n < m['upload_bits'] < 4.6 * n < 32 * s['num_params'] / 6
 
 
 def test_cli_bad_config_spec_is_one_line(tmp_path):

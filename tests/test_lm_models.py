@@ -146,14 +146,21 @@ def test_stop_below_and_fixed_partial_training(kind):
   top = list(range(s.num_layers // 2, s.num_layers))
   tech = partial.partial_training(m, layers=top)
   kw = tech.forward(None)
-  assert kw == {'stop_below': top[0]}
+  # A tied LM's output layer (its token embedding) trains with the head.
+  tied = getattr(m, 'tied_output', None)
+  assert kw == dict({'stop_below': top[0]},
+                    **({'train_output': True} if tied else {}))
   mask = tech.trainable(p['params'], None)
   trained = {n for n, v in mask.items() if all(jax.tree.leaves(v))}
   assert trained == {*(s.layers[i] for i in top), 'head'}
   g = jax.grad(lambda p: _loss(m, p, TOK, **kw))(p)['params']
+  norm = lambda t: sum(float(jnp.abs(a).sum()) for a in jax.tree.leaves(t))
   for name, leaves in g.items():
-    norm = sum(float(jnp.abs(a).sum()) for a in jax.tree.leaves(leaves))
-    assert (norm > 0) == (name in trained), name
+    if tied and name == 'embed':  # the output role only: not positions
+      assert mask['embed']['tok']['embedding'] is True
+      assert norm(leaves['tok']) > 0 and norm(leaves['pos']) == 0
+      continue
+    assert (norm(leaves) > 0) == (name in trained), name
 
 
 def test_conformer_gates_and_depth():

@@ -559,8 +559,13 @@ def trace_plan(tech: Technique, params: PyTree, ctx: dict) -> dict:
         lambda m: m if isinstance(m, (bool, np.bool_)) else True, trainable)
     found['view'] = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), view)
-    found['forward'] = {k: v for k, v in tech.forward(plan).items()
-                        if _is_python_value(v)}
+    fwd = tech.forward(plan)
+    found['forward'] = {k: v for k, v in fwd.items() if _is_python_value(v)}
+    # Static NumPy kwargs (e.g. a depth-dropout variant's `layer_gates`),
+    # as nested tuples: part of what defines the device's program.
+    found['forward_arrays'] = {
+        k: np.asarray(v).tolist() for k, v in fwd.items()
+        if isinstance(v, (np.ndarray, np.generic))}
     found['download_bits'] = _static_or_none(download_bits(tech, view, plan))
     _, up = upload(tech, jax.tree.map(jnp.zeros_like, view), trainable, plan,
                    jax.random.key(2))

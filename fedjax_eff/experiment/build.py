@@ -380,14 +380,16 @@ class Experiment:
     """What one device pays to run `technique` (a static program).
 
     Cached by what defines the program: the technique's name, its static
-    trainable mask and static forward kwargs (so e.g. the n chosen for a
-    tier reuses the measurement made while choosing it).
+    trainable mask and static forward kwargs, NumPy ones included (e.g. a
+    depth-dropout variant's gates; so e.g. the n chosen for a tier reuses
+    the measurement made while choosing it).
     """
     ctx = {'client_index': np.int32(0), 'tier': np.int32(0)}
     found = core.technique.trace_plan(core.chain(technique),
                                       self.init_params, ctx)
     key = (technique.name, str(jax.tree.leaves(found['flags'])),
-           str(sorted(found['forward'].items())))
+           str(sorted(found['forward'].items())),
+           str(sorted(found['forward_arrays'].items())))
     if key not in self._measured:
       self._measured[key] = accounting.client_cost(
           self.model, self.task, technique, self.client_optimizer,

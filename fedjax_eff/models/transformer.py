@@ -791,7 +791,7 @@ class _LayerStack(nn.Module):
     return h, key_mask
 
   def _run(self, x, train, depth, layer_gates, stop_below, features,
-           layer_drop_rate=None, task=0, widths=None):
+           layer_drop_rate=None, task=0, widths=None, train_output=False):
     n = self.num_layers
     widths = dict(widths or ())
     if widths and (self.lora_rank or self.adapter_dim):
@@ -869,7 +869,8 @@ class _LayerStack(nn.Module):
     feats, logits = head(pooled)
     if features:
       return feats
-    return self._project(feats, logits, embed, stop_below)
+    return self._project(feats, logits, embed,
+                         None if train_output else stop_below)
 
 
 class Transformer(_LayerStack):
@@ -895,6 +896,10 @@ class Transformer(_LayerStack):
     block `stop_below` (or the head, if that is >= depth), so the embedding
     and blocks below get zero gradient. The tied LM output projection then
     also uses a stop-gradient embedding: the embedding stays frozen.
+  * `train_output` (static bool, tied LM only): with `stop_below`, the
+    tied output projection still gets its gradient (the embedding trains
+    as the output layer; its input side stays cut at `stop_below`):
+    partial training with the head trainable (`partial_training`).
   * `features`: return the head's LayerNorm output (pooled `[B, d_model]`;
     per token `[B, T, d_model]` for the LM) instead of logits.
   * `layer_drop_rate` (`[num_layers]` probabilities, static): in training,
@@ -919,9 +924,17 @@ class Transformer(_LayerStack):
       raise ValueError('a tied LM head has no hidden layer (head_hidden=0).')
     super().__post_init__()
 
+  FORWARD_KEYS = STACK_FORWARD_KEYS + ('train_output',)
+
   @property
   def _tied(self) -> bool:
     return self.causal and self.tied_embeddings
+
+  @property
+  def tied_output(self) -> str | None:
+    """The parameter path of the output projection when it is the token
+    embedding (a tied causal LM), else None."""
+    return 'embed/tok/embedding' if self._tied else None
 
   @property
   def _out_dim(self) -> int:
@@ -963,9 +976,9 @@ class Transformer(_LayerStack):
   def __call__(self, tokens, train: bool = False, *, depth: int | None = None,
                layer_gates=None, stop_below: int | None = None,
                features: bool = False, layer_drop_rate=None, task: int = 0,
-               widths=None):
+               widths=None, train_output: bool = False):
     return self._run(tokens, train, depth, layer_gates, stop_below, features,
-                     layer_drop_rate, task, widths)
+                     layer_drop_rate, task, widths, train_output)
 
 
 class ConformerLM(Transformer):

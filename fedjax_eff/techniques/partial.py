@@ -23,6 +23,12 @@ computes full gradients (DESIGN.md, "Heterogeneous devices"); the device
 cost is accounted for a typical draw run as a fixed subset (`device`). Non-layer
 parameters (embedding, head, norms outside blocks) follow `train_embed` /
 `train_head` / `pattern` and are static.
+
+A tied LM (`Transformer.tied_output`: logits = LN(h) E^T, the token
+embedding E is the output layer) with `train_head` trains E as the output
+layer: its gradient comes from the logits only (the activations entering
+the lowest trained layer are cut, `stop_below`), and E is uploaded
+(vocab x d_model values). Freezing it would freeze the output layer.
 """
 
 from __future__ import annotations
@@ -83,6 +89,13 @@ def partial_training(model, layers: Sequence[int] = (),
     fixed_names |= set(s.head)
   if train_embed:
     fixed_names |= set(s.embed)
+  # A tied LM's output layer is its token embedding: the head trains it
+  # (through its output role only: below the lowest trained layer the
+  # backward pass still stops), else the output layer would stay frozen.
+  tied = getattr(model, 'tied_output', None)
+  output = (f'^{re.escape(tied)}$' if tied and train_head and not train_embed
+            else None)
+  either = '|'.join(f'(?:{r})' for r in (pattern, output) if r) or None
 
   if mode == 'fixed':
     names = fixed_names | {s.layers[i] for i in layers}
@@ -94,11 +107,12 @@ def partial_training(model, layers: Sequence[int] = (),
     stop_below = None if (train_embed or lowest == 0) else lowest
     if pattern:
       stop_below = None  # a regex may reach below the lowest named layer
-    fwd = supported_forward(model, stop_below=stop_below)
+    fwd = supported_forward(model, stop_below=stop_below,
+                            train_output=True if output else None)
     return Technique(
         name='partial_training',
         trainable=lambda params, plan: structure_lib.names_mask(
-            params, names, pattern),
+            params, names, either),
         forward=lambda plan: fwd)
 
   def plan(rng, round_num, ctx):
@@ -109,7 +123,7 @@ def partial_training(model, layers: Sequence[int] = (),
     return jnp.zeros((s.num_layers,), bool).at[chosen].set(True)
 
   def trainable(params, layer_on):
-    others = structure_lib.names_mask(params, fixed_names, pattern)
+    others = structure_lib.names_mask(params, fixed_names, either)
     dynamic = structure_lib.layer_gate_mask(params, s, layer_on, False)
     return jax.tree.map(
         lambda o, d: True if o is True else d, others, dynamic)

@@ -1,0 +1,56 @@
+"""benchmarks/lm_study.py's grid, without training: model sizes per
+`--size`, the drawn-subset arms, the paper-scale cells for an accelerator,
+and the seed/server-lr bookkeeping."""
+
+import importlib.util
+import os
+import sys
+
+import jax
+import numpy as np
+
+from fedjax_eff.models import get_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  spec = importlib.util.spec_from_file_location(
+      'lm_study', os.path.join(ROOT, 'benchmarks', 'lm_study.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _num_params(c) -> int:
+  m = get_model(c.model.name, c.data.vocab_size, **c.model.kwargs)
+  p = jax.eval_shape(lambda: m.init(jax.random.key(0),
+                                    np.zeros((1, 4), np.int32)))
+  return sum(x.size for x in jax.tree.leaves(p))
+
+
+def test_sizes_drawn_subsets_and_paper_cells():
+  lm = _load()
+  sizes = {n: _num_params(lm.config(n, 2, 2, 1, '4m'))
+           for n in ('lstm_fedadam', 'tf_fedadam', 'cf_fedadam',
+                     'lstm_small_fedadam')}
+  # Ro et al.'s comparison: same-size ~3.7M models and the 0.6M LSTM.
+  for n in ('lstm_fedadam', 'tf_fedadam', 'cf_fedadam'):
+    assert 3.0e6 < sizes[n] < 4.5e6, sizes
+  assert 0.5e6 < sizes['lstm_small_fedadam'] < 0.7e6
+  assert _num_params(lm.config('tf_fedadam', 2, 2, 1, '0.6m')) < 0.7e6
+  # Drawn subsets: two of the four blocks per round / per client.
+  for name, mode in lm.DRAWN.items():
+    t = lm.config(name, 2, 2, 1).techniques[0]
+    assert (t.name, t.mode, t.num_layers) == ('partial_training', mode, 2)
+  c = lm.config('tf_fedyogi', 2, 2, 1, seed=3, server_lr_scale=0.3)
+  assert c.seed == 3 and np.isclose(c.server.learning_rate, 0.3e-2)
+  # The paper-scale cells: ~20M models, 10k vocabulary, 50 clients/round.
+  paper = lm.config('tf_partial_q4', 2, 2, 1, 'paper')
+  assert paper.clients_per_round == 50 and paper.client.epochs == 1
+  assert paper.model.kwargs.vocab_size == 10_004
+  assert [t.name for t in paper.techniques] == ['partial_training',
+                                                'quantize']
+  assert lm.config('lstm_fedavg', 2, 2, 1, 'paper').model.kwargs.preset == (
+      'large')

@@ -8,8 +8,9 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
+
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,22 +26,8 @@ def _load():
   return module
 
 
-def _write_idx(path, a: np.ndarray):
-  header = bytes([0, 0, 0x08, a.ndim]) + np.asarray(a.shape, '>u4').tobytes()
-  with open(path, 'wb') as f:
-    f.write(header + a.astype(np.uint8).tobytes())
-
-
-def _tiny_fashion(directory, n_train=160, n_test=60):
-  """Images whose class is a bright horizontal band's position."""
-  rng = np.random.default_rng(0)
-  for split, n in (('train', n_train), ('t10k', n_test)):
-    y = np.arange(n) % 10
-    x = rng.integers(0, 60, (n, 28, 28))
-    for i, c in enumerate(y):
-      x[i, 2 * c + 4:2 * c + 7] = 255
-    _write_idx(os.path.join(directory, f'{split}-images-idx3-ubyte'), x)
-    _write_idx(os.path.join(directory, f'{split}-labels-idx1-ubyte'), y)
+def _tiny_fashion(directory):
+  helpers.tiny_fashion_mnist(directory, n_train=160)
 
 
 def test_quick_run_writes_the_headline(tmp_path):

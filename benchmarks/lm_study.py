@@ -74,6 +74,7 @@ import plots
 
 from fedjax_eff.experiment import pretrain as pretrain_lib
 from fedjax_eff.experiment import train as train_lib
+from fedjax_eff.experiment import workdir as workdir_lib
 from fedjax_eff.experiment.defaults import load_config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,7 +243,10 @@ def main():
   parser.add_argument('--clients', type=int, default=10)
   parser.add_argument('--steps', type=int, default=8)
   parser.add_argument('--size', default='0.6m',
-                      choices=list(SIZE_TABLES) + ['paper'])
+                      choices=list(SIZE_TABLES) + ['paper'],
+                      help="'paper' takes rounds, clients and steps from "
+                      "configs/lm/stdlib.py's paper cells (--rounds, "
+                      '--clients and --steps do not apply)')
   parser.add_argument('--seeds', default='0',
                       help='comma-separated seeds; each variant runs each')
   parser.add_argument('--server_lrs', default='1',
@@ -285,6 +289,7 @@ def main():
       parser.error(f'--merge: {args.out} was run with other settings.')
     rows = old['variants']
   stem = os.path.splitext(args.out)[0]
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   cells_path = stem + '_cells.json'  # every finished run: a crash loses none
   cells = {}
   if os.path.exists(cells_path):
@@ -297,8 +302,8 @@ def main():
     key = f'{name}|{seed}|{scale:g}'
     if key not in cells:
       cells[key] = run_cell(name, args, args.workdir, seed, scale)
-      with open(cells_path, 'w') as f:
-        json.dump({'settings': settings, 'cells': cells}, f, indent=1)
+      workdir_lib.write_atomic(cells_path, json.dumps(
+          {'settings': settings, 'cells': cells}, indent=1))
     return cells[key]
 
   for name in names:
@@ -335,24 +340,21 @@ def main():
           f"({base['perplexity']:.2f}) and >= 10x less upload: "
           f"{wins or 'none'}")
   small = rows.get('lstm_small_fedadam')
-  if small:  # Ro et al.: the larger model, compressed, 11% below the small
-    best_tf = min((r['perplexity'], n) for n, r in rows.items()
-                  if n.startswith('tf_'))  if any(
-                      n.startswith('tf_') for n in rows) else None
-    if best_tf:
-      claims['best_tf_vs_small_lstm'] = dict(
-          variant=best_tf[1], ratio=best_tf[0] / small['perplexity'])
-      print(f"best Transformer ({best_tf[1]}) perplexity / 0.6M LSTM's: "
-            f"{best_tf[0] / small['perplexity']:.3f} (Ro et al.: ~0.89)")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  tf_rows = [(r['perplexity'], n) for n, r in rows.items()
+             if n.startswith('tf_')]
+  if small and tf_rows:  # Ro et al.: larger, compressed, 11% below small
+    best_tf = min(tf_rows)
+    claims['best_tf_vs_small_lstm'] = dict(
+        variant=best_tf[1], ratio=best_tf[0] / small['perplexity'])
+    print(f"best Transformer ({best_tf[1]}) perplexity / 0.6M LSTM's: "
+          f"{best_tf[0] / small['perplexity']:.3f} (Ro et al.: ~0.89)")
   plot(rows, stem + '.png')
   with open(stem + '.md', 'w') as f:
     f.write(md + '\n')
-  with open(args.out, 'w') as f:
-    json.dump(dict(settings, vocab_size=VOCAB if args.size != 'paper'
-                   else 10_004, variants=rows, claims=claims,
-                   jax=jax.__version__, backend=jax.default_backend()),
-              f, indent=2)
+  workdir_lib.write_atomic(args.out, json.dumps(dict(
+      settings, vocab_size=VOCAB if args.size != 'paper' else 10_004,
+      variants=rows, claims=claims, jax=jax.__version__,
+      backend=jax.default_backend()), indent=2))
   print(json.dumps({
       'perplexity': {k: round(r['perplexity'], 3) for k, r in rows.items()},
       'perplexity_sd': {k: round(r['perplexity_sd'], 3)

@@ -210,10 +210,8 @@ def arm_costs(exp: build.Experiment, p: float) -> dict:
   client and read by `accounting.client_cost` (`Experiment.device_cost`,
   what summary.json's device_cost and launch/device_cost.py report).
 
-  Each program is measured afresh: `Experiment.device_cost` caches by the
-  technique's name, trainable mask and *Python-valued* forward kwargs, and
-  depth dropout's static `layer_gates` (a numpy array) are not among them,
-  so within a stage every variant would be charged the first one measured.
+  (`Experiment.device_cost` caches each program by everything that
+  defines it, depth dropout's static `layer_gates` included.)
 
   Returns the programs and, over the run, the largest peak and training
   state (the memory a device must have), and their means weighted by how
@@ -230,7 +228,6 @@ def arm_costs(exp: build.Experiment, p: float) -> dict:
     _, prog = exp.program(rs[0], 0)
     variants = range(i + 1) if prog.device_variant else [None]
     for k in variants:
-      exp._measured.clear()  # pylint: disable=protected-access  (see above)
       cost = exp.device_cost(core.technique.device_program(prog, k))
       weight = (math.comb(i, k) * p ** k * (1 - p) ** (i - k)
                 if k is not None else 1.0)

@@ -120,3 +120,19 @@ def tiny_fashion_mnist(directory, n_train: int, n_test: int = 60) -> None:
       x[i, 2 * c + 4:2 * c + 7] = 255
     write_idx(os.path.join(directory, f'{split}-images-idx3-ubyte'), x)
     write_idx(os.path.join(directory, f'{split}-labels-idx1-ubyte'), y)
+
+
+def load_benchmark(name: str):
+  """`benchmarks/<name>.py` as a module (its directory on `sys.path`, for
+  the modules next to it that it imports)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  here = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'benchmarks')
+  if here not in sys.path:
+    sys.path.insert(0, here)
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(here, f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

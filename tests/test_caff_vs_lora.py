@@ -2,23 +2,15 @@
 picked from measured costs (fake costs here: nothing is compiled or
 trained) and how two arms are compared."""
 
-import importlib.util
-import os
-import sys
 from typing import NamedTuple
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 
 def _load():
-  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-  spec = importlib.util.spec_from_file_location(
-      'caff_vs_lora', os.path.join(ROOT, 'benchmarks', 'caff_vs_lora.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_benchmark('caff_vs_lora')
 
 
 bench = _load()

@@ -5,27 +5,17 @@ left out for time, its property is tests/test_modules.py's), and the
 verdict, headline, table and plot on made-up figures of two sizes (nothing
 trained)."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
 from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _load():
-  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-  spec = importlib.util.spec_from_file_location(
-      'fedyolo_scale', os.path.join(ROOT, 'benchmarks', 'fedyolo_scale.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_benchmark('fedyolo_scale')
 
 
 bench = _load()

@@ -2,25 +2,15 @@
 `--size`, the drawn-subset arms, the paper-scale cells for an accelerator,
 and the seed/server-lr bookkeeping."""
 
-import importlib.util
-import os
-import sys
-
 import jax
 import numpy as np
 
 from fedjax_eff.models import get_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 
 def _load():
-  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-  spec = importlib.util.spec_from_file_location(
-      'lm_study', os.path.join(ROOT, 'benchmarks', 'lm_study.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_benchmark('lm_study')
 
 
 def _num_params(c) -> int:

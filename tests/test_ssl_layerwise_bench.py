@@ -6,24 +6,16 @@ figures with sane values."""
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
 from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _load():
-  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-  spec = importlib.util.spec_from_file_location(
-      'ssl_layerwise', os.path.join(ROOT, 'benchmarks', 'ssl_layerwise.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_benchmark('ssl_layerwise')
 
 
 def _tiny_fashion(directory):

@@ -18,6 +18,15 @@ subprocess runner (`scaling.spawn`):
     `efficiency_vs_floor`. A model's ladder stops at its first failure (out
     of memory, say) and where linear extrapolation from its previous K says
     the next one would not finish within the time left.
+(c) ragged cohorts (`ragged.py`, issue 18): useful fraction and s/round of
+    one-epoch cohorts of heavy-tailed sizes against fixed-S packing and the
+    centralized floor, the timed rounds at chunk width `--ragged_chunk`;
+(d) the peers that run on the accelerator: `peers.py`'s overhead-bound
+    FEMNIST workload with fedjax_eff alone (the other frameworks' venvs are
+    CPU builds that do not travel; their CPU figures are in RESULTS.md).
+(c) and (d) are subprocesses with `--ragged_s` and `--peers_s` seconds
+reserved for them out of the budget (their JSON goes to files beside
+`--out`, and their headline figures into the suite's).
 
 The budget (`--budget_s`) is checked before every item: (a) may use
 `--sweep_share` of it, (b) the rest; an item that does not start is listed
@@ -34,9 +43,13 @@ tables), also written to `--out`. `--reduced` is a seconds-long CPU version
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shlex
+import subprocess
 import sys
+import threading
 import time
 
 # Before jax starts: the scaling workers are other processes on the same
@@ -53,7 +66,9 @@ import scaling  # noqa: E402  (run_worker, spawn)
 from fedjax_eff.core import round as round_lib  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, 'results', 'accelerator_suite.json')
-REDUCED = dict(chunks='1,8', sweep_k=8, cohorts='16', floor_k=16)
+REDUCED = dict(chunks='1,8', sweep_k=8, cohorts='16', floor_k=16,
+               ragged_args='--rounds 1 --caps 32 --dists so',
+               peers_args='--cohorts 10 --rounds 1 --chunk_sizes 1,all')
 REDUCED_WORKLOAD = ['--examples_per_client', '4', '--batch_size', '4',
                     '--rounds', '1']
 
@@ -78,6 +93,16 @@ def parse_args(argv=None):
                  help='clients per round K of part (b), ascending.')
   p.add_argument('--floor_k', type=int, default=1000,
                  help='K of the centralized-floor comparison (0: none).')
+  p.add_argument('--ragged_s', type=float, default=100,
+                 help='seconds reserved for (c); 0 skips it.')
+  p.add_argument('--ragged_chunk', type=int, default=8,
+                 help='C of (c)\'s timed rounds.')
+  p.add_argument('--ragged_args', default='--rounds 2',
+                 help="more flags for ragged.py.")
+  p.add_argument('--peers_s', type=float, default=70,
+                 help='seconds reserved for (d); 0 skips it.')
+  p.add_argument('--peers_args', default='--rounds 3',
+                 help='more flags for peers.py --workload femnist.')
   p.add_argument('--reduced', action='store_true',
                  help='tiny CPU version: ' + ', '.join(
                      f'{k}={v}' for k, v in REDUCED.items()) + ' '
@@ -166,7 +191,7 @@ def scale(args, work, models, best_c: dict, clock: Clock, skipped: list,
   fixed = None    # the smallest wall seen: roughly the per-process cost
   for k, _, m, mode in sorted(items):
     name = f'{m} {mode} K={k}'
-    left = clock.left()
+    left = clock.left() - args.ragged_s - args.peers_s
     why = stopped.get(m) if mode == 'resident' else None
     if why is None and m in last and mode == 'resident':
       k0, w0 = last[m]
@@ -205,6 +230,37 @@ def scale(args, work, models, best_c: dict, clock: Clock, skipped: list,
   return runs, pairs
 
 
+def run_script(name: str, argv: list, out: str, seconds: float,
+               clock: Clock, skipped: list, errors: dict):
+  """Runs `benchmarks/<name>.py argv --out out` for at most `seconds`,
+  its lines echoed; its JSON (from `out`), or None (failure or skip)."""
+  if seconds <= 5:
+    skipped.append(f'{name} (budget spent)')
+    clock.log(f'[{name}] skipped: budget spent')
+    return None
+  cmd = [sys.executable, '-u', os.path.join(HERE, f'{name}.py')] + argv + [
+      '--out', out]
+  clock.log(f'[{name}] ' + ' '.join(cmd[2:]) + f' (at most {seconds:.0f} s)')
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  timer = threading.Timer(seconds, proc.kill)
+  timer.start()
+  tail = []
+  for line in proc.stdout:
+    clock.log(f'  {name}: {line.rstrip()}')
+    tail = (tail + [line.rstrip()])[-5:]
+  proc.wait()
+  timer.cancel()
+  if proc.returncode != 0:
+    why = (f'killed after {seconds:.0f} s' if proc.returncode < 0 else
+           f'exit {proc.returncode}: ' + ' | '.join(tail)[-300:])
+    errors[name] = why
+    clock.log(f'[{name}] failed: {why}')
+    return None
+  with open(out) as f:
+    return json.load(f)
+
+
 def main(argv=None):
   args, work = parse_args(argv)
   clock = Clock(args.budget_s)
@@ -231,6 +287,17 @@ def main(argv=None):
             f'K={args.floor_k}')
   runs, pairs = scale(args, work, models, chunk_for, clock, skipped, errors)
   reached = {m: max(map(int, runs[m]), default=None) for m in models}
+  stem = os.path.splitext(os.path.abspath(args.out or DEFAULT_OUT))[0]
+  clock.log(f'(c) ragged cohorts at C={args.ragged_chunk}')
+  ragged = run_script(
+      'ragged', shlex.split(args.ragged_args) + [
+          '--time_chunk', str(args.ragged_chunk)], stem + '_ragged.json',
+      min(args.ragged_s, clock.left() - args.peers_s), clock, skipped,
+      errors)
+  clock.log('(d) peers.py femnist, fedjax_eff alone')
+  peers = run_script(
+      'peers', ['--workload', 'femnist'] + shlex.split(args.peers_args),
+      stem + '_peers_femnist.json', clock.left(), clock, skipped, errors)
   summary = dict(
       benchmark='accelerator_suite',
       backend=jax.default_backend(), device_kind=dev.device_kind,
@@ -250,11 +317,17 @@ def main(argv=None):
                           for r in runs[m].values()), None),
       efficiency_vs_floor={m: p['efficiency_vs_floor']
                            for m, p in pairs.items()},
+      ragged={k: (ragged or {}).get(k) for k in (
+          'useful_fraction_c1', 'useful_fraction_c8', 'round_over_floor',
+          'speedup_vs_fixed_steps', 'seconds_per_round', 'time_chunk')},
+      peers_femnist_seconds_per_round=(peers or {}).get('seconds_per_round'),
       sweep=swept, scaling=runs, floor=pairs, skipped=skipped, errors=errors,
       budget_s=args.budget_s, elapsed_s=clock.elapsed(),
       config=dict(reduced=args.reduced, chunks=args.chunks,
                   sweep_k=args.sweep_k, cohorts=args.cohorts,
-                  floor_k=args.floor_k,
+                  floor_k=args.floor_k, ragged_args=args.ragged_args,
+                  ragged_chunk=args.ragged_chunk,
+                  peers_args=args.peers_args,
                   workload=dict({k: v for k, v in scaling.base_cfg(
                       work, 0).items() if k not in ('num_clients',
                                                      'chunk_size')},

@@ -124,6 +124,9 @@ def main():
   ap.add_argument('--sim_rounds', type=int, default=5)
   ap.add_argument('--sim_preset', default='small')
   ap.add_argument('--sim_clients', type=int, default=8)
+  ap.add_argument('--out', default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), 'results',
+      'device_cost.json'))
   args = ap.parse_args()
 
   model = models.get_model('vit', 10, preset=args.preset, patch_size=4)
@@ -185,9 +188,8 @@ def main():
       'model': f'vit-{args.preset}', 'num_params': num_params,
       'variants': rows, 'sim_seconds_per_round': sim,
       'jax': jax.__version__, 'backend': jax.default_backend()}
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
-                     'device_cost.json')
-  with open(out, 'w') as f:
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, 'w') as f:
     json.dump(headline, f, indent=1)
   print(json.dumps(headline))
 

@@ -52,6 +52,16 @@ def test_reduced_run(tmp_path):
   assert s['max_clients_per_round'] == 16
   # CPU keeps no allocator statistics: the peak RSS stands in.
   assert s['memory_source'] in ('device_peak_bytes_in_use', 'peak_rss_bytes')
+  # (c) ragged: a count that needs no timing, and a timed round.
+  assert s['ragged']['useful_fraction_c1'] == {'so_cap32': 1.0}
+  assert 0 < s['ragged']['useful_fraction_c8']['so_cap32'] <= 1
+  assert positive(s['ragged']['seconds_per_round']['so_cap32'])
+  assert s['ragged']['time_chunk'] == 8
+  # (d) peers: fedjax_eff alone, at C = 1 and C = K.
+  assert set(s['peers_femnist_seconds_per_round']['10']) == {
+      'fedjax_eff_C1', 'fedjax_eff_Call'}
+  assert all(map(positive,
+                 s['peers_femnist_seconds_per_round']['10'].values()))
   assert positive(s['elapsed_s'])
 
 
@@ -60,6 +70,8 @@ def test_spent_budget_skips_everything(tmp_path):
   assert 'skipped: sweep budget spent' in stdout
   assert 'skipped: budget spent' in stdout
   assert s['sweep'] == {m: {} for m in MODELS}
-  assert len(s['skipped']) == 2 * 2 + 2 * 2  # sweep C=1,8; K=16 and floor
+  # sweep C=1,8; K=16 and floor; ragged and peers
+  assert len(s['skipped']) == 2 * 2 + 2 * 2 + 2
+  assert s['ragged']['useful_fraction_c1'] is None
   assert s['errors'] == {} and s['max_clients_per_round'] is None
   assert s['best_clients_per_second'] == {m: None for m in MODELS}

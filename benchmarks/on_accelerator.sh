@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Every device check of one short accelerator lease, in one command (about
+# 8 minutes; each part has its own time limit, so one that fails or hangs
+# does not cost the others). Run from the repository root on the machine
+# with the accelerator; logs and results go to $OUT (default /tmp/accel_out):
+#
+#   env.txt          nvidia-smi and the package versions
+#   suite.log        benchmarks/accelerator_suite.py (issue 18 item 6):
+#                    chunk sweep, scaling to 100,000 clients, ragged
+#                    cohorts, peers.py's FEMNIST workload
+#   device_cost.log  benchmarks/device_cost.py (issue 15): what each
+#                    technique's device program holds, compiled for the GPU
+#   lm_paper.log     Ro et al.'s paper-scale Transformer (21M, 10k vocabulary,
+#                    50 clients x 16 steps per round; issue 16 item 3) for
+#                    as many rounds as LM_ROUNDS: seconds per round, the
+#                    device cost, the perplexity so far
+#   default_run.log  the `make run` experiment on the GPU
+#   results.tar      every JSON written, the LM run's metrics.jsonl
+#
+# Python packages the accelerator image lacks travel as wheels in .whl/
+# (see benchmarks/RESULTS.md, "Accelerator suite on one NVIDIA H200").
+#
+#   bash benchmarks/on_accelerator.sh
+set -u
+OUT=${OUT:-/tmp/accel_out}
+mkdir -p "$OUT" /tmp/accel_res
+SUITE_S=${SUITE_S:-280}
+LM_ROUNDS=${LM_ROUNDS:-30}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+SUITE_ARGS=${SUITE_ARGS:-} DC_ARGS=${DC_ARGS:-} LM_ARGS=${LM_ARGS:-}
+if [ -d .whl ] && command -v nvidia-smi > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:.${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+fi
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv 2>&1; git log -1 --format='%H %s' 2>&1; git status --short
+  python3 -c 'import sys, jax, flax, optax, numpy, ml_collections
+import orbax.checkpoint as o, dp_accounting
+print(sys.version.split()[0], "jax", jax.__version__, "flax",
+      flax.__version__, "optax", optax.__version__, "numpy",
+      numpy.__version__, "orbax", o.__version__, jax.devices())
+import fedjax_eff.experiment; print("fedjax_eff imports")' 2>&1
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+# Compile-only (XLA's memory and cost analyses, nothing executed), so it
+# runs on the host's cores beside the suite; autotuning off so that it puts
+# no kernels on the GPU while the suite times its rounds.
+stamp "device_cost (background)"
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+  timeout -k 5 ${DC_S:-400} python3 benchmarks/device_cost.py --sim_rounds 0 \
+  --out /tmp/accel_res/device_cost.json $DC_ARGS > "$OUT/device_cost.log" 2>&1 &
+dc_pid=$!
+pack() {
+  (cd /tmp/accel_res && tar cf "$OUT/results.tar" --exclude='checkpoints' \
+    --exclude='*.lock' ./*.json lm_paper/*.json* default_run/*.json* \
+    2>/dev/null)
+}
+
+stamp suite
+timeout -k 15 $((SUITE_S + 40)) python3 benchmarks/accelerator_suite.py \
+  --budget_s "$SUITE_S" --sweep_share 0.3 --ragged_s 90 --peers_s 50 \
+  --out /tmp/accel_res/accelerator_suite.json $SUITE_ARGS \
+  > "$OUT/suite.log" 2>&1
+stamp "suite rc=$?"; tail -3 "$OUT/suite.log" | cut -c1-600; pack
+
+stamp lm_paper
+timeout -k 15 ${LM_S:-110} python3 launch/train.py \
+  --config=configs/lm/stdlib.py:transformer_21m,fedadam,paper \
+  --workdir=/tmp/accel_res/lm_paper --config.num_rounds="$LM_ROUNDS" \
+  --config.eval_every=10 --config.checkpoint_every="$LM_ROUNDS" \
+  --config.progress=False --config.tensorboard=False $LM_ARGS \
+  > "$OUT/lm_paper.log" 2>&1
+stamp "lm_paper rc=$?"; tail -4 "$OUT/lm_paper.log" | cut -c1-600; pack
+
+stamp default_run
+timeout -k 15 ${DEFAULT_S:-50} python3 launch/train.py --config=configs/default.py \
+  --workdir=/tmp/accel_res/default_run --config.progress=False \
+  --config.tensorboard=False > "$OUT/default_run.log" 2>&1
+stamp "default_run rc=$?"; tail -3 "$OUT/default_run.log" | cut -c1-600
+
+wait $dc_pid
+stamp "device_cost rc=$?"; tail -2 "$OUT/device_cost.log" | cut -c1-600
+pack
+stamp "done"

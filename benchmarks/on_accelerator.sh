@@ -66,7 +66,7 @@ pack() {
 
 stamp suite
 timeout -k 15 $((SUITE_S + 40)) python3 benchmarks/accelerator_suite.py \
-  --budget_s "$SUITE_S" --sweep_share 0.3 --ragged_s 90 --peers_s 50 \
+  --budget_s "$SUITE_S" --sweep_share 0.25 --ragged_s 110 --peers_s 40 \
   --out /tmp/accel_res/accelerator_suite.json $SUITE_ARGS \
   > "$OUT/suite.log" 2>&1
 stamp "suite rc=$?"; tail -3 "$OUT/suite.log" | cut -c1-600; pack

@@ -234,9 +234,10 @@ def run_script(name: str, argv: list, out: str, seconds: float,
                clock: Clock, skipped: list, errors: dict):
   """Runs `benchmarks/<name>.py argv --out out` for at most `seconds`,
   its lines echoed; its JSON (from `out`), or None (failure or skip)."""
-  if seconds <= 5:
-    skipped.append(f'{name} (budget spent)')
-    clock.log(f'[{name}] skipped: budget spent')
+  if seconds <= 5:  # 0: not asked for
+    why = 'budget spent' if seconds else 'not asked for'
+    skipped.append(f'{name} ({why})')
+    clock.log(f'[{name}] skipped: {why}')
     return None
   cmd = [sys.executable, '-u', os.path.join(HERE, f'{name}.py')] + argv + [
       '--out', out]
@@ -292,12 +293,13 @@ def main(argv=None):
   ragged = run_script(
       'ragged', shlex.split(args.ragged_args) + [
           '--time_chunk', str(args.ragged_chunk)], stem + '_ragged.json',
-      min(args.ragged_s, clock.left() - args.peers_s), clock, skipped,
-      errors)
+      args.ragged_s and min(args.ragged_s, clock.left() - args.peers_s),
+      clock, skipped, errors)
   clock.log('(d) peers.py femnist, fedjax_eff alone')
   peers = run_script(
       'peers', ['--workload', 'femnist'] + shlex.split(args.peers_args),
-      stem + '_peers_femnist.json', clock.left(), clock, skipped, errors)
+      stem + '_peers_femnist.json', args.peers_s and clock.left(), clock,
+      skipped, errors)
   summary = dict(
       benchmark='accelerator_suite',
       backend=jax.default_backend(), device_kind=dev.device_kind,

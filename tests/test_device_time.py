@@ -235,3 +235,54 @@ def test_fedbuff_with_nobody_ever_online_fails_in_one_line(tmp_path):
   with pytest.raises(Exception, match='no client came online') as e:
     train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('client', [
+    dict(epochs=1), dict(epochs=2, max_examples=30), dict(local_steps=8),
+    dict(local_steps=8, policy_small='repeat')])
+def test_local_steps_of_sizes_are_what_pack_runs(client):
+  """`cohort.local_steps_of` (sizes alone) against the mask `pack` makes,
+  for every training client."""
+  from fedjax_eff.data import cohort as cohort_lib  # pylint: disable=g-import-not-at-top
+  c = _config()
+  c.client.batch_size = 4
+  for k, v in client.items():
+    c.client[k] = v
+  exp = build.Experiment(c)
+  train = exp.data.train
+  ids = np.arange(train.num_clients)
+  packed = cohort_lib.pack(train, ids, round_num=0, **exp.packing)
+  got = cohort_lib.local_steps_of(train.client_sizes, **exp.packing)
+  np.testing.assert_array_equal(got, packed.steps_run)
+  if client.get('policy_small') != 'repeat':
+    assert got.min() < exp.local_steps  # the sizes really vary
+
+
+def test_devices_are_timed_at_their_own_steps(tmp_path):
+  """With `client.epochs` each client computes its own steps: T_i =
+  down/B + F (s_i / S) / R + up/B, s_i read off the packed cohort (not
+  S for everyone); a deadline between the short and the long clients makes
+  exactly the long ones late."""
+  from fedjax_eff.data import cohort as cohort_lib  # pylint: disable=g-import-not-at-top
+  c = _config(rounds=2)
+  c.client.epochs, c.client.batch_size = 1, 4
+  exp = build.Experiment(c)
+  cost = exp.program_cost(0, 0)
+  mid = profiles_lib.DEFAULT_CLASSES[1]
+  fixed = (cost.download_bits / mid.download_bits_per_second
+           + cost.upload_bits / mid.upload_bits_per_second)
+  per_step = cost.flops_per_round / exp.local_steps / mid.flops_per_second
+  sim = exp.make_device_time().round(0)
+  steps = cohort_lib.pack(exp.data.train, np.sort(sim.ids), round_num=0,
+                          **exp.packing).steps_run
+  seconds = fixed + per_step * steps
+  assert steps.min() < steps.max() <= exp.local_steps
+  assert sim.record['sim_round_seconds'] == pytest.approx(seconds.max(),
+                                                          rel=1e-9)
+  # A deadline between the fastest and the slowest of the cohort.
+  deadline = float(np.median(seconds))
+  c.devices.deadline_seconds = deadline
+  exp = build.Experiment(c)
+  sim = exp.make_device_time().round(0)
+  assert sim.record['num_late'] == np.sum(seconds > deadline) > 0
+  assert sim.aggregated == np.sum(seconds <= deadline)

@@ -269,6 +269,30 @@ def epoch_steps(sizes, batch_size: int, epochs: int,
   return max(1, epochs * -(-largest // batch_size))
 
 
+def local_steps_of(sizes, *, steps: int, batch_size: int, epochs: int = 0,
+                   max_examples: int = 0, policy_small: str = 'pad',
+                   **_) -> np.ndarray:
+  """`[N]` the local steps each client of `sizes` runs when packed into S =
+  `steps` (`pack`'s layout, from sizes alone; `Cohort.steps_run` is the
+  same read off a packed cohort's mask):
+
+    epochs E:          E ceil(min(n, max_examples) / B)
+    policy_small 'repeat' (n > 0):  S (its examples repeat to fill them)
+    otherwise:         ceil(min(n, S B) / B)
+
+  and 0 for a client with no examples. Other `pack` keywords are ignored,
+  so `local_steps_of(sizes, **packing)` takes a run's packing dict."""
+  n = np.asarray(sizes, np.int64)
+  if epochs:
+    m = np.minimum(n, max_examples) if max_examples else n
+    out = epochs * -(-m // batch_size)
+  elif policy_small == 'repeat':
+    out = np.where(n > 0, steps, 0)
+  else:
+    out = -(-np.minimum(n, steps * batch_size) // batch_size)
+  return np.minimum(out, steps).astype(np.int64)
+
+
 def _slot_examples(client_id: str, n: int, capacity: int, rng, *,
                    batch_size: int, policy_large: str, policy_small: str,
                    shuffle: bool, epochs: int = 0, max_examples: int = 0

@@ -289,9 +289,11 @@ class Experiment:
           'No simulated device can hold a program of this run (peak '
           f"{min(peaks) / 2**20:.1f} MiB at the smallest tier; "
           'config.devices.profiles).')
+    steps = cohort_lib.local_steps_of(self.data.train.client_sizes,
+                                      **self.packing)
     return device_time_lib.DeviceTime(
         self.config, profiles, lambda r, t: self.program_cost(r, t),
-        self.tier_of, eligible)
+        self.tier_of, eligible, step_share=steps / self.local_steps)
 
   def build_round(self, chunk_size: int, donate: bool = True
                   ) -> core.RoundFns:

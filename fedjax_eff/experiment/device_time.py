@@ -7,11 +7,14 @@ program, the server samples ceil(K (1 + o)) (over-selection o; Bonawitz et
 al. 2019, "Towards federated learning at scale"), seeded by (seed, r).
 Client i then takes
 
-  T_i = (down_i / B↓_i + F_i / R_i + up_i / B↑_i) · exp(N(0, j²))
+  T_i = (down_i / B↓_i + F_i (s_i / S) / R_i + up_i / B↑_i) · exp(N(0, j²))
 
 seconds: its tier's bits down and up and FLOPs per round, read from the
-compiled device program (`Experiment.program_cost`), over its profile's
-bandwidths and throughput, with log-normal jitter j (`devices.timing`).
+compiled device program of S local steps (`Experiment.program_cost`), the
+FLOPs scaled to the s_i steps the client really runs (`client.epochs`, or
+fewer than S B examples: `data.cohort.local_steps_of`, as the per-round
+`device_flops_per_round` metric does), over its profile's bandwidths and
+throughput, with log-normal jitter j (`devices.timing`).
 It fails with probability p, or when it goes offline before T_i has
 passed. The server aggregates the first K clients to finish (those within
 the deadline D, if set); the round lasts until the last of them finishes,
@@ -100,10 +103,14 @@ class DeviceTime:
 
   def __init__(self, config, profiles: profiles_lib.DeviceProfiles,
                cost: Callable[[int, int], Any], tier_of: np.ndarray,
-               eligible: np.ndarray):
+               eligible: np.ndarray, step_share: np.ndarray | None = None):
+    """`step_share`: `[N]` each client's local steps over S (its share of
+    the S-step program's FLOPs); None: every client runs S."""
     d = config.devices
     self.config, self.profiles, self.cost = config, profiles, cost
     self.tier_of, self.eligible = tier_of, eligible
+    self.step_share = (np.ones(len(tier_of)) if step_share is None
+                       else np.asarray(step_share, np.float64))
     self.k = config.clients_per_round
     self.slots = min(len(tier_of),
                      int(math.ceil(self.k * (1 + d.over_selection))))
@@ -129,7 +136,8 @@ class DeviceTime:
         self.profiles, ids,
         download_bits=np.array([c.download_bits or 0.0 for c in costs]),
         upload_bits=np.array([c.upload_bits or 0.0 for c in costs]),
-        flops=np.array([c.flops_per_round or 0.0 for c in costs]),
+        flops=np.array([c.flops_per_round or 0.0 for c in costs])
+        * self.step_share[ids],
         jitter=d.jitter, rng=rng)
     failed = timing.draw_failures(rng, n, d.failure_probability)
     if n:  # offline before it finishes: its work is lost

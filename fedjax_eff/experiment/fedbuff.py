@@ -159,7 +159,7 @@ class FedBuffMode:
     seconds = timing.client_seconds(
         dt.profiles, ids, download_bits=float(cost.download_bits or 0),
         upload_bits=float(cost.upload_bits or 0),
-        flops=float(cost.flops_per_round or 0),
+        flops=float(cost.flops_per_round or 0) * dt.step_share[ids],
         jitter=self.config.devices.jitter, rng=rng)
     failed = timing.draw_failures(rng, len(ids),
                                   self.config.devices.failure_probability)

@@ -52,11 +52,19 @@ def _params(results, size):
       key=lambda k: int(k.split('param')[1]))]
 
 
-def test_pack_index_selects_the_packed_examples():
+@pytest.mark.parametrize('policy', [
+    dict(policy_small='repeat'), dict(policy_small='pad'),
+    dict(policy_small='pad', shuffle=False, weighting='uniform'),
+    dict(policy_small='pad', epochs=1, max_examples=6, steps=4)])
+def test_pack_index_selects_the_packed_examples(policy):
+  """The same examples as `pack`, whichever path builds the rows (the
+  bulk one for 'pad' without epochs, the per-client loop otherwise)."""
   data = helpers.ragged_clients()
   resident = data_lib.ResidentData.of(data)
   ids = np.array([5, 0, 3, 6])
-  kw = dict(steps=3, batch_size=4, seed=7, round_num=2, policy_small='repeat')
+  assert np.any(data.client_sizes[ids] > 12)  # subsampled ones too
+  kw = dict(steps=3, batch_size=4, seed=7, round_num=2)
+  kw.update(policy)
   packed = data_lib.pack(data, ids, **kw)
   indexed = data_lib.pack_index(resident, ids, **kw)
   for f, x in packed.batches.items():
@@ -65,6 +73,9 @@ def test_pack_index_selects_the_packed_examples():
         indexed.mask.shape + (1,) * (x.ndim - 3)) > 0), x)
   np.testing.assert_array_equal(indexed.mask, packed.mask)
   np.testing.assert_array_equal(indexed.weight, packed.weight)
+  assert indexed.ctx.keys() == packed.ctx.keys()
+  for name, x in packed.ctx.items():
+    np.testing.assert_array_equal(indexed.ctx[name], x)
   assert indexed.index.dtype == np.int32
 
 
@@ -247,3 +258,14 @@ def test_experiment_autotunes_and_places_data(tmp_path, monkeypatch):
   # Every round records how long it waited for its (prefetched) cohort.
   waits = [r['host_wait_seconds'] for r in _losses(str(tmp_path / 'device'))]
   assert len(waits) == 2 and all(w >= 0 for w in waits)
+
+
+def test_pack_index_refuses_a_large_client_as_pack_does():
+  data = helpers.ragged_clients()
+  resident = data_lib.ResidentData.of(data)
+  kw = dict(steps=2, batch_size=4, seed=0, round_num=0, policy_large='error')
+  with pytest.raises(ValueError) as packed:
+    data_lib.pack(data, np.array([0, 3]), **kw)
+  with pytest.raises(ValueError) as indexed:
+    data_lib.pack_index(resident, np.array([0, 3]), **kw)
+  assert str(indexed.value) == str(packed.value)

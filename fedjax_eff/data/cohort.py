@@ -433,6 +433,32 @@ def IndexedCohort(index, mask, weight, ctx) -> Cohort:  # pylint: disable=invali
   return Cohort({ROWS: index}, mask, weight, ctx)
 
 
+def _fill_front(resident: ResidentData, ids: np.ndarray, capacity: int,
+                index, mask, weight, *, seed, round_num, policy_large,
+                weighting, shuffle) -> None:
+  """`pack_index`'s rows without epochs or repeats: each client's first
+  min(n, capacity) examples of its order (`_example_order`: the same
+  per-client stream, so the same examples) at the front of its slots, in
+  bulk; only the per-client permutation is a Python call."""
+  n = resident.sizes[ids].astype(np.int64)
+  if policy_large == 'error' and np.any(n > capacity):
+    _example_order(resident.client_ids[int(ids[np.argmax(n > capacity)])],
+                   int(n.max()), capacity, None, policy_large='error',
+                   policy_small='pad', shuffle=False)  # (raises)
+  take = np.minimum(n, capacity)
+  if shuffle:
+    orders = [_client_rng(seed, round_num, int(ci)).permutation(int(m))[:t]
+              for ci, m, t in zip(ids, n, take)]
+    order = np.concatenate(orders) if orders else np.zeros(0, np.int64)
+  else:
+    order = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
+  rows = np.repeat(np.arange(len(ids)), take)
+  cols = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
+  index[rows, cols] = np.repeat(resident.offsets[ids], take) + order
+  mask[rows, cols] = 1.0
+  weight[:] = take if weighting == 'num_examples' else (n > 0)
+
+
 def pack_index(resident: ResidentData, client_indices: np.ndarray, *,
                steps: int, batch_size: int, seed: int, round_num: int,
                policy_large: str = 'subsample', policy_small: str = 'pad',
@@ -449,7 +475,13 @@ def pack_index(resident: ResidentData, client_indices: np.ndarray, *,
   index = np.full((k, capacity), resident.pad_row, np.int32)
   mask = np.zeros((k, capacity), np.float32)
   weight = np.zeros((k,), np.float32)
-  for slot, ci in enumerate(client_indices):
+  bulk = not epochs and policy_small == 'pad'  # (the common case)
+  if bulk:
+    _fill_front(resident, np.asarray(client_indices, np.int64), capacity,
+                index, mask, weight, seed=seed, round_num=round_num,
+                policy_large=policy_large, weighting=weighting,
+                shuffle=shuffle)
+  for slot, ci in enumerate(() if bulk else client_indices):
     ci = int(ci)
     n = int(resident.sizes[ci])
     slots, trained = _slot_examples(

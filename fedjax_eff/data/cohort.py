@@ -446,14 +446,13 @@ def _fill_front(resident: ResidentData, ids: np.ndarray, capacity: int,
                    int(n.max()), capacity, None, policy_large='error',
                    policy_small='pad', shuffle=False)  # (raises)
   take = np.minimum(n, capacity)
+  rows = np.repeat(np.arange(len(ids)), take)  # (client slot, its position)
+  cols = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
+  order = cols  # (unshuffled: each client's first examples)
   if shuffle:
     orders = [_client_rng(seed, round_num, int(ci)).permutation(int(m))[:t]
               for ci, m, t in zip(ids, n, take)]
-    order = np.concatenate(orders) if orders else np.zeros(0, np.int64)
-  else:
-    order = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
-  rows = np.repeat(np.arange(len(ids)), take)
-  cols = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
+    order = np.concatenate(orders) if orders else cols
   index[rows, cols] = np.repeat(resident.offsets[ids], take) + order
   mask[rows, cols] = 1.0
   weight[:] = take if weighting == 'num_examples' else (n > 0)

@@ -258,8 +258,13 @@ def run_script(name: str, argv: list, out: str, seconds: float,
     errors[name] = why
     clock.log(f'[{name}] failed: {why}')
     return None
-  with open(out) as f:
-    return json.load(f)
+  try:
+    with open(out) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:  # (a part's failure is not the suite's)
+    errors[name] = f'{type(e).__name__}: {e}'[:300]
+    clock.log(f'[{name}] failed: {errors[name]}')
+    return None
 
 
 def main(argv=None):

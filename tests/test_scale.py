@@ -264,8 +264,9 @@ def test_pack_index_refuses_a_large_client_as_pack_does():
   data = helpers.ragged_clients()
   resident = data_lib.ResidentData.of(data)
   kw = dict(steps=2, batch_size=4, seed=0, round_num=0, policy_large='error')
+  ids = np.array([0, 2, 3])  # 3, 20 and 40 examples: two too large
   with pytest.raises(ValueError) as packed:
-    data_lib.pack(data, np.array([0, 3]), **kw)
+    data_lib.pack(data, ids, **kw)
   with pytest.raises(ValueError) as indexed:
-    data_lib.pack_index(resident, np.array([0, 3]), **kw)
+    data_lib.pack_index(resident, ids, **kw)
   assert str(indexed.value) == str(packed.value)

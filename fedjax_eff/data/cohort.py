@@ -442,9 +442,10 @@ def _fill_front(resident: ResidentData, ids: np.ndarray, capacity: int,
   bulk; only the per-client permutation is a Python call."""
   n = resident.sizes[ids].astype(np.int64)
   if policy_large == 'error' and np.any(n > capacity):
-    _example_order(resident.client_ids[int(ids[np.argmax(n > capacity)])],
-                   int(n.max()), capacity, None, policy_large='error',
-                   policy_small='pad', shuffle=False)  # (raises)
+    first = int(np.argmax(n > capacity))  # (pack's loop meets it first)
+    _example_order(resident.client_ids[int(ids[first])], int(n[first]),
+                   capacity, None, policy_large='error', policy_small='pad',
+                   shuffle=False)  # (raises)
   take = np.minimum(n, capacity)
   rows = np.repeat(np.arange(len(ids)), take)  # (client slot, its position)
   cols = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)

@@ -325,8 +325,11 @@ def main(argv=None):
       efficiency_vs_floor={m: p['efficiency_vs_floor']
                            for m, p in pairs.items()},
       ragged={k: (ragged or {}).get(k) for k in (
-          'useful_fraction_c1', 'useful_fraction_c8', 'round_over_floor',
-          'speedup_vs_fixed_steps', 'seconds_per_round', 'time_chunk')},
+          'useful_fraction_c1', 'useful_fraction_c8',
+          'useful_fraction_c8_lanes', 'round_over_floor',
+          'round_over_floor_lanes', 'speedup_vs_fixed_steps',
+          'speedup_lanes_vs_chunks', 'seconds_per_round', 'seconds_lanes',
+          'time_chunk')},
       peers_femnist_seconds_per_round=(peers or {}).get('seconds_per_round'),
       sweep=swept, scaling=runs, floor=pairs, skipped=skipped, errors=errors,
       budget_s=args.budget_s, elapsed_s=clock.elapsed(),

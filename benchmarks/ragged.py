@@ -19,6 +19,11 @@ For each (distribution, cap), in one run:
                    clients by step count for C > 1). Fixed-S packing
                    (every client computing the largest client's S steps)
                    gives sum(real) / (K S).
+  useful_fraction_c8_lanes
+                   the same on C lanes that run several clients back to
+                   back (`config.lanes`, `core.round.build_lane_update`):
+                   the round's own longest-first schedule, computed = C x
+                   the longest lane.
   s/round          the round as it runs now, the same cohort with every
                    client computing all S steps (today's fixed-S packing
                    before issue 18: each client's last step is given one
@@ -26,7 +31,9 @@ For each (distribution, cap), in one run:
                    the floor: the same real steps as one centralized
                    `lax.scan` of one model. C = `--time_chunk` (1, the
                    CPU default; wider on an accelerator). The median of
-                   `--rounds` after a warm-up round.
+                   `--rounds` after a warm-up round. `seconds_lanes`: the
+                   same round on C lanes (`speedup_lanes_vs_chunks`,
+                   `round_over_floor_lanes`).
 
 Model: a causal Transformer LM (2 blocks, d_model 32, tied embeddings),
 client SGD, over a vocabulary of 1,000 (the stdlib corpus's 10,004 ids are
@@ -37,8 +44,9 @@ computes, and the 10k-way softmax would dominate it on a CPU).
   python benchmarks/ragged.py --rounds 1 --caps 256 --dists so   # quick
 
 Last line (also in benchmarks/results/ragged.json): `useful_fraction_c1`,
-`useful_fraction_c8`, `round_over_floor`, `speedup_vs_fixed_steps` (each
-per distribution and cap) and the fixed-S useful fraction.
+`useful_fraction_c8`, `useful_fraction_c8_lanes`, `round_over_floor`,
+`speedup_vs_fixed_steps`, the lanes' timings (each per distribution and
+cap) and the fixed-S useful fraction.
 """
 
 from __future__ import annotations
@@ -96,14 +104,12 @@ def useful_fraction(steps: np.ndarray, chunk: int) -> float:
 
 
 def lanes_useful_fraction(steps: np.ndarray, chunk: int) -> float:
-  """What lanes that run several clients back to back would compute (NOT
-  built: issue 18's next step): the K clients scheduled onto `chunk` lanes
-  longest first, each to the lane that frees first (LPT, within 4/3 of the
-  best makespan); computed = chunk x the longest lane."""
-  lanes = np.zeros(chunk, np.int64)
-  for s in np.sort(steps)[::-1]:
-    lanes[np.argmin(lanes)] += s
-  return float(steps.sum() / (chunk * lanes.max()))
+  """sum(real steps) / steps computed on `chunk` lanes that run several
+  clients back to back (`build_round(lanes=True)`): the round's own
+  schedule (`placement.lane_schedule`, longest first), computed = chunk x
+  the longest lane."""
+  sch = placement.lane_schedule(steps, chunk, int(max(steps.max(), 1)))
+  return float(steps.sum() / (chunk * int(sch.length)))
 
 
 def timed(fn, rounds: int) -> float:
@@ -159,15 +165,18 @@ def main(argv=None):
   task = core.next_token()
   params = model.init(jax.random.key(0), np.zeros((1, SEQ), np.int32))[
       'params']
-  fns = core.build_round(model, task, core.identity(), optax.sgd(LR),
-                         core.make_optimizer('fedavg', 1.0),
-                         chunk_size=args.time_chunk, donate=False)
+  fns, lane_fns = (core.build_round(
+      model, task, core.identity(), optax.sgd(LR),
+      core.make_optimizer('fedavg', 1.0), chunk_size=args.time_chunk,
+      donate=False, lanes=lanes) for lanes in (False, True))
   state = fns.init(params)
   out = {k: {} for k in ('useful_fraction_c1', 'useful_fraction_c8',
-                         'useful_fraction_c8_lanes_not_built',
+                         'useful_fraction_c8_lanes',
                          'useful_fraction_fixed_steps', 'round_over_floor',
                          'speedup_vs_fixed_steps', 'seconds_per_round',
-                         'seconds_fixed_steps', 'seconds_floor')}
+                         'seconds_fixed_steps', 'seconds_floor',
+                         'seconds_lanes', 'round_over_floor_lanes',
+                         'speedup_lanes_vs_chunks')}
   datasets = {'stdlib': stdlib_data, 'so': lambda: so_shaped_data(2000)}
   for dist in args.dists.split(','):
     data = datasets[dist]()
@@ -186,8 +195,8 @@ def main(argv=None):
       steps = placement.client_steps(cohort.mask)
       out['useful_fraction_c1'][name] = useful_fraction(steps, 1)
       out['useful_fraction_c8'][name] = useful_fraction(steps, args.chunk)
-      out['useful_fraction_c8_lanes_not_built'][name] = (
-          lanes_useful_fraction(steps, args.chunk))
+      out['useful_fraction_c8_lanes'][name] = lanes_useful_fraction(
+          steps, args.chunk)
       out['useful_fraction_fixed_steps'][name] = float(
           steps.sum() / (len(steps) * steps_max))
       # Fixed S: one example in every client's last step (timing only).
@@ -199,6 +208,9 @@ def main(argv=None):
       before = timed(lambda r: fns.round_step(state, fixed,
                                               jax.random.key(r)),
                      args.rounds)
+      lanes = timed(lambda r: lane_fns.round_step(state, cohort,
+                                                  jax.random.key(r)),
+                    args.rounds)
       floor = floor_fn(model, task, cohort)
       flo = timed(lambda r: floor(params, r), args.rounds)
       out['seconds_per_round'][name] = now
@@ -206,16 +218,19 @@ def main(argv=None):
       out['seconds_floor'][name] = flo
       out['round_over_floor'][name] = now / flo
       out['speedup_vs_fixed_steps'][name] = before / now
+      out['seconds_lanes'][name] = lanes
+      out['round_over_floor_lanes'][name] = lanes / flo
+      out['speedup_lanes_vs_chunks'][name] = now / lanes
       print(f'  cap {cap}: S = {steps_max}, real steps {steps.sum()} of '
             f'{len(steps) * steps_max} fixed; useful fraction C=1 '
             f'{out["useful_fraction_c1"][name]:.3f}, C={args.chunk} '
-            f'{out["useful_fraction_c8"][name]:.3f} (multi-client lanes, '
-            'not built: '
-            f'{out["useful_fraction_c8_lanes_not_built"][name]:.3f}), fixed S '
+            f'{out["useful_fraction_c8"][name]:.3f} (on lanes: '
+            f'{out["useful_fraction_c8_lanes"][name]:.3f}), fixed S '
             f'{out["useful_fraction_fixed_steps"][name]:.3f}; s/round '
-            f'{now:.2f} (fixed S {before:.2f}, floor {flo:.2f}): '
-            f'{before / now:.2f}x faster than fixed S, '
-            f'{now / flo:.2f}x the floor', flush=True)
+            f'{now:.2f} (fixed S {before:.2f}, lanes {lanes:.2f}, floor '
+            f'{flo:.2f}): {before / now:.2f}x faster than fixed S, '
+            f'{now / flo:.2f}x the floor; lanes {now / lanes:.2f}x faster '
+            f'than chunks, {lanes / flo:.2f}x the floor', flush=True)
   out.update(jax=jax.__version__, backend=jax.default_backend(),
              clients_per_round=CLIENTS, batch_size=B, rounds=args.rounds,
              time_chunk=args.time_chunk)

@@ -104,6 +104,9 @@ def parse_args(argv=None):
   p.add_argument('--client_lr', type=float, default=0.1)
   p.add_argument('--server_lr', type=float, default=1.0)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--lanes', action='store_true',
+                 help='build_round(lanes=True): the clients back to back on '
+                 'C lanes (config.lanes).')
   p.add_argument('--prefetch', action='store_true',
                  help='pack round r+1 on a host thread while round r runs, '
                  'as the training loop does (experiment/loop.py); the host '
@@ -206,7 +209,8 @@ def run_worker(cfg: dict) -> dict:
   fns = core.build_round(
       model, task, core.identity(), client_opt,
       core.make_optimizer('fedavg', cfg['server_lr']),
-      chunk_size=cfg['chunk_size'], donate=True)
+      chunk_size=cfg['chunk_size'], donate=True,
+      lanes=bool(cfg.get('lanes')))
   state = [fns.init(params)]
   examples = None
   if mode in ('resident', 'pair'):
@@ -329,7 +333,8 @@ def base_cfg(args, num_clients: int) -> dict:
               batch_size=args.batch_size, chunk_size=args.chunk_size,
               client_lr=args.client_lr, server_lr=args.server_lr,
               seed=args.seed, rounds=args.rounds,
-              budget_seconds=args.budget_seconds, prefetch=args.prefetch)
+              budget_seconds=args.budget_seconds, prefetch=args.prefetch,
+              lanes=args.lanes)
 
 
 def spawn(cfg: dict, timeout: float, log=print) -> dict:
@@ -468,7 +473,8 @@ def main(argv=None):
                   chunk_size=args.chunk_size, rounds=args.rounds,
                   budget_seconds=args.budget_seconds,
                   client_lr=args.client_lr, server_lr=args.server_lr,
-                  pixels='float32', seed=args.seed, prefetch=args.prefetch),
+                  pixels='float32', seed=args.seed, prefetch=args.prefetch,
+                  lanes=args.lanes),
       max_clients_per_round=max(common) if common else None,
       max_clients_per_round_per_model={m: max(v) if v else None
                                        for m, v in ran.items()},

@@ -55,6 +55,8 @@ def test_reduced_run(tmp_path):
   # (c) ragged: a count that needs no timing, and a timed round.
   assert s['ragged']['useful_fraction_c1'] == {'so_cap32': 1.0}
   assert 0 < s['ragged']['useful_fraction_c8']['so_cap32'] <= 1
+  assert 0 < s['ragged']['useful_fraction_c8_lanes']['so_cap32'] <= 1
+  assert s['ragged']['seconds_lanes']['so_cap32'] > 0
   assert positive(s['ragged']['seconds_per_round']['so_cap32'])
   assert s['ragged']['time_chunk'] == 8
   # (d) peers: fedjax_eff alone, at C = 1 and C = K.

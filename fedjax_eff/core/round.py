@@ -287,6 +287,36 @@ def with_hparams(opt_state, hparams: dict):
       opt_state.hyperparams, learning_rate=jnp.asarray(lr, old.dtype)))
 
 
+def local_step_fn(loss_fn, split: TrainableSplit, start: PyTree, fwd: dict,
+                  hparams: dict, client_optimizer: optax.GradientTransformation,
+                  correct: Callable[[PyTree], PyTree] | None = None):
+  """One local step of a device: `step((train, opt_state, stats), batch,
+  mask_b, rng) -> (train, opt_state, stats)`, `client_optimizer` on the
+  trainable leaves (`split`) of `start`; `correct(grads)` (e.g.
+  SCAFFOLD's control variates) before the optimizer; a fully padded step
+  changes nothing; `stats` adds the step's `Sums`."""
+  def train_loss(train, batch, mask_b, rng):
+    return loss_fn(split.full(split.stop_frozen(train)), batch, mask_b, rng,
+                   start, fwd, hparams.get('prox_mu'))
+  grad_fn = jax.grad(train_loss, has_aux=True)
+
+  def step(carry, batch, mask_b, rng):
+    train, opt_state, stats = carry
+    grads, sums = grad_fn(train, batch, mask_b, rng)
+    if correct is not None:
+      corrected = jax.tree.leaves(correct(split.full(grads)))
+      grads = [corrected[i] for i in split.index]
+    updates, new_opt_state = client_optimizer.update(
+        split.apply_mask(grads), opt_state, train)
+    new_train = optax.apply_updates(train, split.apply_mask(updates))
+    real = jnp.sum(mask_b) > 0  # a fully padded step changes nothing
+    train, opt_state = jax.tree.map(
+        lambda a, b: jnp.where(real, a, b), (new_train, new_opt_state),
+        (train, opt_state))
+    return train, opt_state, jax.tree.map(jnp.add, stats, sums)
+  return step
+
+
 def build_device_update(model: nn.Module, task: Task,
                         technique: technique_lib.Technique,
                         client_optimizer: optax.GradientTransformation,
@@ -325,28 +355,14 @@ def build_device_update(model: nn.Module, task: Task,
     fwd = tech.forward(plan)
     hparams = hparams or {}
 
-    def train_loss(train, batch, mask_b, rng):
-      return loss_fn(split.full(split.stop_frozen(train)), batch, mask_b, rng,
-                     start, fwd, hparams.get('prox_mu'))
-    grad_fn = jax.grad(train_loss, has_aux=True)
+    step = local_step_fn(
+        loss_fn, split, start, fwd, hparams, client_optimizer,
+        None if tech.correct is None else (
+            lambda grads: tech.correct(grads, plan)))
 
     def local_step(carry, xs):
-      train, opt_state, stats = carry
       batch, mask_b, s = xs
-      grads, sums = grad_fn(
-          train, batch, mask_b, jax.random.fold_in(train_key, s))
-      if tech.correct is not None:  # e.g. SCAFFOLD's control variates
-        corrected = jax.tree.leaves(tech.correct(split.full(grads), plan))
-        grads = [corrected[i] for i in split.index]
-      updates, new_opt_state = client_optimizer.update(
-          split.apply_mask(grads), opt_state, train)
-      new_train = optax.apply_updates(train, split.apply_mask(updates))
-      real = jnp.sum(mask_b) > 0  # a fully padded step changes nothing
-      train, opt_state = jax.tree.map(
-          lambda a, b: jnp.where(real, a, b), (new_train, new_opt_state),
-          (train, opt_state))
-      stats = jax.tree.map(jnp.add, stats, sums)
-      return train, opt_state, stats
+      return step(carry, batch, mask_b, jax.random.fold_in(train_key, s))
 
     steps = mask.shape[0]
     if num_steps is None:  # the last step with an example, + 1
@@ -382,6 +398,138 @@ def build_device_update(model: nn.Module, task: Task,
     return DeviceOutput(msg, feedback, client_state, stats)
 
   return device_update
+
+
+class LaneOutput(NamedTuple):
+  """A cohort's sums from `build_lane_update`: Σ_k w_k Δ_k and Σ_k w_k
+  cov_k at server shape, the training `Sums` over every client, and each
+  client's upload and download bits `[K]`."""
+  delta: PyTree
+  coverage: PyTree
+  sums: Sums
+  upload_bits: jax.Array
+  download_bits: jax.Array
+
+
+def build_lane_update(model: nn.Module, task: Task,
+                      technique: technique_lib.Technique,
+                      client_optimizer: optax.GradientTransformation,
+                      prox_mu: float = 0.0) -> Callable[..., LaneOutput]:
+  """The whole cohort on `L` lanes, each running several clients back to
+  back (`placement.lane_schedule`), for a technique that is the same for
+  every client (`technique.same_for_every_client`).
+
+  Issue 18: with one client per lane, a chunk of C lanes runs as long as
+  its longest client and the others' lanes idle (sorted chunks reach a
+  useful fraction of 0.75-0.83 at C = 8 on heavy-tailed cohorts, and no
+  one-client-per-lane layout does better). A lane here trains client k for
+  its s_k steps, adds w_k Δ_k = w_k (x_server - x_k) to the lane's sum at
+  k's last step, resets the model and the optimizer state to the server's
+  and goes on with its next client; every lane stops at the longest lane
+  (Σ_k s_k / (L x length) of the steps are real: 0.99 on those cohorts).
+  Each client sees exactly what `build_client_update` gives it (its own
+  key `fold_in(train_key_k, step)`, its batches, the same optimizer from
+  its initial state), so the sums equal the chunked round's up to float
+  summation order.
+
+  What is per client in the chunked round is per lane step here: a
+  `cond` on the lane's client boundary (unbatched at L = 1, so the
+  flush and reset run only at boundaries; under the lane `vmap` a select
+  of both, three passes over the trainable parameters per step). A
+  technique that encodes, merges, keeps state or draws per-client plans
+  needs each client's own upload: it runs chunked (`build_round`).
+
+  Args to the returned function:
+    server_params: the server model.
+    batches: feature -> `[K, S, B, ...]`, or `{ROWS: [K, S, B]}` row
+      indices into `examples` (device-resident data).
+    mask: `[K, S, B]`; weight: `[K]`; keys: `[K]` client keys
+      (`fold_in(rng, position)`, as the chunked round).
+    schedule: a `placement.LaneSchedule` (arrays `[L, T]`, `length`).
+    round_num: int32 scalar; hparams: a replica's hyperparameters or {}.
+    examples: feature -> `[N, ...]` for row indices, else {}.
+  """
+  tech = technique_lib.chain(technique)
+  if not technique_lib.same_for_every_client(tech):
+    raise ValueError(
+        f'{tech.name!r} cannot run clients back to back in lanes: its '
+        'clients draw plans, encode their uploads, merge, keep state or '
+        'correct gradients, so each needs its own upload; use the chunked '
+        'round (lanes=False).')
+  loss_fn = make_loss_fn(model, task, prox_mu)
+
+  def lane_update(server_params, batches, mask, weight, keys, schedule,
+                  round_num, hparams=None, examples=None) -> LaneOutput:
+    hparams = hparams or {}
+    plan = tech.plan(keys[0], round_num, {})  # the same for every client
+    start = tech.view(server_params, plan)
+    trainable = tech.trainable(start, plan)
+    split = TrainableSplit.of(start, trainable)
+    step = local_step_fn(loss_fn, split, start, tech.forward(plan), hparams,
+                         client_optimizer)
+    train0 = split.train
+    opt0 = with_hparams(client_optimizer.init(train0), hparams)
+    train_keys = jax.vmap(lambda key: split_client_key(key)[1])(keys)
+    k = mask.shape[0]
+    zero = jnp.zeros((), loss_dtype(start))
+
+    def batch_of(c, s):
+      if ROWS in batches:
+        return {f: jnp.take(x, batches[ROWS][c, s], axis=0, mode='clip')
+                for f, x in examples.items()}
+      return {f: x[c, s] for f, x in batches.items()}
+
+    def lane(client, steps, last, length):
+      def body(t, carry):
+        train, opt_state, stats, acc = carry
+        c = jnp.minimum(client[t], k - 1)  # (K: past the lane's end)
+        s = steps[t]
+        mask_b = jnp.where(client[t] < k, mask[c, s], 0)
+        train, opt_state, stats = step(
+            (train, opt_state, stats), batch_of(c, s), mask_b,
+            jax.random.fold_in(train_keys[c], s))
+
+        def flush(train, opt_state, acc):  # client c is done
+          moved = split.apply_mask([a - b for a, b in zip(train0, train)])
+          return train0, opt0, [a + weight[c].astype(d.dtype) * d
+                                for a, d in zip(acc, moved)]
+        train, opt_state, acc = jax.lax.cond(
+            last[t], flush, lambda *xs: xs, train, opt_state, acc)
+        return train, opt_state, stats, acc
+
+      init = (train0, opt0, Sums(zero, zero, zero, zero),
+              [jnp.zeros_like(x) for x in train0])
+      _, _, stats, acc = jax.lax.fori_loop(0, length, body, init)
+      return stats, acc
+
+    lanes = schedule.client.shape[0]
+    if lanes == 1:  # unbatched: the flush's cond really skips
+      stats, acc = lane(schedule.client[0], schedule.step[0],
+                        schedule.last[0], schedule.length)
+    else:
+      stats, acc = jax.vmap(lane, in_axes=(0, 0, 0, None))(
+          schedule.client, schedule.step, schedule.last, schedule.length)
+      stats = jax.tree.map(lambda x: jnp.sum(x, 0), stats)
+      acc = [jnp.sum(a, 0) for a in acc]
+    zeros = jax.tree.map(jnp.zeros_like, start)
+    summed = TrainableSplit.of(zeros, trainable).full(acc)
+    # What one client's upload is and what the server reads of it: the
+    # same for every client (an identity codec, the default merge).
+    msg = technique_lib.encode_upload(tech, zeros, trainable, plan, keys[0])
+    _, coverage = tech.merge(server_params, technique_lib.receive(
+        tech, msg, plan), trainable, plan)
+    coverage = jax.tree.map(
+        lambda c, m: jnp.asarray(m, c.dtype) if isinstance(
+            m, (bool, np.bool_)) else c, coverage, trainable)
+    delta, _ = tech.merge(server_params, summed, trainable, plan)
+    total_w = jnp.sum(weight)
+    per_client = lambda bits: jnp.full((k,), bits, jnp.float32)
+    return LaneOutput(
+        delta, jax.tree.map(lambda c: total_w.astype(c.dtype) * c, coverage),
+        stats, per_client(codecs.message_bits(msg)),
+        per_client(technique_lib.download_bits(tech, start, plan)))
+
+  return lane_update
 
 
 def build_client_update(model: nn.Module, task: Task,
@@ -560,7 +708,8 @@ def build_round(model: nn.Module, task: Task,
                 vmap_replicas: bool | None = None,
                 population: int | None = None,
                 client_state_limit_bytes: int = 4 << 30,
-                client_store: str = 'device') -> RoundFns:
+                client_store: str = 'device',
+                lanes: bool = False) -> RoundFns:
   """Builds `init(params)` and `round_step(state, cohort, rng, round_num)`.
 
   `cohort` is a `data.Cohort` (numpy or jax arrays) with `K` clients, or a
@@ -594,6 +743,15 @@ def build_round(model: nn.Module, task: Task,
   `RoundMetrics.client_states` (written back where
   `client_state_written`); only K rows cross, and N x state never sits on
   the device.
+
+  `lanes`: run the cohort on C lanes, each training several clients back
+  to back (`build_lane_update`, `placement.lane_schedule`), instead of
+  chunks of C clients each running to its chunk's longest: on cohorts of
+  uneven step counts nearly every computed step is real. For a technique
+  that is the same for every client (`technique.same_for_every_client`),
+  on one device, without per-client state; results equal the chunked
+  round's up to float summation order. A round that meets a non-finite
+  update reruns guarded and chunked.
   """
   if client_store not in ('device', 'host'):
     raise ValueError(f"client_store={client_store!r}: 'device' or 'host'.")
@@ -606,6 +764,20 @@ def build_round(model: nn.Module, task: Task,
   @functools.lru_cache(maxsize=None)
   def program(stage, tier):
     return tech.specialize(stage, tier) if tiered else tech
+
+  if lanes and ((tiered and num_tiers > 1) or stateful or mesh is not None
+                or not technique_lib.same_for_every_client(program(
+                    tech.stage(0) if tech.stage else None, 0))):
+    raise ValueError(
+        f'lanes=True runs clients back to back, which needs a technique '
+        f'that is the same for every client (no plans, encoders, merges, '
+        f'state, corrections or device tiers) on one device; {tech.name!r}'
+        f'{" on a mesh" if mesh is not None else ""} is not: use lanes=False.')
+
+  @functools.lru_cache(maxsize=None)
+  def lane_update_for(stage=None):
+    return build_lane_update(model, task, program(stage, 0),
+                             client_optimizer, prox_mu)
 
   @functools.lru_cache(maxsize=None)
   def client_update_for(stage=None, tier=0, compact_coverage=False):
@@ -735,8 +907,25 @@ def build_round(model: nn.Module, task: Task,
       return placement_lib.Contribution(total, bits + (out.client_state, ok))
     return placement_lib.Contribution(total, bits, out.client_state, ok)
 
+  def lane_sums(state, examples, cohort, schedule, rng, stage):
+    """The round's sums with the clients back to back on lanes
+    (`build_lane_update`): (delta_sum, coverage, sums), upload and
+    download bits `[K]`; 'nonfinite' > 0 when any sum is not finite."""
+    k = cohort.mask.shape[0]
+    hparams = state.hparams if jax.tree.leaves(state.hparams) else {}
+    out = lane_update_for(stage)(
+        state.params, dict(cohort.batches), cohort.mask, cohort.weight,
+        client_keys(rng, k), schedule, state.round, hparams, examples)
+    dtype = loss_dtype(state.params)
+    finite = tree_all_finite((out.delta, out.sums.loss))
+    sums = dict(loss=out.sums.loss, correct=out.sums.correct,
+                examples=out.sums.loss_units, scored=out.sums.scored_units,
+                dropped=jnp.zeros((), dtype),
+                nonfinite=(~finite).astype(dtype))
+    return (out.delta, out.coverage, sums), out.upload_bits, out.download_bits
+
   def round_program(state: ServerState, examples, cohort, order, chunk_tier,
-                    rng, stage, num_clients=None, guard=True):
+                    rng, stage, num_clients=None, guard=True, schedule=None):
     """One round (McMahan et al. 2017, Alg. 1; Reddi et al. 2021, Alg. 2):
     broadcast the server state, every client trains and uploads, the
     server averages per parameter over the clients that trained it and
@@ -748,16 +937,29 @@ def build_round(model: nn.Module, task: Task,
     the round runs again guarded. One pass over each update instead of
     two (with the step loop's change, the MLP round went from 0.61 to 0.84
     of the centralized floor on CPU, 0.88 with the training loop's
-    prefetch: benchmarks/RESULTS.md, "Item 4 again")."""
-    clients = place.to_slots(cohort, order, chunk_tier, rng, num_clients)
-    programs = [functools.partial(contribution, stage, t, guard)
-                for t in range(num_tiers if tiered else 1)]
-    # Chunks of padding only exist with tiers, or to fill mesh blocks.
-    dispatch = tiered or order.shape[0] - clients.num_clients >= (
-        order.shape[0] // chunk_tier.shape[0])
-    total, per_slot, store = place.sum_over_clients(
-        programs, (state, examples), clients, state.clients, dispatch)
-    delta_sum, coverage, sums = total[:3]
+    prefetch: benchmarks/RESULTS.md, "Item 4 again").
+
+    `schedule` (a `placement.LaneSchedule`; unguarded only): the clients
+    run back to back on lanes (`build_lane_update`) instead of in chunks;
+    a non-finite sum then sends the round to its guarded, chunked rerun."""
+    if schedule is not None:
+      total, up, down = lane_sums(state, examples, cohort, schedule, rng,
+                                  stage)
+      delta_sum, coverage, sums = total
+      k = cohort.mask.shape[0]
+    else:
+      clients = place.to_slots(cohort, order, chunk_tier, rng, num_clients)
+      k = clients.num_clients
+      programs = [functools.partial(contribution, stage, t, guard)
+                  for t in range(num_tiers if tiered else 1)]
+      # Chunks of padding only exist with tiers, or to fill mesh blocks.
+      dispatch = tiered or order.shape[0] - k >= (
+          order.shape[0] // chunk_tier.shape[0])
+      total, per_slot, store = place.sum_over_clients(
+          programs, (state, examples), clients, state.clients, dispatch)
+      delta_sum, coverage, sums = total[:3]
+      per_client = lambda x: place.per_client(x, clients)
+      up, down = per_client(per_slot[0]), per_client(per_slot[1])
     # (a compact coverage sum, one number for a static mask: at full shape,
     # materialized, so the server's division stays a division and rounds
     # as it did per element)
@@ -774,8 +976,6 @@ def build_round(model: nn.Module, task: Task,
     if stateful:
       new_state = technique_server_update(read, new_state, total[3], sums,
                                           store, skipped)
-    per_client = lambda x: place.per_client(x, clients)
-    up, down = per_client(per_slot[0]), per_client(per_slot[1])
     host_rows = ()
     if host_store and stateful:  # written back unless the step was skipped
       host_rows = (jax.tree.map(per_client, per_slot[2]),
@@ -793,7 +993,7 @@ def build_round(model: nn.Module, task: Task,
         train_loss=jnp.where(sums['examples'] > 0, sums['loss'] / jnp.maximum(
             sums['examples'], 1.0), jnp.nan),
         train_accuracy=sums['correct'] / jnp.maximum(sums['scored'], 1.0),
-        num_clients=jnp.asarray(clients.num_clients, jnp.float32),
+        num_clients=jnp.asarray(k, jnp.float32),
         num_dropped=sums['dropped'], upload_bits=jnp.mean(up),
         download_bits=jnp.mean(down),
         server_step_skipped=skipped.astype(jnp.float32),
@@ -901,7 +1101,12 @@ def build_round(model: nn.Module, task: Task,
       return run(state)
     # Unguarded first (one pass over each update); a round that met a
     # non-finite client kept its old state and runs again guarded.
-    new_state, metrics, redo = run(state, guard=False)
+    schedule = None
+    if lanes and part_of is None:
+      schedule = placement_lib.lane_schedule(
+          placement_lib.client_steps(cohort.mask),
+          placement_lib.chunk_width(chunk_size, k), cohort.mask.shape[1])
+    new_state, metrics, redo = run(state, guard=False, schedule=schedule)
     if bool(redo):
       return run(new_state)
     return new_state, metrics

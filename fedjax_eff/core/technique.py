@@ -76,6 +76,7 @@ order (view/encode in order, decode/merge in reverse).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Hashable, NamedTuple, Optional
 
 import jax
@@ -298,6 +299,39 @@ def feedback_bits(feedback: PyTree):
   return tree_bits(feedback)
 
 
+def _identity_if(identity: bool, fn: Callable) -> Callable:
+  """`fn`, marked `identity` when the hook it resolves was None (no plan
+  drawn, no encoder): what `same_for_every_client` reads."""
+  fn.identity = identity
+  return fn
+
+
+def _is_identity(hook) -> bool:
+  """A hook that is None, or resolved from None (`_identity_if`)."""
+  return hook is None or bool(getattr(hook, 'identity', False))
+
+
+def same_for_every_client(t: Technique) -> bool:
+  """Does every client of the resolved program `t` (a technique, or what
+  its `specialize` gives for one stage and tier) train the same view with
+  the same mask and forward kwargs, and upload its delta as it is?
+
+  True when no technique of `t` draws a plan (so view, trainable and
+  forward are the same for all), none encodes or merges (the server reads
+  Δ_k itself, coverage = the mask: Σ_k w_k Δ_k is linear in the Δ_k), and
+  none keeps state, corrects gradients, reports variants, draws per chunk,
+  aggregates. Plain FedAvg/FedAdam/FedProx and one tier's static last-n
+  qualify. Then the round may run several
+  clients back to back in one lane (`build_round(lanes=True)`): all a
+  client leaves behind is w_k Δ_k added to a sum.
+  """
+  return (_is_identity(t.plan) and _is_identity(t.encode)
+          and _is_identity(t.decode)
+          and coverage_is_mask(t) and t.init is None and t.correct is None
+          and t.finish is None and t.variant is None
+          and t.chunk_plan is None and t.aggregate is None)
+
+
 def resolve(t: Technique) -> Technique:
   """Returns `t` with every per-client hook filled in (identity if None).
 
@@ -311,12 +345,15 @@ def resolve(t: Technique) -> Technique:
     specialize = lambda stage, tier: resolve(t.specialize(stage, tier))
   return Technique(
       name=t.name,
-      plan=lambda rng, r, ctx: _plan(t, rng, r, ctx),
+      plan=_identity_if(_is_identity(t.plan),
+                        lambda rng, r, ctx: _plan(t, rng, r, ctx)),
       view=lambda p, plan: _view(t, p, plan),
       trainable=lambda p, plan: _trainable(t, p, plan),
       forward=lambda plan: _forward(t, plan),
-      encode=lambda msg, plan, rng: _encode(t, msg, plan, rng),
-      decode=lambda msg, plan: _decode(t, msg, plan),
+      encode=_identity_if(_is_identity(t.encode),
+                          lambda msg, plan, rng: _encode(t, msg, plan, rng)),
+      decode=_identity_if(_is_identity(t.decode),
+                          lambda msg, plan: _decode(t, msg, plan)),
       merge=_mask_merge(t),
       download=t.download,  # None stays None: see download_bits
       stage=t.stage,
@@ -370,6 +407,9 @@ def chain(*techniques: Technique) -> Technique:
   if len(ts) == 1:
     return ts[0]
 
+  every = lambda hook: all(_is_identity(getattr(t, hook)) for t in ts)
+
+  @functools.partial(_identity_if, every('plan'))
   def plan(rng, round_num, ctx):
     keys = jax.random.split(rng, len(ts))
     chunk = ctx.get('chunk', (None,) * len(ts))
@@ -398,12 +438,14 @@ def chain(*techniques: Technique) -> Technique:
     return structure.merge_forward([t.forward(p) for t, p in zip(ts, plans)],
                                    names=[t.name for t in ts])
 
+  @functools.partial(_identity_if, every('encode'))
   def encode(msg, plans, rng):
     keys = jax.random.split(rng, len(ts))
     for t, p, k in zip(ts, plans, keys):
       msg = t.encode(msg, p, k)
     return msg
 
+  @functools.partial(_identity_if, every('decode'))
   def decode(msg, plans):
     for t, p in zip(reversed(ts), reversed(plans)):
       msg = t.decode(msg, p)

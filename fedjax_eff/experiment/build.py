@@ -307,7 +307,8 @@ class Experiment:
         population=self.data.train.num_clients,
         client_state_limit_bytes=int(
             self.config.get('client_state_limit_gib', 4.0) * 2 ** 30),
-        client_store=self.client_store)
+        client_store=self.client_store,
+        lanes=bool(self.config.get('lanes', False)))
 
   @property
   def client_store(self) -> str:

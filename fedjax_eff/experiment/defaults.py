@@ -24,6 +24,14 @@ def base_config() -> ml_collections.ConfigDict:
   # fastest (cached per model/backend/shape in
   # ~/.cache/fedjax_eff/chunk_autotune.json; core/autotune.py).
   c.chunk_size = 0
+  # Run the cohort on chunk_size lanes, each training several clients back
+  # to back, instead of chunks of clients that each run to their longest
+  # client (core.build_round(lanes=True)): on cohorts of uneven step
+  # counts (client.epochs, heavy-tailed sizes) nearly every step computed
+  # is real. Techniques that are the same for every client only (plain
+  # FedAvg/FedAdam/FedProx, static last-n or partial training), one
+  # device; results equal the chunked round's up to float summation order.
+  c.lanes = False
   # Techniques with per-client state (error feedback, SCAFFOLD) keep one
   # state per training client (N x model size for both): refused above
   # this many GiB (on the device with device-resident data, else in host

@@ -81,3 +81,26 @@ def test_the_experiment_refuses_the_backend_chunk_width_for_chunk_draws():
   with pytest.raises(ValueError, match='config.chunk_size'):
     check_chunk_width(chunky, 3, 1)
   check_chunk_width(core.identity(), 3, 1)
+
+
+def test_accuracy_hits_are_argmax_hits_ties_and_bad_labels_included():
+  """`task.argmax_hits` (two max reductions, the form XLA:CPU vectorizes)
+  counts exactly `argmax(logits) == label`: on logits full of ties (where
+  argmax takes the first maximum), labels out of range, bfloat16, and the
+  tasks' accuracy sums."""
+  rng = np.random.default_rng(0)
+  for shape, v, dtype in (((64,), 7, np.float32), ((4, 5), 3, np.float32),
+                          ((3, 2), 1, np.float32), ((40,), 5, jnp.bfloat16)):
+    x = rng.integers(0, 3, shape + (v,)).astype(np.float32)
+    y = rng.integers(-1, v + 1, shape)
+    got = core.task.argmax_hits(jnp.asarray(x, dtype), jnp.asarray(y))
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(x, -1) == y)
+  x = rng.normal(size=(6, 5, 11)).astype(np.float32)
+  y = rng.integers(0, 11, (6, 5))
+  lm = core.next_token()
+  hits = (np.argmax(x, -1) == y) & (y != 0) & (y != 2) & (y != 3)
+  np.testing.assert_allclose(lm.correct(jnp.asarray(x), {'y': y}),
+                             hits.sum(-1))
+  np.testing.assert_allclose(
+      core.classification().correct(jnp.asarray(x[:, 0]), {'y': y[:, 0]}),
+      np.argmax(x[:, 0], -1) == y[:, 0])

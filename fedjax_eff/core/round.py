@@ -847,9 +847,10 @@ def build_round(model: nn.Module, task: Task,
     `guard`: a non-finite client's update is left out of the sums (a
     select that waits for a reduction over its update: a second pass over
     every client's update). Unguarded, the sums take every update as it
-    is and count the non-finite rows ('nonfinite'); the round then keeps
-    its old state when there are any and `round_step` runs it again
-    guarded (`round_program`)."""
+    is, with no per-client check at all: a non-finite update makes its
+    chunk's weighted sum non-finite (0 x NaN is NaN too), which the round
+    sees once in the cohort's sum; it then keeps its old state and
+    `round_step` runs it again guarded (`round_program`)."""
     state, examples = shared
     (batches, mask, weight, ctx), keys, pres = chunk
     if ROWS in batches:  # device-resident data: gather this chunk's rows
@@ -870,7 +871,8 @@ def build_round(model: nn.Module, task: Task,
     out = over_clients(client_update_for(stage, tier, not tiered),
                        mask.shape[0])(
         state.params, batches, mask, ctx, keys, state.round, cp)
-    finite = rows_finite((out.delta, out.loss_sum))
+    finite = (rows_finite((out.delta, out.loss_sum)) if guard
+              else jnp.ones(pres.shape, bool))
     ok = finite & pres
     # Unguarded, the weights do not wait for `finite` (all rows are finite
     # whenever these sums are kept: then w is the guarded w).
@@ -882,8 +884,6 @@ def build_round(model: nn.Module, task: Task,
         examples=jnp.sum(jnp.where(ok, out.num_examples, 0.0)),
         scored=jnp.sum(jnp.where(ok, out.num_scored, 0.0)),
         dropped=jnp.sum((~finite) & pres & (weight > 0)).astype(dtype))
-    if not guard:  # every slot: 0 x NaN poisons a sum too
-      sums['nonfinite'] = jnp.sum(~finite).astype(dtype)
     kept = finite if guard else None
     bits = (jnp.where(pres, out.upload_bits, 0.0),
             jnp.where(pres, out.download_bits, 0.0))
@@ -910,18 +910,16 @@ def build_round(model: nn.Module, task: Task,
   def lane_sums(state, examples, cohort, schedule, rng, stage):
     """The round's sums with the clients back to back on lanes
     (`build_lane_update`): (delta_sum, coverage, sums), upload and
-    download bits `[K]`; 'nonfinite' > 0 when any sum is not finite."""
+    download bits `[K]`."""
     k = cohort.mask.shape[0]
     hparams = state.hparams if jax.tree.leaves(state.hparams) else {}
     out = lane_update_for(stage)(
         state.params, dict(cohort.batches), cohort.mask, cohort.weight,
         client_keys(rng, k), schedule, state.round, hparams, examples)
     dtype = loss_dtype(state.params)
-    finite = tree_all_finite((out.delta, out.sums.loss))
     sums = dict(loss=out.sums.loss, correct=out.sums.correct,
                 examples=out.sums.loss_units, scored=out.sums.scored_units,
-                dropped=jnp.zeros((), dtype),
-                nonfinite=(~finite).astype(dtype))
+                dropped=jnp.zeros((), dtype))
     return (out.delta, out.coverage, sums), out.upload_bits, out.download_bits
 
   def round_program(state: ServerState, examples, cohort, order, chunk_tier,
@@ -963,6 +961,9 @@ def build_round(model: nn.Module, task: Task,
     # (a compact coverage sum, one number for a static mask: at full shape,
     # materialized, so the server's division stays a division and rounds
     # as it did per element)
+    # Unguarded: one check of the cohort's sums (a non-finite update or
+    # loss of any slot reaches them) instead of one per client.
+    redo = None if guard else ~tree_all_finite((delta_sum, sums['loss']))
     coverage = jax.lax.optimization_barrier(jax.tree.map(
         lambda c, p: jnp.broadcast_to(c, p.shape), coverage, state.params))
     read = state
@@ -984,7 +985,7 @@ def build_round(model: nn.Module, task: Task,
     if has_variants(stage):
       variants = dict(client_variant=per_client(per_slot[-1]))
     if not guard:  # a non-finite client reached the sums: keep the old
-      redo = sums['nonfinite'] > 0  # state (the round runs again guarded)
+      # state (the round runs again guarded)
       new_state = jax.tree.map(lambda n, o: jnp.where(redo, o, n),
                                new_state, state)
     metrics = RoundMetrics(

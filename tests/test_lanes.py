@@ -25,6 +25,8 @@ from fedjax_eff.techniques import compression, last_n
 from fedjax_eff.core import codecs
 from tests import helpers
 
+pytestmark = pytest.mark.usefixtures('fast_compiles')
+
 SIZES = (3, 7, 20, 40, 1, 12, 9, 2)
 B = 4
 
@@ -77,7 +79,7 @@ def test_schedule_beats_sorted_chunks_on_a_heavy_tail():
   assert lanes >= 0.95 > 0.9 > sorted_chunks, (lanes, sorted_chunks)
 
 
-@pytest.mark.parametrize('chunk', [1, 2, 4])
+@pytest.mark.parametrize('chunk', [1, 3])
 def test_lanes_equal_the_reference_loop(chunk):
   """Adam (whose state a lane must reset per client) and SGD with FedProx;
   params to the reference loop, per-client bits, the round's loss."""

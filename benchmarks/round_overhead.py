@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -44,16 +42,6 @@ from fedjax_eff import core  # noqa: E402
 from fedjax_eff.core import round as round_lib  # noqa: E402
 from fedjax_eff.data import cohort as cohort_lib  # noqa: E402
 from fedjax_eff.models import get_model  # noqa: E402
-
-
-def timed(fn, rounds: int) -> float:
-  jax.block_until_ready(fn(0))
-  out = []
-  for r in range(rounds):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(r + 1))
-    out.append(time.perf_counter() - t)
-  return statistics.median(out)
 
 
 def main(argv=None):
@@ -129,7 +117,7 @@ def main(argv=None):
       'lanes': lambda r: rounds[True].round_step(state, cohort,
                                                  jax.random.key(r)),
   }
-  seconds = {k: timed(f, args.rounds) for k, f in variants.items()}
+  seconds = {k: ragged.timed(f, args.rounds) for k, f in variants.items()}
   out = dict(seconds=seconds, over_floor={
       k: v / seconds['floor_scan'] for k, v in seconds.items()},
       real_steps=int(mask.shape[0]), cap=args.cap, chunk=args.chunk,

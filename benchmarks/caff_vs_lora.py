@@ -24,6 +24,14 @@ budgets (peak training memory of one client) are:
             fits lora_r4 (a budget no LoRA rank meets; if one did, just
             below the smallest LoRA's peak)
 
+Text arm (`--backbone minilm`): the shipped all-MiniLM-L6-v2 (BERT, 6
+post-LN blocks, d 384, 22.7M parameters, `models/hf.py`), pretrained by
+others on a billion sentence pairs, fine-tuned federatedly with a fresh
+head on the offline docstring-topic task `stdlib_docs` (a docstring
+paragraph of the Python standard library -> which of ten packages it is
+from; 32 WordPiece tokens; 100 training + 10 held-out clients, Dirichlet
+0.5). Same budgets, arms and rules; no pretraining step.
+
 At each budget, with every client on that budget (equal tiers): the largest
 last-n that fits (`last_n.choose_n`, the picker of `budgeted_last_n`), the
 largest LoRA rank that fits, the largest adapter width that fits. Mixed
@@ -45,8 +53,11 @@ allows needs more FLOPs per round than the module it is compared with.
   python benchmarks/caff_vs_lora.py              # ~20 min on 2 CPU cores
   python benchmarks/caff_vs_lora.py --quick      # ~2-3 min: a smoke run
   python benchmarks/caff_vs_lora.py --rounds 40 --seeds 0,1,2,3
+  python benchmarks/caff_vs_lora.py --backbone minilm   # an accelerator's:
+      # ~20 s a round on one CPU core (10 clients x 4 steps of 16 x 32 ids)
 
-Writes benchmarks/results/caff_vs_lora.{json,png,md}. Last line: one JSON
+Writes benchmarks/results/caff_vs_lora.{json,png,md} (the text arm:
+caff_vs_lora_text.*). Last line: one JSON
 object with, per budget and arm, `accuracy_mean`, `accuracy_sd`,
 `peak_bytes` and `lr` (the JSON file holds everything: FLOPs, upload,
 per-seed accuracies, the cost table), the budgets in bytes and the
@@ -73,6 +84,7 @@ import numpy as np
 from fedjax_eff import accounting, core, models
 from fedjax_eff import techniques as techniques_lib
 from fedjax_eff.data import task_registry
+from fedjax_eff.models import hf
 from fedjax_eff.experiment import pretrain as pretrain_lib
 from fedjax_eff.experiment import train as train_lib
 from fedjax_eff.experiment.build import versions
@@ -87,7 +99,64 @@ PRETRAIN_CLASSES, TASK_CLASSES = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 LORA_RANKS = (1, 4, 8)
 ADAPTER_DIMS = (2, 8, 16, 32, 64)
 LR_GRID = (3e-3, 1e-2, 3e-2)
+# The text arm: one step lower (Adam on a pretrained BERT; the grid is
+# extended once beyond an edge as for every arm).
+TEXT_LR_GRID = (3e-4, 1e-3, 3e-3)
+TEXT_SEQ_LEN = 32
 BATCH, STEPS = 16, 4
+
+
+class Backbone(NamedTuple):
+  """What is fine-tuned: the model (`models.get_model` name and kwargs),
+  its input batch and the data it is fine-tuned on."""
+  name: str                 # 'vit' | 'minilm'
+  model: str
+  arch: dict
+  num_classes: int
+  batch_x: np.ndarray       # a zero batch [BATCH, ...] of its inputs
+  model_dir: str = ''       # minilm: its Hugging Face directory
+
+  @property
+  def num_layers(self) -> int:
+    return self.arch['num_layers']
+
+  @property
+  def pretrained_elsewhere(self) -> bool:
+    """True: its checkpoint ships (no central pretraining step here)."""
+    return self.name == 'minilm'
+
+
+def make_backbone(name: str, model_dir: str = '') -> Backbone:
+  if name == 'vit':
+    return Backbone('vit', 'vit', dict(ARCH), len(TASK_CLASSES),
+                    np.zeros((BATCH, 28, 28, 1), np.float32))
+  if name == 'minilm':
+    from fedjax_eff.data import stdlib_docs  # pylint: disable=g-import-not-at-top
+    model_dir = os.path.abspath(model_dir or hf.minilm_dir())
+    return Backbone('minilm', 'transformer',
+                    hf.bert_model_kwargs(hf.read_config(model_dir)),
+                    len(stdlib_docs.TOPICS),
+                    np.zeros((BATCH, TEXT_SEQ_LEN), np.int32), model_dir)
+  raise ValueError(f"--backbone={name!r} is not 'vit' or 'minilm'.")
+
+
+def write_f16(out_dir: str) -> None:
+  """A float16 copy of the installed all-MiniLM-L6-v2 (weights 91 -> 45
+  MB; config and tokenizer files as they are), for a machine that must be
+  carried its weights (`benchmarks/on_accelerator.sh`, part caff_text)."""
+  import shutil as sh  # pylint: disable=g-import-not-at-top
+  src = hf.minilm_dir()
+  os.makedirs(out_dir, exist_ok=True)
+  for name in ('config.json', 'vocab.txt', 'tokenizer_config.json',
+               'special_tokens_map.json'):
+    if os.path.isfile(os.path.join(src, name)):
+      sh.copy(os.path.join(src, name), out_dir)
+  hf.write_safetensors(
+      os.path.join(out_dir, 'model.safetensors'),
+      {k: v.astype(np.float16) if v.dtype == np.float32 else v
+       for k, v in hf.read_weights(src).items()},
+      metadata={'format': 'pt', 'note': 'float16 copy of all-MiniLM-L6-v2'})
+  print(f'wrote {out_dir}')
 
 
 class Arm(NamedTuple):
@@ -117,7 +186,8 @@ def last_n_arm(n) -> Arm:
              tiers=(1 / len(n),) * len(n))
 
 
-def module_arm(family: str, size: int, head_only_tiers: tuple = ()) -> Arm:
+def module_arm(family: str, size: int, head_only_tiers: tuple = (),
+               num_layers: int = ARCH['num_layers']) -> Arm:
   """LoRA (`size` = rank) or adapters (`size` = bottleneck width); with
   `head_only_tiers` (a bool per tier), those tiers train the head only."""
   knob = {'lora': 'lora_rank', 'adapter': 'adapter_dim'}[family]
@@ -128,7 +198,7 @@ def module_arm(family: str, size: int, head_only_tiers: tuple = ()) -> Arm:
     # A tier on n=0 trains the head only; n=L keeps every module trainable
     # (masks multiply).
     entries += (_entry(name='last_n', n=tuple(
-        0 if h else ARCH['num_layers'] for h in head_only_tiers)),)
+        0 if h else num_layers for h in head_only_tiers)),)
     name += '_mixed'
   return Arm(name, family, model_kw=((knob, size),), entries=entries,
              tiers=((1 / len(head_only_tiers),) * len(head_only_tiers)
@@ -180,16 +250,17 @@ class Costs:
   technique name, static trainable mask, static forward kwargs), so a
   mixed arm's tier that runs last-2 reuses last-2's measurement."""
 
-  def __init__(self):
+  def __init__(self, backbone: Backbone):
     self._cache: dict[tuple, Any] = {}
+    self.backbone = backbone
     self.task_config = base_config().task
     self.optimizer = core.make_optimizer('adam', LR_GRID[0])
-    self.batch = {'x': np.zeros((BATCH, 28, 28, 1), np.float32),
-                  'y': np.zeros((BATCH,), np.int32)}
+    self.batch = {'x': backbone.batch_x, 'y': np.zeros((BATCH,), np.int32)}
 
   def __call__(self, arm: Arm, tier: int = 0):
-    model = models.get_model('vit', len(TASK_CLASSES), **ARCH,
-                             **dict(arm.model_kw))
+    b = self.backbone
+    model = models.get_model(b.model, b.num_classes,
+                             **{**b.arch, **dict(arm.model_kw)})
     params = jax.eval_shape(lambda: model.init(
         jax.random.key(0), self.batch['x'][:1])['params'])
     tech = techniques_lib.build(
@@ -217,9 +288,14 @@ class Costs:
 
 def _config(args) -> ml_collections.ConfigDict:
   c = base_config()
-  c.model.name = 'vit'
-  c.model.kwargs = ml_collections.ConfigDict(dict(ARCH))
-  c.data.source = 'fashion_mnist'
+  b = args.backbone
+  c.model.name = b.model
+  c.model.kwargs = ml_collections.ConfigDict(dict(b.arch))
+  if b.name == 'minilm':
+    c.data.source, c.data.seq_len = 'stdlib_docs', TEXT_SEQ_LEN
+    c.data.data_dir = b.model_dir  # its vocab.txt tokenizes
+  else:
+    c.data.source = 'fashion_mnist'
   if args.data_dir:
     c.data.data_dir = args.data_dir
   c.data.num_clients, c.data.heldout_clients = 100, 10
@@ -240,16 +316,19 @@ def fine_tune_config(args, arm: Arm, lr: float, seed: int, backbone: str
                      ) -> ml_collections.ConfigDict:
   c = _config(args)
   c.seed = seed
-  c.data.classes = TASK_CLASSES
+  if args.backbone.name == 'vit':
+    c.data.classes = TASK_CLASSES
   for k, v in arm.model_kw:
     c.model.kwargs[k] = v
   c.techniques = [ml_collections.ConfigDict(e) for e in arm.techniques]
   c.devices.tier_fractions = list(arm.tiers)
-  c.num_rounds, c.clients_per_round = args.rounds, 10
+  c.num_rounds, c.clients_per_round = args.rounds, args.clients_per_round
   c.client.optimizer, c.client.learning_rate = 'adam', lr
   c.client.local_steps, c.client.batch_size = STEPS, BATCH
   if arm.pretrained:
     c.init_checkpoint, c.init_checkpoint_skip = backbone, '^head'
+    if args.backbone.pretrained_elsewhere:  # a Hugging Face dir: no head
+      c.init_checkpoint_skip = ''
   c.eval_every = c.checkpoint_every = args.rounds
   c.accounting = False  # measured once per program above
   return c
@@ -373,7 +452,7 @@ def judge(results: dict, budgets: list[str]) -> tuple[dict, str]:
   return verdict, summary
 
 
-def plot(table: dict, budgets: dict, path: str) -> None:
+def plot(table: dict, budgets: dict, path: str, text: bool = False) -> None:
   """Test accuracy (mean ± sd) against device peak memory, one colour per
   arm family, the budgets as dotted lines."""
   import plots  # pylint: disable=g-import-not-at-top (benchmarks/plots.py)
@@ -406,9 +485,11 @@ def plot(table: dict, budgets: dict, path: str) -> None:
             va='bottom')
   ax.margins(x=0.15, y=0.12)
   ax.set_xlabel('device peak memory per client (MB, XLA memory analysis)')
-  ax.set_ylabel('test accuracy, classes 5-9 (mean ± s.d. over seeds)')
-  ax.set_title('Last-n layers vs LoRA vs adapters under device budgets '
-               '(pretrained ViT, Fashion-MNIST)', fontsize=10)
+  ax.set_ylabel(('test accuracy, 10 docstring topics' if text else
+                 'test accuracy, classes 5-9') + ' (mean ± s.d. over seeds)')
+  ax.set_title('Last-n layers vs LoRA vs adapters under device budgets ' + (
+      '(all-MiniLM-L6-v2, stdlib docstrings)' if text else
+      '(pretrained ViT, Fashion-MNIST)'), fontsize=10)
   ax.grid(True, alpha=0.3, lw=0.5)
   fig.tight_layout()
   plots.place_labels(ax, xy, labels, cols)
@@ -445,15 +526,38 @@ def write_outputs(out: dict, path: str) -> None:
   """The JSON at `path`, its plot (.png) and its markdown section (.md)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   stem = os.path.splitext(path)[0]
-  plot(out['results'], out['budgets'], stem + '.png')
+  plot(out['results'], out['budgets'], stem + '.png',
+       text=out.get('backbone') == 'minilm')
   with open(path, 'w') as f:
     json.dump(out, f, indent=2)
   with open(stem + '.md', 'w') as f:
     f.write(markdown(out))
 
 
+def backbone_line(out: dict) -> str:
+  a, k = out['arch'], out.get('clients_per_round', 10)
+  if out.get('backbone') == 'minilm':
+    what = (f"Backbone: all-MiniLM-L6-v2 as shipped ({a['num_layers']} "
+            f"post-LN BERT blocks, d_model {a['d_model']}, {a['num_heads']} "
+            f"heads, MLP {a['mlp_dim']}); fine-tuned federatedly with a "
+            f"fresh head on the stdlib docstring topics ({TEXT_SEQ_LEN} "
+            f"WordPiece ids, 10 classes) for {out['rounds']} rounds")
+  else:
+    what = (f"Backbone: ViT of {a['num_layers']} pre-LN blocks (d_model "
+            f"{a['d_model']}, {a['num_heads']} heads, MLP {a['mlp_dim']}, "
+            f"{a['patch_size']}x{a['patch_size']} patches), pretrained "
+            f"{out['pretrain_steps']} Adam steps on Fashion-MNIST classes "
+            f"0-4 (test accuracy {out['backbone_test_accuracy']:.3f}); "
+            f"fine-tuned federatedly on classes 5-9 for {out['rounds']} "
+            'rounds')
+  return (what + f' (100 clients, Dirichlet 0.5, {k} per round, {STEPS} '
+          f"Adam steps of batch {BATCH}); lr chosen per arm from "
+          f"{out['lrs']} by held-out accuracy (seed {out['seeds'][0]}), "
+          f"then seeds {out['seeds']}.")
+
+
 def markdown(out: dict) -> str:
-  m, a = out['machine'], out['arch']
+  m = out['machine']
   lines = [
       '## CAFF (last-n) vs LoRA vs adapters at equal device budget',
       '',
@@ -464,15 +568,7 @@ def markdown(out: dict) -> str:
       '',
       f'Command: `{out["command"]}` ({out["seconds"] / 60:.0f} min).',
       '',
-      f"Backbone: ViT of {a['num_layers']} pre-LN blocks (d_model "
-      f"{a['d_model']}, {a['num_heads']} heads, MLP {a['mlp_dim']}, "
-      f"{a['patch_size']}x{a['patch_size']} patches), pretrained {out['pretrain_steps']} "
-      f"Adam steps on Fashion-MNIST classes 0-4 (test accuracy "
-      f"{out['backbone_test_accuracy']:.3f}); fine-tuned federatedly on "
-      f"classes 5-9 for {out['rounds']} rounds (100 clients, Dirichlet 0.5, "
-      f'10 per round, {STEPS} Adam steps of batch {BATCH}); lr chosen per '
-      f"arm from {out['lrs']} by held-out accuracy (seed "
-      f"{out['seeds'][0]}), then seeds {out['seeds']}.",
+      backbone_line(out),
       '',
       'Budgets are peak memory per client; FLOPs and upload are reported, '
       'not budgeted. Mixed arms: peak, FLOPs and upload are means over the '
@@ -512,29 +608,54 @@ def markdown(out: dict) -> str:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--backbone', default='vit', choices=('vit', 'minilm'),
+                  help="vit: a ViT pretrained here on Fashion-MNIST 0-4; "
+                  'minilm: the shipped all-MiniLM-L6-v2 on stdlib docstring '
+                  'topics')
+  ap.add_argument('--model_dir', default='',
+                  help='minilm: a Hugging Face directory of all-MiniLM-L6-v2 '
+                  '(default: the installed package\'s)')
+  ap.add_argument('--write_f16', default='', metavar='DIR',
+                  help='write a float16 copy of all-MiniLM-L6-v2 to DIR and '
+                  'exit (for a machine it must be carried to)')
   ap.add_argument('--rounds', type=int, default=30)
+  ap.add_argument('--clients_per_round', type=int, default=10)
   ap.add_argument('--seeds', default='0,1,2')
-  ap.add_argument('--lrs', default=','.join(f'{x:g}' for x in LR_GRID),
-                  help='client Adam learning rates tried by every arm')
+  ap.add_argument('--lrs', default='',
+                  help='client Adam learning rates tried by every arm '
+                  f'(default: {LR_GRID}; minilm {TEXT_LR_GRID})')
   ap.add_argument('--pretrain_steps', type=int, default=1500)
   ap.add_argument('--quick', action='store_true',
                   help='smoke run: 5 rounds, seed 0, one lr, 200 pretraining '
                   'steps, two adapter widths, no baselines but head-only')
   ap.add_argument('--data_dir', default='',
-                  help='Fashion-MNIST IDX files (default: Debian\'s path)')
-  ap.add_argument('--workdir', default='/tmp/fedjax_eff_caff_vs_lora')
-  ap.add_argument('--out', default=os.path.join(RESULTS, 'caff_vs_lora.json'))
+                  help='vit: the Fashion-MNIST IDX files (default: Debian\'s '
+                  'path); minilm: the tokenizer dir (default: the model\'s)')
+  ap.add_argument('--workdir', default='',
+                  help='default /tmp/fedjax_eff_caff_vs_lora[_text]')
+  ap.add_argument('--out', default='', help='default benchmarks/results/'
+                  'caff_vs_lora.json (minilm: caff_vs_lora_text.json)')
   ap.add_argument('--replot', action='store_true',
                   help="train nothing: redraw --out's PNG and markdown from "
                   'its JSON')
   args = ap.parse_args()
+  if args.write_f16:
+    write_f16(args.write_f16)
+    return
+  text = args.backbone == 'minilm'
+  args.out = args.out or os.path.join(
+      RESULTS, 'caff_vs_lora_text.json' if text else 'caff_vs_lora.json')
+  args.workdir = args.workdir or (
+      '/tmp/fedjax_eff_caff_vs_lora' + ('_text' if text else ''))
+  args.lrs = args.lrs or ','.join(
+      f'{x:g}' for x in (TEXT_LR_GRID if text else LR_GRID))
   if args.replot:
     with open(args.out) as f:
       write_outputs(json.load(f), args.out)
     return
   if args.quick:
     args.rounds, args.seeds, args.pretrain_steps = 5, '0', 200
-    args.lrs = '3e-3'
+    args.lrs = args.lrs.split(',')[1]
   args.seeds = [int(s) for s in args.seeds.split(',')]
   args.lrs = [float(x) for x in args.lrs.split(',')]
   command = 'python benchmarks/caff_vs_lora.py ' + ' '.join(sys.argv[1:])
@@ -558,8 +679,9 @@ def main():
     print(f'[{time.time() - t0:5.0f} s] {msg}', flush=True)
 
   # 1. Device costs, budgets and the arm each budget allows.
-  costs = Costs()
-  L = ARCH['num_layers']
+  args.backbone = make_backbone(args.backbone, args.model_dir)
+  costs = Costs(args.backbone)
+  L = args.backbone.num_layers
   last = {n: costs(last_n_arm(n)) for n in range(L + 1)}
   lora = {r: costs(module_arm('lora', r)) for r in LORA_RANKS}
   adapter_dims = (2, 16) if args.quick else ADAPTER_DIMS
@@ -593,7 +715,8 @@ def main():
     size = min(largest_fitting(sizes, table.get, b) for b in able) \
         if able else None
     plans['mixed'][family] = size and module_arm(
-        family, size, tuple(b not in able for b in tier_budgets))
+        family, size, tuple(b not in able for b in tier_budgets),
+        num_layers=L)
   plans['unconstrained'] = ({'head': BASELINES['head']} if args.quick
                    else dict(BASELINES))
   for b, arms in plans.items():
@@ -607,11 +730,15 @@ def main():
       if arm and not tb.fits(costs(arm, t)):
         raise AssertionError(f'{arm.name} tier {t} exceeds its budget')
 
-  # 2. The backbone.
-  backbone = os.path.join(args.workdir, f'backbone_{args.pretrain_steps}')
-  pre = pretrain_lib.pretrain(pretrain_config(args), backbone)
-  log(f"backbone: {pre['steps']} steps on classes 0-4, test accuracy "
-      f"{pre['test_accuracy']:.3f}")
+  # 2. The backbone: pretrained here (ViT), or as shipped (MiniLM).
+  if args.backbone.pretrained_elsewhere:
+    backbone, pre = args.backbone.model_dir, None
+    log(f'backbone: {backbone}')
+  else:
+    backbone = os.path.join(args.workdir, f'backbone_{args.pretrain_steps}')
+    pre = pretrain_lib.pretrain(pretrain_config(args), backbone)
+    log(f"backbone: {pre['steps']} steps on classes 0-4, test accuracy "
+        f"{pre['test_accuracy']:.3f}")
 
   # 3. Fine-tuning: each distinct arm once (lr grid, then seeds).
   done: dict[str, dict] = {}
@@ -652,9 +779,11 @@ def main():
                   f"{acc['full'] - acc['head']:+.3f} (full vs head only)")
   log(f'baselines: {baselines}')
   out = {
+      'backbone': args.backbone.name,
       'rounds': args.rounds, 'seeds': args.seeds, 'lrs': args.lrs,
-      'arch': ARCH, 'pretrain_steps': args.pretrain_steps,
-      'backbone_test_accuracy': float(pre['test_accuracy']),
+      'clients_per_round': args.clients_per_round,
+      'arch': args.backbone.arch, 'pretrain_steps': args.pretrain_steps,
+      'backbone_test_accuracy': pre and float(pre['test_accuracy']),
       'budgets': {b: dict(memory_bytes=budgets[b].memory_bytes)
                   for b in order},
       'mixed_tier_budgets': order,

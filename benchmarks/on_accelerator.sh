@@ -30,8 +30,17 @@
 #                      cp -r ~/.cache/fedjax_eff/speech/espeak-* .speech_cache/
 #                    and name .speech_cache in `carry` (about 55 MB of the
 #                    64 MiB a call may take).
-# Each part's seconds: SUITE_S, DC_S, LM_S, DEFAULT_S, REPLICAS_S, FD_S;
-# extra flags: SUITE_ARGS, DC_ARGS, LM_ARGS, REPLICAS_ARGS, FD_ARGS.
+#   caff_text        benchmarks/caff_vs_lora.py --backbone minilm (issue 15
+#                    item 3's text arm: all-MiniLM-L6-v2 fine-tuned on the
+#                    stdlib docstring topics) -> caff_text.log. Its 91 MB
+#                    of fp32 weights exceed what a call may carry: carry a
+#                    float16 copy (45 MB; loaded back as float32):
+#                      echo /.minilm_f16/ >> .git/info/exclude
+#                      python benchmarks/caff_vs_lora.py --write_f16 .minilm_f16
+#                    and name .minilm_f16 in `carry` (not with .speech_cache).
+# Each part's seconds: SUITE_S, DC_S, LM_S, DEFAULT_S, REPLICAS_S, FD_S,
+# CAFF_S; extra flags: SUITE_ARGS, DC_ARGS, LM_ARGS, REPLICAS_ARGS, FD_ARGS,
+# CAFF_ARGS.
 #
 # Python packages the accelerator image lacks travel as wheels in .whl/
 # (see benchmarks/RESULTS.md, "Accelerator suite on one NVIDIA H200").
@@ -44,7 +53,7 @@ SUITE_S=${SUITE_S:-280}
 LM_ROUNDS=${LM_ROUNDS:-30}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 SUITE_ARGS=${SUITE_ARGS:-} DC_ARGS=${DC_ARGS:-} LM_ARGS=${LM_ARGS:-}
-REPLICAS_ARGS=${REPLICAS_ARGS:-} FD_ARGS=${FD_ARGS:-}
+REPLICAS_ARGS=${REPLICAS_ARGS:-} FD_ARGS=${FD_ARGS:-} CAFF_ARGS=${CAFF_ARGS:-}
 PARTS=${PARTS:-suite,device_cost,lm_paper,default_run}
 has() { case ",$PARTS," in *",$1,"*) return 0 ;; esac; return 1; }
 if [ -d .whl ] && command -v nvidia-smi > /dev/null; then
@@ -115,6 +124,17 @@ if has fd_speech; then
     --seeds 1 --no_cost_table --workdir /tmp/accel_fd \
     --out /tmp/accel_res/fd_speech $FD_ARGS > "$OUT/fd_speech.log" 2>&1
   stamp "fd_speech rc=$?"; tail -3 "$OUT/fd_speech.log" | cut -c1-600; pack
+fi
+
+if has caff_text; then
+  stamp caff_text
+  model_dir=
+  [ -d .minilm_f16 ] && model_dir="--model_dir .minilm_f16"
+  timeout -k 15 ${CAFF_S:-420} python3 benchmarks/caff_vs_lora.py \
+    --backbone minilm $model_dir --workdir /tmp/accel_caff \
+    --out /tmp/accel_res/caff_vs_lora_text.json $CAFF_ARGS \
+    > "$OUT/caff_text.log" 2>&1
+  stamp "caff_text rc=$?"; tail -3 "$OUT/caff_text.log" | cut -c1-600; pack
 fi
 
 if has lm_paper; then

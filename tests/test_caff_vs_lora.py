@@ -152,3 +152,32 @@ def test_judge_says_whether_last_n_beats_lora():
       'The claim holds here')
   results['lora_r4']['lora'] = _arm('lora_r4', [.80])
   assert 'cannot be judged' in bench.judge(results, ['tight', 'lora_r4'])[1]
+
+
+def test_text_backbone_and_its_float16_copy(tmp_path):
+  """The text arm's backbone: MiniLM's 6 blocks, token-id batches, and the
+  float16 copy made for a machine it must be carried to loads as the same
+  model to float16 precision."""
+  try:
+    src = bench.hf.minilm_dir()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  b = bench.make_backbone('minilm')
+  assert (b.num_layers, b.num_classes, b.model_dir) == (6, 10, src)
+  assert b.batch_x.shape == (bench.BATCH, bench.TEXT_SEQ_LEN)
+  assert b.batch_x.dtype == np.int32 and b.pretrained_elsewhere
+  arm = bench.module_arm('adapter', 8, (True, False), num_layers=6)
+  n = [dict(e) for e in arm.entries if dict(e)['name'] == 'last_n'][0]['n']
+  assert n == (0, 6)
+  out = str(tmp_path / 'f16')
+  bench.write_f16(out)
+  assert bench.make_backbone('minilm', out).arch == b.arch
+  full, half = bench.hf.load_bert(src), bench.hf.load_bert(out)
+  for (path, a), (_, h) in zip(
+      bench.jax.tree_util.tree_leaves_with_path(full),
+      bench.jax.tree_util.tree_leaves_with_path(half)):
+    assert h.dtype == np.float32, path
+    np.testing.assert_allclose(h, a, rtol=1e-3, atol=1e-4, err_msg=str(path))
+  with pytest.raises(ValueError, match='minilm'):
+    bench.make_backbone('bert')

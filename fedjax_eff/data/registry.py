@@ -18,7 +18,7 @@ from fedjax_eff.data import partitions, sources
 from fedjax_eff.data.federated import FederatedData
 
 SOURCES = ('digits', 'fashion_mnist', 'tfds', 'synthetic', 'stdlib', 'markov',
-           'stackoverflow', 'speech', 'librispeech', 'npz')
+           'stackoverflow', 'speech', 'librispeech', 'npz', 'stdlib_docs')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'natural')
 
 
@@ -100,7 +100,9 @@ def default_config() -> ml_collections.ConfigDict:
                               # 'synthetic' | 'stdlib' | 'markov' |
                               # 'stackoverflow' (the last three: next-token
                               # text) | 'speech' | 'librispeech' | 'npz'
-                              # (your own arrays: sources.load_npz)
+                              # (your own arrays: sources.load_npz) |
+                              # 'stdlib_docs' (docstring topic
+                              # classification, BERT WordPiece ids)
       name='',                # tfds name: 'mnist', 'emnist/byclass', ...
       # tfds data_dir (None: TFDS default) and .npz cache of converted
       # arrays; typed so `--config.data.data_dir=DIR` can override None.
@@ -109,6 +111,8 @@ def default_config() -> ml_collections.ConfigDict:
       # four IDX files (None: /usr/share/datasets/fashion-mnist, Debian's
       # dataset-fashion-mnist package). npz: a directory of <client
       # id>.npz files or one .npz with a client_id array (required).
+      # stdlib_docs: the Hugging Face model directory whose vocab.txt
+      # tokenizes (None: the installed all-MiniLM-L6-v2, hf.minilm_dir()).
       data_dir=ml_collections.FieldReference(None, field_type=str),
       # (stdlib: the built corpus, default ~/.cache/fedjax_eff/stdlib;
       # stackoverflow: where stackoverflow.sqlite.lzma is decompressed)
@@ -432,6 +436,11 @@ def _load(cfg: Any) -> DataBundle:
     `data_dir` (default: Debian's dataset-fashion-mnist path) are
     partitioned likewise; the official 10,000 test images are the central
     test set (`test_fraction` does not apply).
+  * stdlib_docs: docstring paragraphs of ten stdlib packages, labelled by
+    package (`stdlib_docs`), tokenized by the vocab.txt in `data_dir`
+    (default: the installed all-MiniLM-L6-v2) to `seq_len` ids;
+    `test_fraction` of them (by a hash of the text) are the central test
+    set, the rest is partitioned likewise.
   * tfds: the 'train' split is partitioned likewise; the 'test' split is
     the central test set.
   * synthetic: `num_clients + heldout_clients` synthetic(alpha, beta)
@@ -538,6 +547,14 @@ def _load(cfg: Any) -> DataBundle:
   elif source == 'fashion_mnist':
     central, test = sources.load_fashion_mnist(_get(cfg, 'data_dir'))
     num_classes = 10
+  elif source == 'stdlib_docs':
+    from fedjax_eff.data import stdlib_docs, wordpiece
+    from fedjax_eff.models import hf
+    tokenizer = wordpiece.WordPieceTokenizer.from_dir(
+        _get(cfg, 'data_dir') or hf.minilm_dir())
+    central, test = stdlib_docs.load_stdlib_docs(
+        tokenizer, int(_get(cfg, 'seq_len')), test_fraction)
+    num_classes = len(stdlib_docs.TOPICS)
   elif source == 'tfds':
     name = _get(cfg, 'name')
     if not name:

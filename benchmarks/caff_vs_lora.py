@@ -655,7 +655,7 @@ def main():
     return
   if args.quick:
     args.rounds, args.seeds, args.pretrain_steps = 5, '0', 200
-    args.lrs = args.lrs.split(',')[1]
+    args.lrs = args.lrs.split(',')[0]
   args.seeds = [int(s) for s in args.seeds.split(',')]
   args.lrs = [float(x) for x in args.lrs.split(',')]
   command = 'python benchmarks/caff_vs_lora.py ' + ' '.join(sys.argv[1:])

@@ -167,7 +167,9 @@ def _n_params(arch: dict) -> int:
 def _caff_args(args, rounds: int = 0, pretrain_steps: int = 0):
   """What caff_vs_lora's config builders read from their args."""
   return types.SimpleNamespace(data_dir=args.data_dir, rounds=rounds,
-                               pretrain_steps=pretrain_steps)
+                               pretrain_steps=pretrain_steps,
+                               backbone=caff.make_backbone('vit'),
+                               clients_per_round=10)
 
 
 def pretrain_config(args, size: str) -> ml_collections.ConfigDict:

@@ -334,21 +334,55 @@ def fine_tune_config(args, arm: Arm, lr: float, seed: int, backbone: str
   return c
 
 
-def run_arm(args, arm: Arm, backbone: str, log) -> dict:
+class NotRun(Exception):
+  """An arm this invocation may not train (`--only`, `--from_cache`) and
+  whose runs are not all in the run cache."""
+
+
+def run_key(args) -> dict:
+  """What a cached run's metrics depend on besides arm, lr and seed."""
+  return dict(backbone=args.backbone.name, rounds=args.rounds,
+              clients_per_round=args.clients_per_round,
+              pretrain_steps=(None if args.backbone.pretrained_elsewhere
+                              else args.pretrain_steps),
+              data_dir=args.data_dir)
+
+
+def run_arm(args, arm: Arm, backbone: str, log, may_train: bool = True
+            ) -> dict:
   """Learning rate from the grid by seed 0's held-out accuracy, then every
-  seed at that rate; test accuracy per seed."""
+  seed at that rate; test accuracy per seed.
+
+  Every run's final metrics are kept in `<workdir>/runs/<run>.json` with
+  `run_key(args)`; a run whose file matches is not trained again. So an
+  interrupted study resumes, and several invocations with disjoint
+  `--only` sets (one per core) fill one cache that a last `--from_cache`
+  invocation assembles. Without `may_train`, a missing run raises NotRun."""
 
   def one(lr, seed):
     workdir = os.path.join(args.workdir, 'runs',
                            f'{arm.name}_lr{lr:g}_seed{seed}')
+    key = run_key(args)
+    if os.path.isfile(workdir + '.json'):
+      with open(workdir + '.json') as f:
+        cached = json.load(f)
+      if cached['key'] == key:
+        return cached['metrics']
+    if not may_train:
+      raise NotRun(arm.name)
     shutil.rmtree(workdir, ignore_errors=True)  # always a fresh run
     t = time.time()
     s = train_lib.train_and_evaluate(
         fine_tune_config(args, arm, lr, seed, backbone), workdir)
-    m = s['final_metrics']
+    m = {k: float(v) for k, v in s['final_metrics'].items()
+         if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.number)}
     log(f'  {arm.name:22s} lr {lr:<7g} seed {seed}: test '
         f"{m['test_accuracy']:.4f} held-out {m['heldout_accuracy']:.4f} "
         f'({time.time() - t:.0f} s)')
+    os.makedirs(os.path.dirname(workdir), exist_ok=True)
+    with open(workdir + '.json.tmp', 'w') as f:
+      json.dump(dict(key=key, metrics=m, seconds=time.time() - t), f)
+    os.replace(workdir + '.json.tmp', workdir + '.json')
     return m
 
   first = {lr: one(lr, args.seeds[0]) for lr in args.lrs}
@@ -417,8 +451,15 @@ def judge(results: dict, budgets: list[str]) -> tuple[dict, str]:
 
   for b in budgets:
     mine, parts = results[b]['last_n'], []
+    if mine.get('not_run'):
+      verdict[b] = f"{mine['planned']}: not run"
+      continue
     for family in against:
       other = results[b][family]
+      if other.get('not_run'):
+        against[family][b] = 'not run'
+        parts.append(f"vs {other['planned']}: not run")
+        continue
       if 'arm' not in other:
         against[family][b] = 'unopposed'
         parts.append(f'vs {family}: none fits the budget')
@@ -436,7 +477,8 @@ def judge(results: dict, budgets: list[str]) -> tuple[dict, str]:
       found.setdefault(res, []).append(b)
     return '; '.join(f"{res} at {', '.join(bs)}" for res, bs in found.items())
 
-  lora = [r for r in against['lora'].values() if r != 'unopposed']
+  lora = [r for r in against['lora'].values()
+          if r not in ('unopposed', 'not run')]
   if any(r.startswith('inconclusive') for r in lora) or not lora:
     claim = 'The claim cannot be judged from this run'
   elif all(r == 'wins' for r in lora):
@@ -586,6 +628,9 @@ def markdown(out: dict) -> str:
       if r.get('fits') is False:
         lines.append(f'| {head} | {name}: nothing fits | | | | | |')
         continue
+      if r.get('not_run'):
+        lines.append(f"| {head} | {r['planned']}: not run | | | | | |")
+        continue
       sd = f" ± {r['accuracy_sd']:.3f}" if r['accuracy_sd'] is not None \
           else ''
       tiers = r.get('peak_bytes_per_tier')
@@ -635,6 +680,14 @@ def main():
                   help='default /tmp/fedjax_eff_caff_vs_lora[_text]')
   ap.add_argument('--out', default='', help='default benchmarks/results/'
                   'caff_vs_lora.json (minilm: caff_vs_lora_text.json)')
+  ap.add_argument('--only', default='',
+                  help='comma-separated arm names (as the plan prints them) '
+                  'this invocation may train; other arms come from the run '
+                  'cache in --workdir or are reported as not run')
+  ap.add_argument('--from_cache', action='store_true',
+                  help='train nothing: assemble the results from the run '
+                  'cache of earlier invocations (e.g. one --only set per '
+                  'core)')
   ap.add_argument('--replot', action='store_true',
                   help="train nothing: redraw --out's PNG and markdown from "
                   'its JSON')
@@ -657,6 +710,7 @@ def main():
     args.rounds, args.seeds, args.pretrain_steps = 5, '0', 200
     args.lrs = args.lrs.split(',')[0]
   args.seeds = [int(s) for s in args.seeds.split(',')]
+  args.only = set(filter(None, args.only.split(',')))
   args.lrs = [float(x) for x in args.lrs.split(',')]
   command = 'python benchmarks/caff_vs_lora.py ' + ' '.join(sys.argv[1:])
   # Seeds of one arm and lr compile the same programs: cache them.
@@ -745,7 +799,12 @@ def main():
   for b in ['unconstrained'] + order + ['mixed']:
     for arm in plans[b].values():
       if arm is not None and arm.name not in done:
-        done[arm.name] = run_arm(args, arm, backbone, log)
+        may_train = not args.from_cache and (
+            not args.only or arm.name in args.only)
+        try:
+          done[arm.name] = run_arm(args, arm, backbone, log, may_train)
+        except NotRun:
+          log(f'  {arm.name}: not run (--only / --from_cache, not cached)')
 
   results: dict[str, dict] = {}
   for b, arms in plans.items():
@@ -753,6 +812,9 @@ def main():
     for family, arm in arms.items():
       if arm is None:
         results[b][family] = {'fits': False}
+        continue
+      if arm.name not in done:
+        results[b][family] = {'not_run': True, 'planned': arm.name}
         continue
       r = dict(done[arm.name])
       c = costs(arm)
@@ -770,7 +832,8 @@ def main():
                download_bytes=float(c.download_bits / 8))
       results[b][family] = r
   verdict, summary = judge(results, order + ['mixed'])
-  un = results['unconstrained']
+  un = {k: r for k, r in results['unconstrained'].items()
+        if not r.get('not_run')}
   baselines = ', '.join(f"{k} {r['accuracy_mean']:.3f}" for k, r in un.items())
   if {'head', 'full', 'scratch'} <= set(un):
     acc = {k: r['accuracy_mean'] for k, r in un.items()}

@@ -154,6 +154,55 @@ def test_judge_says_whether_last_n_beats_lora():
   assert 'cannot be judged' in bench.judge(results, ['tight', 'lora_r4'])[1]
 
 
+def test_an_arm_not_run_is_said_and_left_out_of_the_claim():
+  results = {
+      'lora_r4': {'last_n': _arm('last_2', [.86, .87, .85]),
+                  'lora': _arm('lora_r4', [.80, .79, .81]),
+                  'adapter': {'not_run': True, 'planned': 'adapter_d64'}},
+      'lora_r8': {'last_n': _arm('last_2', [.86, .87, .85]),
+                  'lora': {'not_run': True, 'planned': 'lora_r8'},
+                  'adapter': {'not_run': True, 'planned': 'adapter_d64'}},
+      'mixed': {'last_n': {'not_run': True, 'planned': 'last_n1_2_2'},
+                'lora': _arm('lora_r4_mixed', [.7, .71, .72]),
+                'adapter': {'fits': False}}}
+  verdict, summary = bench.judge(results, ['lora_r4', 'lora_r8', 'mixed'])
+  assert summary.startswith('The claim holds here')  # only lora_r4 judged
+  assert 'not run at lora_r8' in summary
+  assert 'vs lora_r8: not run' in verdict['lora_r8']
+  assert verdict['mixed'] == 'last_n1_2_2: not run'
+
+
+def test_runs_are_cached_by_their_settings_and_resumed(tmp_path,
+                                                       monkeypatch):
+  """A run's metrics are reused only under the same settings; an arm that
+  may not train and is not cached raises NotRun."""
+  trained = []
+
+  def fake_train(config, workdir):
+    trained.append((config.client.learning_rate, config.seed))
+    acc = 0.5 + config.client.learning_rate + 0.01 * config.seed
+    return {'final_metrics': {'test_accuracy': acc, 'heldout_accuracy': acc,
+                              'name': 'not a number'}}
+
+  monkeypatch.setattr(bench.train_lib, 'train_and_evaluate', fake_train)
+  args = bench.argparse.Namespace(
+      backbone=bench.make_backbone('vit'), rounds=2, clients_per_round=3,
+      pretrain_steps=10, data_dir='', workdir=str(tmp_path), seeds=[0, 1],
+      lrs=[0.1, 0.2, 0.3])
+  arm = bench.BASELINES['head']
+  first = bench.run_arm(args, arm, 'ckpt', print)
+  # 0.3 is the best at the edge: the grid grows once, to 1; then seed 1.
+  assert first['lr'] == 1.0 and len(trained) == 5
+  assert first['accuracy_per_seed'] == pytest.approx([1.5, 1.51])
+  assert bench.run_arm(args, arm, 'ckpt', print, may_train=False) == first
+  assert len(trained) == 5  # all from the cache
+  args.rounds = 3  # other settings: nothing cached applies
+  with pytest.raises(bench.NotRun):
+    bench.run_arm(args, arm, 'ckpt', print, may_train=False)
+  bench.run_arm(args, arm, 'ckpt', print)
+  assert len(trained) == 10
+
+
 def test_text_backbone_and_its_float16_copy(tmp_path):
   """The text arm's backbone: MiniLM's 6 blocks, token-id batches, and the
   float16 copy made for a machine it must be carried to loads as the same

@@ -55,6 +55,11 @@ allows needs more FLOPs per round than the module it is compared with.
   python benchmarks/caff_vs_lora.py --rounds 40 --seeds 0,1,2,3
   python benchmarks/caff_vs_lora.py --backbone minilm   # an accelerator's:
       # ~20 s a round on one CPU core (10 clients x 4 steps of 16 x 32 ids)
+  # The text arm at CPU scale, one --only set per core, then assembled:
+  python benchmarks/caff_vs_lora.py --backbone minilm --rounds 15 \
+      --clients_per_round 5 --only full,last_2,lora_r4,head   # core 0 ...
+  python benchmarks/caff_vs_lora.py --backbone minilm --rounds 15 \
+      --clients_per_round 5 --from_cache                      # assemble
 
 Writes benchmarks/results/caff_vs_lora.{json,png,md} (the text arm:
 caff_vs_lora_text.*). Last line: one JSON
@@ -386,7 +391,8 @@ def run_arm(args, arm: Arm, backbone: str, log, may_train: bool = True
     return m
 
   first = {lr: one(lr, args.seeds[0]) for lr in args.lrs}
-  lr = extend_grid(first, lambda x: one(x, args.seeds[0]))
+  lr = extend_grid(first, lambda x: one(x, args.seeds[0]),
+                   getattr(args, 'extend', 1))
   accs = [float(first[lr]['test_accuracy'])] + [
       float(one(lr, s)['test_accuracy']) for s in args.seeds[1:]]
   return dict(lr=lr, lr_at_grid_edge=len(first) > 1 and lr in (
@@ -402,23 +408,26 @@ def run_arm(args, arm: Arm, backbone: str, log, may_train: bool = True
 LR_LADDER = tuple(sorted(k * 10.0 ** e for e in range(-7, 2) for k in (1, 3)))
 
 
-def extend_grid(tried: dict, run) -> float:
+def extend_grid(tried: dict, run, times: int = 1) -> float:
   """The learning rate with the best held-out accuracy in `tried` (lr ->
-  metrics); when it is at the grid's edge, the grid is extended once, by
-  the next rate of `LR_LADDER` beyond that edge, and `run(lr)` adds it to
-  `tried`. The same rule for every arm."""
+  metrics); while it is at the grid's edge, the grid is extended, at most
+  `times` times, by the next rate of `LR_LADDER` beyond that edge, and
+  `run(lr)` adds it to `tried`. The same rule for every arm."""
 
   def best():
     return max(tried, key=lambda x: tried[x]['heldout_accuracy'])
 
   if len(tried) < 2:
     return best()
-  lr = best()
-  beyond = ([x for x in LR_LADDER if x < lr / 1.01][-1:] if lr == min(tried)
-            else [x for x in LR_LADDER if x > lr * 1.01][:1]
-            if lr == max(tried) else [])
-  for x in beyond:
-    tried[x] = run(x)
+  for _ in range(times):
+    lr = best()
+    beyond = ([x for x in LR_LADDER if x < lr / 1.01][-1:]
+              if lr == min(tried) else
+              [x for x in LR_LADDER if x > lr * 1.01][:1]
+              if lr == max(tried) else [])
+    if not beyond:
+      break
+    tried[beyond[0]] = run(beyond[0])
   return best()
 
 
@@ -680,6 +689,9 @@ def main():
                   help='default /tmp/fedjax_eff_caff_vs_lora[_text]')
   ap.add_argument('--out', default='', help='default benchmarks/results/'
                   'caff_vs_lora.json (minilm: caff_vs_lora_text.json)')
+  ap.add_argument('--extend', type=int, default=1,
+                  help='how many times a grid whose best rate lies on its '
+                  'edge is extended past it (the same for every arm)')
   ap.add_argument('--only', default='',
                   help='comma-separated arm names (as the plan prints them) '
                   'this invocation may train; other arms come from the run '

@@ -124,6 +124,19 @@ def test_grid_is_extended_once_beyond_the_edge_where_the_best_lies():
   assert bench.extend_grid(tried({3e-3: .6, 1e-2: .7, 3e-2: .8}),
                            run(.5)) == 3e-2
   assert ran == [pytest.approx(0.1)]
+  # Extended up to twice: 3e-2 -> 0.1 -> 0.3 while the edge keeps winning,
+  # and no further than asked.
+  ran.clear()
+  t = tried({3e-3: .6, 1e-2: .7, 3e-2: .8})
+  assert bench.extend_grid(
+      t, lambda lr: ran.append(lr) or {'heldout_accuracy': 1 + lr}, 2) == \
+      pytest.approx(0.3)
+  assert ran == [pytest.approx(0.1), pytest.approx(0.3)]
+  # It stops once the best is inside the grid.
+  ran.clear()
+  assert bench.extend_grid(tried({3e-3: .6, 1e-2: .7, 3e-2: .8}),
+                           run(.5), 3) == 3e-2
+  assert ran == [pytest.approx(0.1)]
   # One rate: nothing to extend.
   ran.clear()
   assert bench.extend_grid(tried({1e-2: .5}), run(.9)) == 1e-2

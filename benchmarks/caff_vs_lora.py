@@ -339,6 +339,11 @@ def fine_tune_config(args, arm: Arm, lr: float, seed: int, backbone: str
   return c
 
 
+# Training seconds per arm over its runs (cached runs: as recorded when they
+# ran), for the record of a study assembled from several invocations.
+RUN_SECONDS: dict[str, float] = {}
+
+
 class NotRun(Exception):
   """An arm this invocation may not train (`--only`, `--from_cache`) and
   whose runs are not all in the run cache."""
@@ -372,6 +377,8 @@ def run_arm(args, arm: Arm, backbone: str, log, may_train: bool = True
       with open(workdir + '.json') as f:
         cached = json.load(f)
       if cached['key'] == key:
+        RUN_SECONDS[arm.name] = RUN_SECONDS.get(arm.name, 0.) + \
+            cached['seconds']
         return cached['metrics']
     if not may_train:
       raise NotRun(arm.name)
@@ -384,6 +391,8 @@ def run_arm(args, arm: Arm, backbone: str, log, may_train: bool = True
     log(f'  {arm.name:22s} lr {lr:<7g} seed {seed}: test '
         f"{m['test_accuracy']:.4f} held-out {m['heldout_accuracy']:.4f} "
         f'({time.time() - t:.0f} s)')
+    RUN_SECONDS[arm.name] = RUN_SECONDS.get(arm.name, 0.) + \
+        time.time() - t
     os.makedirs(os.path.dirname(workdir), exist_ok=True)
     with open(workdir + '.json.tmp', 'w') as f:
       json.dump(dict(key=key, metrics=m, seconds=time.time() - t), f)
@@ -603,7 +612,9 @@ def backbone_line(out: dict) -> str:
             'rounds')
   return (what + f' (100 clients, Dirichlet 0.5, {k} per round, {STEPS} '
           f"Adam steps of batch {BATCH}); lr chosen per arm from "
-          f"{out['lrs']} by held-out accuracy (seed {out['seeds'][0]}), "
+          f"{out['lrs']} (extended past an edge up to "
+          f"{out.get('extend', 1)}x) by held-out accuracy (seed "
+          f"{out['seeds'][0]}), "
           f"then seeds {out['seeds']}.")
 
 
@@ -617,7 +628,9 @@ def markdown(out: dict) -> str:
       f"{out['git_head']} (accounting last changed in "
       f"{out['accounting_commit']}).",
       '',
-      f'Command: `{out["command"]}` ({out["seconds"] / 60:.0f} min).',
+      f'Command: `{out["command"]}` ({out["seconds"] / 60:.0f} min' + (
+          f"; its runs trained for {out['train_seconds'] / 60:.0f} min in "
+          'all' if out.get('train_seconds') else '') + ').',
       '',
       backbone_line(out),
       '',
@@ -856,6 +869,7 @@ def main():
   out = {
       'backbone': args.backbone.name,
       'rounds': args.rounds, 'seeds': args.seeds, 'lrs': args.lrs,
+      'extend': args.extend,
       'clients_per_round': args.clients_per_round,
       'arch': args.backbone.arch, 'pretrain_steps': args.pretrain_steps,
       'backbone_test_accuracy': pre and float(pre['test_accuracy']),
@@ -875,6 +889,7 @@ def main():
                                         'status', '--porcelain', '--',
                                         'fedjax_eff/accounting') else ''),
       'seconds': time.time() - t0, 'command': command,
+      'train_seconds': float(sum(RUN_SECONDS.values())),
       'plot': os.path.relpath(os.path.splitext(args.out)[0] + '.png', ROOT)}
   out['headline'] = headline(out)
   print()

@@ -459,6 +459,8 @@ def judge(results: dict, budgets: list[str]) -> tuple[dict, str]:
   and one sentence on the claim (last-n beats LoRA at equal budget)."""
   verdict, against = {}, {'lora': {}, 'adapter': {}}
   head = results.get('unconstrained', {}).get('head')
+  if head is not None and head.get('not_run'):
+    head = None
 
   def versus(mine, other):
     res = compare(mine, other)

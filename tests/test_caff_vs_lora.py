@@ -183,6 +183,12 @@ def test_an_arm_not_run_is_said_and_left_out_of_the_claim():
   assert 'not run at lora_r8' in summary
   assert 'vs lora_r8: not run' in verdict['lora_r8']
   assert verdict['mixed'] == 'last_n1_2_2: not run'
+  # Where no module fits and head-only was not run either.
+  results['tight'] = {'last_n': _arm('last_1', [.84, .85, .83]),
+                      'lora': {'fits': False}, 'adapter': {'fits': False}}
+  results['unconstrained'] = {'head': {'not_run': True, 'planned': 'head'}}
+  verdict, _ = bench.judge(results, ['tight', 'lora_r4'])
+  assert 'head only' not in verdict['tight']
 
 
 def test_runs_are_cached_by_their_settings_and_resumed(tmp_path,

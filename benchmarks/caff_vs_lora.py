@@ -355,7 +355,7 @@ def run_key(args) -> dict:
               clients_per_round=args.clients_per_round,
               pretrain_steps=(None if args.backbone.pretrained_elsewhere
                               else args.pretrain_steps),
-              data_dir=args.data_dir)
+              data_dir=args.data_dir, model_dir=args.backbone.model_dir)
 
 
 def run_arm(args, arm: Arm, backbone: str, log, may_train: bool = True
@@ -806,6 +806,10 @@ def main():
                          if bud else '') + ': ' +
         ', '.join(f'{k} -> {a.name if a else "nothing fits"}'
                   for k, a in arms.items()))
+  planned = {a.name for arms in plans.values() for a in arms.values() if a}
+  if args.only - planned:
+    raise SystemExit(f'--only: no arm named {sorted(args.only - planned)}; '
+                     f'this plan has {sorted(planned)}')
   for arm in plans['mixed'].values():  # every tier within its budget
     for t, tb in enumerate(tier_budgets):
       if arm and not tb.fits(costs(arm, t)):

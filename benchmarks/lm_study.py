@@ -63,6 +63,8 @@ claims measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -207,6 +209,38 @@ def table(rows: dict) -> str:
   return '\n'.join(lines)
 
 
+@contextlib.contextmanager
+def locked(path: str):
+  """Holds an exclusive lock on `path`.lock: one process per core may share
+  a cells file and an --out, each re-reading it under the lock before
+  writing, so no process's runs overwrite another's."""
+  with open(path + '.lock', 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_cells(path: str, settings: dict) -> dict:
+  """The finished runs in `path` made with these settings ({} if none)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    saved = json.load(f)
+  return saved['cells'] if saved.get('settings') == settings else {}
+
+
+def add_cell(path: str, settings: dict, key: str, result: dict) -> None:
+  """Adds one finished run to `path`, keeping every run another process
+  wrote there since this one started."""
+  with locked(path):
+    cells = read_cells(path, settings)
+    cells[key] = result
+    workdir_lib.write_atomic(path, json.dumps(
+        {'settings': settings, 'cells': cells}, indent=1))
+
+
 def run_cell(name, args, workdir, seed, scale):
   """One federated run (pretraining first where the spec says so)."""
   t = time.time()
@@ -280,31 +314,32 @@ def main():
         f'({platform.processor() or platform.machine()}), '
         f'{os.cpu_count()} cpus; {settings}; seeds {seeds}; server lr x '
         f'{scales}', flush=True)
-  rows = {}
-  if args.merge and os.path.exists(args.out):
+
+  def earlier_rows():
+    if not (args.merge and os.path.exists(args.out)):
+      return {}
     with open(args.out) as f:
       old = json.load(f)
     if any(old.get(k, '0.6m' if k == 'size' else None) != v
            for k, v in settings.items()):
       parser.error(f'--merge: {args.out} was run with other settings.')
-    rows = old['variants']
+    return old['variants']
+
+  earlier_rows()  # a settings mismatch fails now, not after hours of runs
+  rows = {}
   stem = os.path.splitext(args.out)[0]
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   cells_path = stem + '_cells.json'  # every finished run: a crash loses none
-  cells = {}
-  if os.path.exists(cells_path):
-    with open(cells_path) as f:
-      saved = json.load(f)
-    if saved.get('settings') == settings:
-      cells = saved['cells']
 
   def cell(name, seed, scale):
     key = f'{name}|{seed}|{scale:g}'
-    if key not in cells:
-      cells[key] = run_cell(name, args, args.workdir, seed, scale)
-      workdir_lib.write_atomic(cells_path, json.dumps(
-          {'settings': settings, 'cells': cells}, indent=1))
-    return cells[key]
+    with locked(cells_path):
+      done = read_cells(cells_path, settings).get(key)
+    if done is not None:
+      return done
+    result = run_cell(name, args, args.workdir, seed, scale)
+    add_cell(cells_path, settings, key, result)
+    return result
 
   for name in names:
     # Each arm its own server lr: the lowest training loss in the last
@@ -323,6 +358,12 @@ def main():
         server_lr_scale=best, server_lr_grid_train_loss={
             f'{sc:g}': tuned[sc]['train_loss'] for sc in scales},
         seconds=sum(r['seconds'] for r in runs))
+  with locked(args.out):
+    write_results(args, settings, {**earlier_rows(), **rows}, stem)
+
+
+def write_results(args, settings: dict, rows: dict, stem: str) -> None:
+  """Ratios against the baseline, the claims, table, plot and JSON."""
   base = rows.get(BASELINE)
   for r in rows.values():
     r['upload_ratio'] = (base['upload_bytes_per_client_round'] /

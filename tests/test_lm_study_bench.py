@@ -44,3 +44,32 @@ def test_sizes_drawn_subsets_and_paper_cells():
                                                 'quantize']
   assert lm.config('lstm_fedavg', 2, 2, 1, 'paper').model.kwargs.preset == (
       'large')
+
+
+def test_cells_from_two_processes_are_all_kept(tmp_path):
+  """One process per core shares a cells file: each re-reads it under the
+  lock before writing, so neither overwrites the other's finished runs."""
+  import json
+  import multiprocessing
+  lm = _load()
+  path = str(tmp_path / 'cells.json')
+  settings = dict(rounds=2, size='4m')
+
+  ctx = multiprocessing.get_context('fork')
+  procs = [ctx.Process(target=_add_cells, args=(path, settings, tag))
+           for tag in ('a', 'b')]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join()
+  cells = lm.read_cells(path, settings)
+  assert sorted(cells) == sorted(f'{t}|{i}' for t in 'ab' for i in range(20))
+  assert lm.read_cells(path, dict(settings, rounds=3)) == {}  # other run
+  with open(path) as f:
+    assert json.load(f)['settings'] == settings
+
+
+def _add_cells(path, settings, tag):
+  lm = _load()
+  for i in range(20):
+    lm.add_cell(path, settings, f'{tag}|{i}', dict(perplexity=float(i)))

@@ -21,7 +21,8 @@ models, vocabulary and round budget so it runs on a laptop:
   cf_*          a causal Conformer LM of the same size (2 blocks)
   tf_partial_per_round / _per_client   half the blocks drawn afresh each
                 round (the same for all clients) / per client (Ro et al.
-                §3), the head always trained
+                §3), the head always trained; tf_partial_per_round_q4
+                the per-round draw with 4-bit uploads
   lstm_small_fedadam   the 0.6M LSTM whatever --size (Ro et al.'s "a
                 larger compressed model beats a small one": ~11% lower
                 perplexity for the same upload)
@@ -36,7 +37,10 @@ Seeds (`--seeds`) give a mean and sample sd per arm; `--server_lrs`
 its own server learning rate by the training clients' loss in the last
 round at the first seed (not by held-out perplexity: the stdlib corpus's
 test set is its held-out modules, there is no third split to tune on).
-Every finished run is kept in `<out>_cells.json` and skipped when rerun.
+Every finished run is kept in `<out>_cells.json` and skipped when rerun;
+one process per core (`taskset`, each with its own --variants and
+--merge) may share the cells file and --out: each re-reads them under a
+file lock before writing.
 
 For each: held-out-module perplexity at the end, upload bytes per client
 per round (exact, from metrics.jsonl), and the upload ratio against the
@@ -127,6 +131,7 @@ VARIANTS = {
     'tf_q8': 'transformer,fedadam,q8',
     'tf_q4': 'transformer,fedadam,q4',
     'tf_partial_q4': 'transformer,fedadam,partial,q4',
+    'tf_partial_per_round_q4': 'transformer,fedadam,partial,q4',
     'tf_pre_partial_q4': 'transformer,fedadam,partial,q4,pretrain',
     'tf_pre_partial_q8': 'transformer,fedadam,partial,q8,pretrain',
     'tf_pre_partial_q4_fedavg': 'transformer,fedavg,partial,q4,pretrain',
@@ -136,7 +141,8 @@ VARIANTS = {
 # Drawn subsets (Ro et al. §3): half the blocks, drawn afresh each round
 # (the same for every client) or per client; the head trains always.
 DRAWN = {'tf_partial_per_round': 'per_round',
-         'tf_partial_per_client': 'per_client'}
+         'tf_partial_per_client': 'per_client',
+         'tf_partial_per_round_q4': 'per_round'}
 BASELINE = 'lstm_fedadam'
 # The paper-scale grid (Ro et al.: ~20M models, 10k vocabulary, 50 clients
 # per round, one epoch per client): `--size paper`, for an accelerator.

@@ -254,10 +254,11 @@ def run_cell(name, args, workdir, seed, scale):
              scale)
   wd = os.path.join(workdir, f'{name}_s{seed}_lr{scale:g}')
   if 'pretrain' in VARIANTS[name]:
-    pre = pretrain_lib.pretrain(c, os.path.join(workdir, name, 'pretrain'))
+    pre_dir = os.path.join(workdir, name, f'pretrain_s{seed}')  # per seed
+    pre = pretrain_lib.pretrain(c, pre_dir)
     print(f"  pretrained {pre['steps']} steps: held-out perplexity "
           f"{np.exp(pre['test_loss']):.2f}", flush=True)
-    c.init_checkpoint = os.path.join(workdir, name, 'pretrain')
+    c.init_checkpoint = pre_dir
   s = train_lib.train_and_evaluate(c, wd)
   m = s['final_metrics']
   out = dict(num_params=int(s['num_params']),

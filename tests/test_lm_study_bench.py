@@ -73,3 +73,26 @@ def _add_cells(path, settings, tag):
   lm = _load()
   for i in range(20):
     lm.add_cell(path, settings, f'{tag}|{i}', dict(perplexity=float(i)))
+
+
+def test_each_seed_pretrains_in_its_own_directory(tmp_path, monkeypatch):
+  """A pretrained arm's seeds do not share one pretraining workdir (the
+  second seed's config would be refused as another run's)."""
+  import types
+  lm = _load()
+  pretrained, inits = [], []
+  monkeypatch.setattr(lm.pretrain_lib, 'pretrain', lambda c, d: (
+      pretrained.append((c.seed, d)) or dict(steps=1, test_loss=1.0)))
+
+  def fake_train(c, wd):
+    inits.append(c.init_checkpoint)
+    return dict(num_params=1, final_metrics=dict(
+        upload_bits=8, download_bits=8, test_perplexity=2.0,
+        test_accuracy=0.5, train_loss=0.7))
+  monkeypatch.setattr(lm.train_lib, 'train_and_evaluate', fake_train)
+  args = types.SimpleNamespace(rounds=2, clients=2, steps=1, size='4m')
+  for seed in (0, 1):
+    lm.run_cell('tf_pre_partial_q4', args, str(tmp_path), seed, 0.3)
+  assert [s for s, _ in pretrained] == [0, 1]
+  assert len({d for _, d in pretrained}) == 2
+  assert inits == [d for _, d in pretrained]

@@ -96,3 +96,31 @@ def test_each_seed_pretrains_in_its_own_directory(tmp_path, monkeypatch):
   assert [s for s, _ in pretrained] == [0, 1]
   assert len({d for _, d in pretrained}) == 2
   assert inits == [d for _, d in pretrained]
+
+
+def test_claims_judge_pretrained_arms_apart(tmp_path):
+  """The 10x-less-upload claim and the best Transformer against the 0.6M
+  LSTM, from the rows; an arm pretrained on extra modules is its own
+  claim."""
+  import json
+  import types
+  lm = _load()
+
+  def row(ppl, up):
+    return dict(num_params=1, server_lr=0.003, spec='s', seconds=1.0,
+                upload_bytes_per_client_round=up, perplexity=ppl,
+                perplexity_sd=1.0, accuracy=0.2, seeds=[0, 1, 2])
+  rows = dict(lstm_fedadam=row(80.0, 14e6), lstm_small_fedadam=row(75.0, 2e6),
+              tf_q4=row(90.0, 2e6), tf_partial_per_round_q4=row(69.0, 1e6),
+              tf_partial_q4=row(96.0, 1e6), tf_pre_partial_q4=row(45.0, 1e6))
+  out = str(tmp_path / 'lm.json')
+  lm.write_results(types.SimpleNamespace(out=out, size='4m'), dict(size='4m'),
+                   rows, str(tmp_path / 'lm'))
+  with open(out) as f:
+    claims = json.load(f)['claims']
+  assert claims['tf_10x_less_upload_at_lstm_perplexity'] == [
+      'tf_partial_per_round_q4', 'tf_pre_partial_q4']
+  assert claims['best_tf_vs_small_lstm'] == dict(
+      variant='tf_partial_per_round_q4', ratio=69.0 / 75.0)
+  assert claims['best_pretrained_tf_vs_small_lstm'] == dict(
+      variant='tf_pre_partial_q4', ratio=45.0 / 75.0)

@@ -99,17 +99,33 @@ def place_labels(ax, xy, labels, colors, fontsize=7) -> list:
   return out
 
 
+def dodge_equal_x(xy: list, step: float = 1.05) -> list:
+  """Points that share an x (e.g. arms with the same upload) spread over
+  factors step^(i - (k-1)/2) on a log x axis, so their error bars do not
+  hide each other; other points stay where they are."""
+  groups = {}
+  for i, (x, _) in enumerate(xy):
+    groups.setdefault(x, []).append(i)
+  out = list(xy)
+  for members in groups.values():
+    for j, i in enumerate(members):
+      x, y = xy[i]
+      out[i] = (x * step ** (j - (len(members) - 1) / 2), y)
+  return out
+
+
 def labelled_scatter(points: dict[str, tuple], path: str, *,
                      xlabel: str, ylabel: str, title: str,
                      square=lambda name: False, logy='auto') -> None:
   """`points`: label -> (x, y) or (x, y, yerr); x on a log scale, y too
   when `logy` is True (or 'auto' and y spans a decade); `square(label)`
-  picks a square marker (e.g. the baselines)."""
+  picks a square marker (e.g. the baselines). Points at the same x are
+  dodged a little apart (`dodge_equal_x`)."""
   plt = _pyplot()
   if plt is None:
     return
   names = list(points)
-  xy = [tuple(points[n][:2]) for n in names]
+  xy = dodge_equal_x([tuple(points[n][:2]) for n in names])
   err = [points[n][2] if len(points[n]) > 2 else None for n in names]
   colors = [f'C{i % 10}' for i in range(len(names))]
   fig, ax = plt.subplots(figsize=(7.5, 4.8))

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fedjax_eff import plotting
@@ -115,6 +116,13 @@ def test_benchmark_labels_do_not_overlap(tmp_path):
       assert not a.overlaps(b), (a, b)
   plt.close(fig)
   assert plots.spans_decades([60, 963]) and not plots.spans_decades([0.9, 1])
+  # Arms with the same upload: spread symmetrically on the log axis, the
+  # others untouched.
+  xy = plots.dodge_equal_x([(8.0, 97.0), (2.0, 70.0), (8.0, 69.0),
+                            (8.0, 84.0)], step=1.1)
+  np.testing.assert_allclose([x for x, _ in xy],
+                             [8.0 / 1.1, 2.0, 8.0, 8.0 * 1.1])
+  assert [y for _, y in xy] == [97.0, 70.0, 69.0, 84.0]
 
 
 def test_table_figures_from_results_json(tmp_path):

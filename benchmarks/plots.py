@@ -114,6 +114,18 @@ def dodge_equal_x(xy: list, step: float = 1.05) -> list:
   return out
 
 
+def distinct_colors(n: int) -> list:
+  """`n` colours, no two alike for n <= 20: matplotlib's ten 'C0'..'C9'
+  first, then tab20's lighter partner of each (tab20 interleaves dark and
+  light: the even entries are the C colours, the odd ones their tints)."""
+  if n <= 10:
+    return [f'C{i}' for i in range(n)]
+  from matplotlib import colormaps
+  tab20 = colormaps['tab20']
+  order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+  return [tab20(order[i % 20]) for i in range(n)]
+
+
 def labelled_scatter(points: dict[str, tuple], path: str, *,
                      xlabel: str, ylabel: str, title: str,
                      square=lambda name: False, logy='auto') -> None:
@@ -127,7 +139,7 @@ def labelled_scatter(points: dict[str, tuple], path: str, *,
   names = list(points)
   xy = dodge_equal_x([tuple(points[n][:2]) for n in names])
   err = [points[n][2] if len(points[n]) > 2 else None for n in names]
-  colors = [f'C{i % 10}' for i in range(len(names))]
+  colors = distinct_colors(len(names))
   fig, ax = plt.subplots(figsize=(7.5, 4.8))
   for (x, y), e, c, n in zip(xy, err, colors, names):
     if e:

@@ -123,6 +123,11 @@ def test_benchmark_labels_do_not_overlap(tmp_path):
   np.testing.assert_allclose([x for x, _ in xy],
                              [8.0 / 1.1, 2.0, 8.0, 8.0 * 1.1])
   assert [y for _, y in xy] == [97.0, 70.0, 69.0, 84.0]
+  # Up to 20 arms, no two share a colour; up to 10, the usual C0..C9.
+  assert plots.distinct_colors(3) == ['C0', 'C1', 'C2']
+  rgba = [matplotlib.colors.to_rgba(c) for c in plots.distinct_colors(20)]
+  assert len(set(rgba)) == 20
+  assert rgba[:10] == [matplotlib.colors.to_rgba(f'C{i}') for i in range(10)]
 
 
 def test_table_figures_from_results_json(tmp_path):

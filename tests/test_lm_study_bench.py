@@ -124,3 +124,14 @@ def test_claims_judge_pretrained_arms_apart(tmp_path):
       variant='tf_partial_per_round_q4', ratio=69.0 / 75.0)
   assert claims['best_pretrained_tf_vs_small_lstm'] == dict(
       variant='tf_pre_partial_q4', ratio=45.0 / 75.0)
+  assert claims['best_same_size_lstm'] == 'lstm_fedadam'
+
+  # A better-tuned LSTM under another server optimizer raises the bar.
+  rows['lstm_fedyogi'] = row(68.0, 14e6)
+  lm.write_results(types.SimpleNamespace(out=out, size='4m'), dict(size='4m'),
+                   rows, str(tmp_path / 'lm'))
+  with open(out) as f:
+    claims = json.load(f)['claims']
+  assert claims['best_same_size_lstm'] == 'lstm_fedyogi'
+  assert claims['tf_10x_less_upload_at_lstm_perplexity'] == [
+      'tf_pre_partial_q4']

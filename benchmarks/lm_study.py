@@ -385,8 +385,10 @@ def write_results(args, settings: dict, rows: dict, stem: str) -> None:
   print('\n' + md)
   claims = {}
   if base:
+    # A diverged LSTM (NaN perplexity) must not become the bar.
     lstm = min((n for n in SAME_SIZE_LSTMS if n in rows),
-               key=lambda n: rows[n]['perplexity'])
+               key=lambda n: (not np.isfinite(rows[n]['perplexity']),
+                              rows[n]['perplexity']))
     target = rows[lstm]['perplexity']
     wins = [n for n, r in rows.items() if n.startswith('tf_')
             and r['upload_ratio'] >= 10 and r['perplexity'] <= target]

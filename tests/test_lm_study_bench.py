@@ -135,3 +135,11 @@ def test_claims_judge_pretrained_arms_apart(tmp_path):
   assert claims['best_same_size_lstm'] == 'lstm_fedyogi'
   assert claims['tf_10x_less_upload_at_lstm_perplexity'] == [
       'tf_pre_partial_q4']
+
+  # A diverged LSTM (NaN) is never the bar.
+  rows['lstm_fedavg'] = row(float('nan'), 14e6)
+  lm.write_results(types.SimpleNamespace(out=out, size='4m'), dict(size='4m'),
+                   rows, str(tmp_path / 'lm'))
+  with open(out) as f:
+    claims = json.load(f)['claims']
+  assert claims['best_same_size_lstm'] == 'lstm_fedyogi'

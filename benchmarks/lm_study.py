@@ -258,8 +258,13 @@ def run_cell(name, args, workdir, seed, scale):
              scale)
   wd = os.path.join(workdir, f'{name}_s{seed}_lr{scale:g}')
   if 'pretrain' in VARIANTS[name]:
-    pre_dir = os.path.join(workdir, name, f'pretrain_s{seed}')  # per seed
-    pre = pretrain_lib.pretrain(c, pre_dir)
+    # One pretraining per seed, shared by the server-lr grid: central
+    # pretraining has no server, so it gets the unscaled config (a scaled
+    # one would be refused as another run's in the shared workdir).
+    pre_dir = os.path.join(workdir, name, f'pretrain_s{seed}')
+    pre = pretrain_lib.pretrain(
+        config(name, args.rounds, args.clients, args.steps, args.size, seed),
+        pre_dir)
     print(f"  pretrained {pre['steps']} steps: held-out perplexity "
           f"{np.exp(pre['test_loss']):.2f}", flush=True)
     c.init_checkpoint = pre_dir

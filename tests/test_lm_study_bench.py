@@ -77,12 +77,14 @@ def _add_cells(path, settings, tag):
 
 def test_each_seed_pretrains_in_its_own_directory(tmp_path, monkeypatch):
   """A pretrained arm's seeds do not share one pretraining workdir (the
-  second seed's config would be refused as another run's)."""
+  second seed's config would be refused as another run's), and the grid
+  points of one seed share one, with one config."""
   import types
   lm = _load()
   pretrained, inits = [], []
   monkeypatch.setattr(lm.pretrain_lib, 'pretrain', lambda c, d: (
-      pretrained.append((c.seed, d)) or dict(steps=1, test_loss=1.0)))
+      pretrained.append((c.seed, d, c.to_json())) or
+      dict(steps=1, test_loss=1.0)))
 
   def fake_train(c, wd):
     inits.append(c.init_checkpoint)
@@ -93,9 +95,14 @@ def test_each_seed_pretrains_in_its_own_directory(tmp_path, monkeypatch):
   args = types.SimpleNamespace(rounds=2, clients=2, steps=1, size='4m')
   for seed in (0, 1):
     lm.run_cell('tf_pre_partial_q4', args, str(tmp_path), seed, 0.3)
-  assert [s for s, _ in pretrained] == [0, 1]
-  assert len({d for _, d in pretrained}) == 2
-  assert inits == [d for _, d in pretrained]
+  assert [s for s, _, _ in pretrained] == [0, 1]
+  assert len({d for _, d, _ in pretrained}) == 2
+  assert inits == [d for _, d, _ in pretrained]
+  # The server-lr grid shares a seed's pretraining: one directory and one
+  # config (no server lr in it that a grid point could change).
+  lm.run_cell('tf_pre_partial_q4', args, str(tmp_path), 0, 1.0)
+  assert pretrained[2][1:] == pretrained[0][1:]
+  assert inits[2] == inits[0]
 
 
 def test_claims_judge_pretrained_arms_apart(tmp_path):

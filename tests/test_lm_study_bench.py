@@ -44,6 +44,13 @@ def test_sizes_drawn_subsets_and_paper_cells():
                                                 'quantize']
   assert lm.config('lstm_fedavg', 2, 2, 1, 'paper').model.kwargs.preset == (
       'large')
+  # Ro et al.'s small LSTM at paper scale is Stack Overflow's 4M one; at
+  # '4m' every small LSTM is the 0.6M one, whatever its server.
+  small_paper = lm.config('lstm_small_fedyogi', 2, 2, 1, 'paper')
+  assert small_paper.model.kwargs.preset == 'stackoverflow'
+  for n in lm.SMALL_LSTMS:
+    assert _num_params(lm.config(n, 2, 2, 1, '4m')) == sizes[
+        'lstm_small_fedadam']
 
 
 def test_cells_from_two_processes_are_all_kept(tmp_path):
@@ -132,6 +139,18 @@ def test_claims_judge_pretrained_arms_apart(tmp_path):
   assert claims['best_pretrained_tf_vs_small_lstm'] == dict(
       variant='tf_pre_partial_q4', ratio=45.0 / 75.0)
   assert claims['best_same_size_lstm'] == 'lstm_fedadam'
+  assert claims['best_small_lstm'] == 'lstm_small_fedadam'
+  # A better small LSTM under another server optimizer is the bar for the
+  # "below the small LSTM" claim; a diverged one (NaN) never is.
+  rows.update(lstm_small_fedyogi=row(60.0, 2e6),
+              lstm_small_fedavg=row(float('nan'), 2e6))
+  lm.write_results(types.SimpleNamespace(out=out, size='4m'), dict(size='4m'),
+                   rows, str(tmp_path / 'lm'))
+  with open(out) as f:
+    claims = json.load(f)['claims']
+  assert claims['best_small_lstm'] == 'lstm_small_fedyogi'
+  assert claims['best_tf_vs_small_lstm'] == dict(
+      variant='tf_partial_per_round_q4', ratio=69.0 / 60.0)
 
   # A better-tuned LSTM under another server optimizer raises the bar.
   rows['lstm_fedyogi'] = row(68.0, 14e6)

@@ -59,10 +59,7 @@ tf_fedavg,tf_fedadam,tf_partial,tf_partial_per_round,tf_q8,tf_q4
   python benchmarks/lm_study.py --size paper --seeds 0,1,2 \\
       --server_lrs 0.3,1,3 --out benchmarks/results/lm_study_paper.json
                                                  # an accelerator's grid
-  python benchmarks/lm_study.py --size paper --seeds 0,1,2 --merge \\
-      --server_lrs 0.3,1,3 --out benchmarks/results/lm_study_paper.json \\
-      --variants lstm_small_fedavg,lstm_small_fedadam,lstm_small_fedyogi
-                                                 # + the small LSTMs
+                                                 # (every variant)
   python benchmarks/lm_study.py --replot         # the PNG from the JSON
 
 Writes benchmarks/results/lm_study.{json,md,png}. Last line: one JSON
@@ -315,8 +312,10 @@ def main():
                       help="multiples of each arm's published server lr; "
                       'with more than one, every arm picks its own by its '
                       "training clients' last-round loss at the first seed")
-  parser.add_argument('--variants', default=','.join(
-      v for v in VARIANTS if v not in DRAWN and v not in SMALL_LSTMS))
+  parser.add_argument('--variants', default=None,
+                      help='comma-separated; default: all (at --size 0.6m '
+                      'all but the drawn subsets and the small LSTMs, which '
+                      'there is the same model as lstm_fedadam)')
   parser.add_argument('--workdir', default='/tmp/fedjax_eff_lm_study')
   parser.add_argument('--out', default=os.path.join(
       ROOT, 'benchmarks', 'results', 'lm_study.json'))
@@ -330,6 +329,10 @@ def main():
     with open(args.out) as f:
       plot(json.load(f)['variants'], os.path.splitext(args.out)[0] + '.png')
     return
+  if args.variants is None:
+    args.variants = ','.join(
+        v for v in VARIANTS if args.size != '0.6m' or
+        (v not in DRAWN and v not in SMALL_LSTMS))
   names = [v for v in args.variants.split(',') if v]
   bad = [v for v in names if v not in VARIANTS]
   if bad:

@@ -25,8 +25,9 @@ round, S local Adam steps of batch 16), arms (`ARMS`):
            the mean over those models of the central test accuracy
 
 Each arm's client learning rate is chosen per backbone on a small grid
-(`LR_GRIDS`, centred on caff_vs_lora's measured optima; extended once past
-an edge by `caff_vs_lora.extend_grid`, the same rule) by seed 0's held-out
+(`LR_GRIDS`, centred on caff_vs_lora's measured optima; extended past an
+edge, up to --lr_extensions times, by `caff_vs_lora.extend_grid`, the same
+rule) by seed 0's held-out
 client accuracy at the main cell (alpha --alpha_main, S --steps_main), then
 every seed runs at that rate; local takes full's rate (`LR_SHARED`: the
 same parameters and optimizer; --tune_every_arm tunes it too). Gap to full = full's test accuracy minus the
@@ -113,7 +114,8 @@ ARMS = {
 }
 MODULES = ('lora', 'adapter', 'prompt')  # the paper's modules
 # caff_vs_lora's optima: full 1e-3 (after extension), LoRA 1e-2, adapters
-# and head 3e-2; every grid is extended once past an edge.
+# and head 3e-2; every grid is extended past an edge (at most
+# --lr_extensions times).
 LR_GRIDS = {'full': (3e-4, 1e-3, 3e-3), 'local': (3e-4, 1e-3, 3e-3),
             'lora': (3e-3, 1e-2, 3e-2), 'adapter': (3e-3, 1e-2, 3e-2),
             'prompt': (3e-3, 1e-2, 3e-2), 'head': (3e-3, 1e-2, 3e-2)}
@@ -232,13 +234,15 @@ def run_cell(args, store, log, size, arm, alpha, steps, lr, seed, backbone):
 
 def tune_lr(args, store, log, size, arm, backbone) -> dict:
   """The arm's lr at the main cell: seed 0's held-out accuracy over the
-  grid, extended once past an edge (`caff_vs_lora.extend_grid`)."""
+  grid, extended past an edge up to --lr_extensions times
+  (`caff_vs_lora.extend_grid`)."""
   a, s, seed = args.alpha_main, args.steps_main, args.seeds[0]
   grid = args.lr_grids[arm]
   tried = {lr: run_cell(args, store, log, size, arm, a, s, lr, seed,
                         backbone) for lr in grid}
   lr = caff.extend_grid(tried, lambda x: run_cell(
-      args, store, log, size, arm, a, s, x, seed, backbone))
+      args, store, log, size, arm, a, s, x, seed, backbone),
+                        times=args.lr_extensions)
   return dict(lr=lr, lr_at_grid_edge=len(grid) > 1 and lr in (
       min(tried), max(tried)),
               heldout_accuracy_by_lr={f'{k:g}': v['heldout_accuracy']
@@ -611,8 +615,11 @@ def parse_args(argv):
                   help='reduced: every arm at the main cell only, full and '
                   'the best module at the other cells; full: every arm at '
                   'every cell with every seed')
-  ap.add_argument('--extra_seeds', default='0,1',
+  ap.add_argument('--extra_seeds', default='0,1,2',
                   help='seeds of the other cells (--grid reduced)')
+  ap.add_argument('--lr_extensions', type=int, default=3,
+                  help='how many times a tuned lr at its grid\'s edge '
+                  'extends the grid past that edge')
   ap.add_argument('--lrs', default='',
                   help='one client-lr grid for every arm (default: '
                   'LR_GRIDS per arm)')
